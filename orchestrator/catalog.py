@@ -1,0 +1,206 @@
+"""What the database looks like: the facts a migration needs, and everything that would block it.
+
+All reads; nothing here changes the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import psycopg
+
+from .errors import BadInput
+from .playbook import Playbook, _suffixed
+
+
+@dataclass
+class IndexFact:
+    name: str
+    unique: bool
+    columns: list[str]  # the enum column appears under its original name
+
+    @property
+    def shadow_name(self) -> str:
+        return _suffixed(self.name, "_ecnew")
+
+    @property
+    def retired_name(self) -> str:
+        return _suffixed(self.name, "_ecold")
+
+
+@dataclass
+class Facts:
+    """The original shape, captured at the first run and stored, so later phases never re-guess it."""
+
+    pk: list[str]
+    not_null: bool
+    default_label: str | None
+    indexes: list[IndexFact] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Facts:
+        return cls(pk=data["pk"], not_null=data["not_null"], default_label=data["default_label"],
+                   indexes=[IndexFact(**i) for i in data["indexes"]])
+
+
+def table_oid(conn: psycopg.Connection, schema: str, table: str) -> int | None:
+    row = conn.execute("""SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
+                       (schema, table)).fetchone()
+    return row[0] if row else None
+
+
+def primary_key(conn: psycopg.Connection, oid: int) -> list[str]:
+    rows = conn.execute("""SELECT a.attname FROM pg_index i
+                           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, pos)
+                           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                           WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.pos""", (oid,)).fetchall()
+    return [r[0] for r in rows]
+
+
+def column(conn: psycopg.Connection, oid: int, name: str) -> dict | None:
+    row = conn.execute("""SELECT a.attnum, tn.nspname, t.typname, t.typtype, a.attnotnull,
+                                 pg_get_expr(d.adbin, d.adrelid), format_type(a.atttypid, a.atttypmod), t.oid
+                          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                          JOIN pg_namespace tn ON tn.oid = t.typnamespace
+                          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                          WHERE a.attrelid = %s AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped""",
+                       (oid, name)).fetchone()
+    if row is None:
+        return None
+    keys = ("attnum", "type_schema", "type_name", "typtype", "not_null", "default", "type", "type_oid")
+    return dict(zip(keys, row))
+
+
+def columns(conn: psycopg.Connection, oid: int) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
+
+
+def enum_labels(conn: psycopg.Connection, type_oid: int) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT enumlabel FROM pg_enum WHERE enumtypid = %s ORDER BY enumsortorder", (type_oid,))]
+
+
+def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    return conn.execute("""SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = %s AND c.relname = %s)""", (schema, name)).fetchone()[0]
+
+
+def column_indexes(conn: psycopg.Connection, oid: int, attnum: int) -> tuple[list[IndexFact], list[str]]:
+    """Indexes using the column: plain btree ones we can rebuild on the new column, and blockers."""
+    rows = conn.execute("""
+        SELECT c.relname, i.indisunique, i.indisprimary, am.amname, i.indexprs IS NULL AND i.indpred IS NULL,
+               i.indnkeyatts = i.indnatts, NOT EXISTS (SELECT FROM unnest(i.indoption::int2[]) o WHERE o <> 0),
+               array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(n, pos)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n ORDER BY k.pos),
+               pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = c.relam
+        WHERE i.indrelid = %s AND (%s = ANY(i.indkey::int2[]) OR EXISTS (
+            SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+              AND d.refobjid = i.indrelid AND d.refobjsubid = %s))""", (oid, attnum, attnum)).fetchall()
+    simple, blockers = [], []
+    for name, unique, primary, am, plain, no_include, default_opts, cols, definition in rows:
+        if primary:
+            blockers.append(f"the primary key {name!r} includes the column")
+        elif am == "btree" and plain and no_include and default_opts and len(cols) == len(set(cols)):
+            simple.append(IndexFact(name=name, unique=unique, columns=list(cols)))
+        else:
+            blockers.append(f"index {name!r} ({definition}) cannot be rebuilt automatically")
+    return simple, blockers
+
+
+def column_dependents(conn: psycopg.Connection, oid: int, attnum: int) -> list[str]:
+    """Objects depending on the column other than its own default and indexes: views, constraints, ..."""
+    rows = conn.execute("""
+        SELECT pg_describe_object(d.classid, d.objid, d.objsubid), d.classid::regclass::text
+        FROM pg_depend d
+        WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s AND d.refobjsubid = %s
+          AND d.classid NOT IN ('pg_attrdef'::regclass, 'pg_class'::regclass)
+          AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
+               SELECT FROM pg_constraint c WHERE c.oid = d.objid AND c.contype IN ('p', 'n')))
+          AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (  -- our own sync triggers
+               SELECT FROM pg_trigger t WHERE t.oid = d.objid AND t.tgname LIKE '\_ec\_%%'))
+        ORDER BY 1""", (oid, attnum)).fetchall()
+    out = [desc for desc, _ in rows]
+    # Triggers listed with UPDATE OF the column (no pg_depend entry for tgattr).
+    for (name,) in conn.execute("""SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
+                                   AND %s = ANY(tgattr::int2[]) AND tgname NOT LIKE '\\_ec\\_%%'""",
+                                (oid, attnum)):
+        out.append(f"trigger {name!r} fires on UPDATE OF the column")
+    return sorted(set(out))
+
+
+def type_dependents(conn: psycopg.Connection, type_oid: int, oid: int, attnum: int) -> list[str]:
+    """Other users of the enum type (columns, functions, casts...), which would stop DROP TYPE."""
+    rows = conn.execute("""
+        SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
+        FROM pg_depend d
+        WHERE d.refclassid = 'pg_type'::regclass AND d.refobjid = %s AND d.deptype = 'n'
+          AND NOT (d.classid = 'pg_class'::regclass AND d.objid = %s AND d.objsubid = %s)
+          AND NOT (d.classid = 'pg_attrdef'::regclass AND d.objid IN (
+               SELECT ad.oid FROM pg_attrdef ad WHERE ad.adrelid = %s AND ad.adnum = %s))
+        ORDER BY 1""", (type_oid, oid, attnum, oid, attnum)).fetchall()
+    return [r[0] for r in rows]
+
+
+def default_label(default: str | None, labels: list[str]) -> tuple[str | None, str | None]:
+    """('plain', None) for a default like 'plain'::workflowtype, (None, problem) for anything else."""
+    if default is None:
+        return None, None
+    if default.startswith("'") and "'::" in default:
+        literal = default[1:default.rindex("'::")].replace("''", "'")
+        if literal in labels:
+            return literal, None
+    return None, f"the column default {default} is not a plain enum label"
+
+
+def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
+    """Check the database matches the playbook before the first phase; raise BadInput listing every blocker."""
+    schema, table, col = pb.table.schema_, pb.table.name, pb.column.name
+    where = f"table {schema}.{table}"
+    oid = table_oid(conn, schema, table)
+    if oid is None:
+        raise BadInput(f"table.name: {where} does not exist")
+    pk = primary_key(conn, oid)
+    if not pk:
+        raise BadInput(f"table.name: {where} has no primary key; batches need one")
+    info = column(conn, oid, col)
+    if info is None:
+        raise BadInput(f"column.name: {where} has no column {col!r}")
+    if info["typtype"] != "e":
+        raise BadInput(f"column.name: {col!r} is of type {info['type']}, not an enum")
+    if (info["type_schema"], info["type_name"]) != (pb.enum_schema, pb.column.enum_type):
+        raise BadInput(f"column.enum_type: {col!r} is of enum type {info['type_schema']}.{info['type_name']}, "
+                       f"not {pb.enum_schema}.{pb.column.enum_type}")
+    labels = enum_labels(conn, info["type_oid"])
+    missing = [lb for lb in labels if lb not in pb.mapping]
+    if missing:
+        raise BadInput(f"mapping: enum label {missing[0]!r} of {pb.column.enum_type} has no mapping")
+    unknown = [lb for lb in pb.mapping if lb not in labels]
+    if unknown:
+        raise BadInput(f"mapping.{unknown[0]}: {unknown[0]!r} is not a label of enum {pb.column.enum_type}")
+    existing = columns(conn, oid)
+    for name, field_ in ((pb.shadow, "column.shadow"), (pb.retired, "column.retired"),
+                         *((c.name, "extra_columns.name") for c in pb.extra_columns)):
+        if name in existing:
+            raise BadInput(f"{field_}: {where} already has a column {name!r}")
+    label, problem = default_label(info["default"], labels)
+    indexes, blockers = column_indexes(conn, oid, info["attnum"])
+    if problem and pb.target.default is None:
+        blockers.append(problem + " (set target.default)")
+    blockers += column_dependents(conn, oid, info["attnum"])
+    if pb.settings.drop_enum_type:
+        blockers += [f"{d} uses the enum type (set settings.drop_enum_type: false to keep it)"
+                     for d in type_dependents(conn, info["type_oid"], oid, info["attnum"])]
+    for ix in indexes:
+        for n in (ix.shadow_name, ix.retired_name):
+            if relation_exists(conn, schema, n):
+                blockers.append(f"a relation named {n!r} already exists in schema {schema!r}")
+    if blockers:
+        raise BadInput(f"{where}.{col} cannot be migrated online: " + "; ".join(blockers))
+    return Facts(pk=pk, not_null=info["not_null"], default_label=label, indexes=indexes)

@@ -1,0 +1,262 @@
+"""`orchestrator`: the DBA's command line. Thin: parsing and printing; the runner does the work.
+
+Exit codes: 0 done, 1 failure (re-run resumes), 2 bad input (nothing changed), 3 refused (nothing changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import control, logs
+from . import playbook as playbook_mod
+from .db import redact, safe_dsn, secrets_of
+from .errors import BadInput, OrchestratorError
+from .runner import Orchestrator
+
+DEFAULT_PLAYBOOK = "playbooks/workflow_type_enum_to_varchar.yaml"
+DEMO_DB = "demo"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Zero-downtime expand/contract migrations for PostgreSQL, one phase at a time.\n\n"
+                       "Example: orchestrator --playbook playbooks/workflow_type_enum_to_varchar.yaml run 1")
+out = Console()
+
+
+class Opts:
+    def __init__(self, playbook: str, dsn: str | None, json_logs: bool | None):
+        self.playbook_path, self.dsn_arg, self.json_logs = playbook, dsn, json_logs
+
+    def playbook(self) -> playbook_mod.Playbook:
+        return playbook_mod.load(self.playbook_path)
+
+    def dsn(self) -> str:
+        if self.dsn_arg:
+            return self.dsn_arg
+        # No DSN: the local embedded server that `orchestrator demo` set up.
+        from . import server
+        local = server.local_server()
+        return local.dsn_for(DEMO_DB)
+
+    def orchestrator(self, *, dry_run: bool = False) -> Orchestrator:
+        pb = self.playbook()
+        return Orchestrator(pb, self.dsn(), dry_run=dry_run)
+
+
+@app.callback()
+def _main(ctx: typer.Context,
+          playbook: str = typer.Option(os.environ.get("PLAYBOOK", DEFAULT_PLAYBOOK), "--playbook", "-p",
+                                       help="playbook YAML file"),
+          dsn: Optional[str] = typer.Option(None, "--dsn", envvar="DATABASE_URL",
+                                            help="PostgreSQL URL; default: $DATABASE_URL, else the local demo server"),
+          json_logs: Optional[bool] = typer.Option(None, "--json-logs/--human-logs",
+                                                   help="log format (default: human on a terminal, JSON otherwise)")):
+    logs.configure(json=json_logs, dsn=dsn)
+    ctx.obj = Opts(playbook, dsn, json_logs)
+
+
+@app.command()
+def plan(ctx: typer.Context):
+    """Print every phase's expand, contract and rollback SQL and the locks it takes. Changes nothing.
+
+    Example: orchestrator plan
+    """
+    orch = ctx.obj.orchestrator(dry_run=True)
+    s = orch.pb.settings
+    out.print(f"[bold]{orch.pb.name}[/]: {orch.pb.description}")
+    out.print(f"every DDL: lock_timeout={s.lock_timeout_ms}ms, up to {s.retries + 1} attempts with backoff "
+              f"(longest possible wait of one app query behind us: {s.lock_timeout_ms}ms)\n")
+    for pp in orch.plan():
+        p = pp.phase
+        out.print(f"[bold cyan]Phase {p.number}: {p.name}[/] - {p.title}")
+        out.print(f"  locks: {p.locks_doc}")
+        for action, recs, doc in (("expand", pp.expand, p.expand_doc), ("contract", pp.contract, p.contract_doc),
+                                  ("rollback", pp.rollback, p.rollback_doc)):
+            out.print(f"  [bold]{action}[/]: {doc}")
+            for r in recs:
+                tx = f" [tx {r.transaction}]" if r.transaction else ""
+                lock = f"   -- lock: {r.lock}{tx}" if r.lock else ""
+                out.print(f"    {r.sql};{lock}", markup=False, highlight=False)
+        out.print()
+    orch.close()
+
+
+@app.command()
+def run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="check the order and print the SQL; change nothing")):
+    """Run phase N's expand step (N-1 must be applied). Re-running after a crash resumes it.
+
+    Example: orchestrator run 3
+    """
+    orch = ctx.obj.orchestrator(dry_run=dry_run)
+    try:
+        result = orch.run(phase)
+        _print_recorded(orch)
+        out.print(f"phase {phase}: {result}")
+    finally:
+        orch.close()
+
+
+@app.command()
+def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing")):
+    """Undo phase N (every later phase must be rolled back first). Refuses rather than lose data.
+
+    Example: orchestrator rollback 5
+    """
+    orch = ctx.obj.orchestrator(dry_run=dry_run)
+    try:
+        result = orch.rollback(phase)
+        _print_recorded(orch)
+        out.print(f"phase {phase}: {result}")
+    finally:
+        orch.close()
+
+
+@app.command()
+def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing")):
+    """Remove what the phases left behind, in order, once every phase is applied. Ends the rollback window.
+
+    Example: orchestrator contract      (all phases)   /   orchestrator contract 2
+    """
+    orch = ctx.obj.orchestrator(dry_run=dry_run)
+    try:
+        results = orch.contract(phase)
+        _print_recorded(orch)
+        for n, r in zip([phase] if phase else range(1, len(results) + 1), results):
+            out.print(f"contract {n}: {r}")
+    finally:
+        orch.close()
+
+
+@app.command()
+def verify(ctx: typer.Context):
+    """Check parity of the two columns now (exit 1 on any mismatch). Read-only.
+
+    Example: orchestrator verify
+    """
+    orch = ctx.obj.orchestrator()
+    try:
+        result = orch.verify()
+    finally:
+        orch.close()
+    out.print(json.dumps(result.to_json()))
+    raise typer.Exit(1 if result.mismatches else 0)
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Show each phase's state, who ran it, the backfill progress and the last error.
+
+    Example: orchestrator status --json
+    """
+    orch = ctx.obj.orchestrator()
+    try:
+        st = orch.status()
+    finally:
+        orch.close()
+    if as_json:
+        print(json.dumps(st, default=str, indent=2))
+        return
+    table = Table(title=f"{st['playbook']}" + (" (running now)" if st["running_now"] else ""))
+    for col in ("phase", "name", "status", "step", "started", "finished", "by", "error"):
+        table.add_column(col)
+    for p in st["phases"]:
+        table.add_row(str(p["phase"]), p["name"], p["status"], p["step"] or "", _t(p["started_at"]),
+                      _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
+                      (p["error"] or "")[:80])
+    out.print(table)
+    b = st["backfill"]
+    if b:
+        total = b["rows_estimate"] or 0
+        out.print(f"backfill: {b['rows_done']:,} rows updated in {b['batches']} batches"
+                  + (f" (table ~{total:,} rows)" if total else "")
+                  + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
+                  + (", finished" if b["finished_at"] else ""))
+
+
+@app.command()
+def pause(ctx: typer.Context):
+    """Hold the backfill between batches until `resume` (works from another terminal)."""
+    path = control.pause(ctx.obj.playbook())
+    out.print(f"paused: {path} exists; `orchestrator resume` continues")
+
+
+@app.command()
+def resume(ctx: typer.Context):
+    """Let a paused backfill continue."""
+    existed = control.resume(ctx.obj.playbook())
+    out.print("resumed" if existed else "was not paused")
+
+
+@app.command()
+def demo(ctx: typer.Context, rows: int = typer.Option(100_000, help="sample rows to generate"),
+         setup_only: bool = typer.Option(False, "--setup-only", help="create the seed schema and stop")):
+    """Create the seed's schema with sample rows, run every phase and the contract, show the final schema.
+
+    With no --dsn it starts (or reuses) a local embedded PostgreSQL in .orchestrator/.
+    Example: orchestrator demo --rows 200000
+    """
+    from . import demo as demo_mod
+    from . import server
+    if ctx.obj.dsn_arg:
+        dsn = ctx.obj.dsn_arg
+    else:
+        local = server.local_server()
+        server.drop_database(local.dsn, DEMO_DB)
+        dsn = server.create_database(local.dsn, DEMO_DB)
+        out.print(f"local PostgreSQL {local.major} ({local.kind}): {safe_dsn(dsn)}")
+    demo_mod.run_demo(dsn, ctx.obj.playbook(), rows=rows, setup_only=setup_only, console=out)
+
+
+@app.command("server-stop")
+def server_stop():
+    """Stop the local embedded demo server (its data stays in .orchestrator/)."""
+    from . import server
+    server.stop_local_server()
+
+
+def _t(v) -> str:
+    return v.strftime("%H:%M:%S") if v else ""
+
+
+def _print_recorded(orch: Orchestrator) -> None:
+    for r in orch.x.recorded:
+        out.print(f"{r.sql};" + (f"   -- lock: {r.lock}" if r.lock else ""), markup=False, highlight=False)
+
+
+def main() -> None:
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # usage errors: unknown option, missing argument, bad number
+        e.show()
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except OrchestratorError as e:
+        secrets = secrets_of(os.environ.get("DATABASE_URL")) + secrets_of(_dsn_from_argv())
+        print(f"error: {redact(e.one_line(), secrets)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def _dsn_from_argv() -> str | None:
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--dsn" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--dsn="):
+            return a.split("=", 1)[1]
+    return None

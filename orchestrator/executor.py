@@ -1,0 +1,192 @@
+"""Runs statements the safe way: short lock_timeout, retries with backoff and jitter, reconnect on loss.
+
+In plan mode the same calls only record the SQL, so `plan` shows exactly what `run` would execute.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psycopg
+import structlog
+from psycopg import errors as pgerr
+from psycopg import sql
+from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt,
+                      wait_exponential_jitter)
+
+from . import db
+from .errors import Failure, Refused
+from .playbook import Settings
+from .sqlkit import L, Q
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Recorded:
+    sql: str
+    lock: str
+    transaction: int | None = None  # statements sharing a number run in one transaction
+
+
+@dataclass
+class Executor:
+    dsn: str | None
+    settings: Settings
+    dry_run: bool = False
+    recorded: list[Recorded] = field(default_factory=list)
+    on_statement: Callable[[str, float, str], None] | None = None  # run log hook: (sql, seconds, outcome)
+    _conn: psycopg.Connection | None = None
+    _tx_counter: int = 0
+    blocking_table: Any = None  # (schema, table) used to name blockers when the lock budget runs out
+
+    # -- connection -------------------------------------------------------------------------------
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = db.connect(self.dsn)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+    def render(self, stmt: sql.Composable) -> str:
+        return stmt.as_string(self._conn if self._conn and not self._conn.closed else None)
+
+    # -- retries ----------------------------------------------------------------------------------
+    def retrying(self, attempts: int | None = None) -> Retrying:
+        s = self.settings
+        return Retrying(
+            stop=stop_after_attempt((attempts if attempts is not None else s.retries) + 1),
+            wait=wait_exponential_jitter(initial=s.retry_wait_initial_ms / 1000, max=s.retry_wait_max_ms / 1000,
+                                         jitter=s.retry_wait_initial_ms / 1000),
+            retry=retry_if_exception(db.is_transient),
+            before_sleep=self._before_retry,
+            reraise=False,
+        )
+
+    def _before_retry(self, state) -> None:
+        exc = state.outcome.exception()
+        log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
+                    reason=" ".join(str(exc).split())[:200])
+        if isinstance(exc, psycopg.OperationalError) and self._conn is not None and self._conn.broken:
+            self._conn = None  # reconnect on the next attempt
+
+    def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+        try:
+            for attempt in self.retrying(attempts):
+                with attempt:
+                    return fn()
+        except RetryError as err:
+            exc = err.last_attempt.exception()
+            if isinstance(exc, (pgerr.LockNotAvailable, pgerr.DeadlockDetected)):
+                raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts, "
+                              f"lock not granted within lock_timeout={self.settings.lock_timeout_ms}ms; "
+                              f"{self.describe_blockers()}; nothing was changed",
+                              hint="end the blocking transaction, then re-run the same command") from None
+            raise Failure(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}",
+                          hint="re-run the same command; completed work is kept") from None
+
+    def describe_blockers(self) -> str:
+        if self.blocking_table is None:
+            return "no blocker identified"
+        q = Q("""SELECT a.pid, a.state, left(a.query, 200) FROM pg_locks l
+                 JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.relation = to_regclass({}) AND l.granted AND a.pid <> pg_backend_pid()
+                   AND a.application_name NOT LIKE 'orchestrator:%%'
+                 ORDER BY a.xact_start NULLS LAST LIMIT 3""").format(
+            L(self.render(sql.Identifier(*self.blocking_table))))
+        try:
+            rows = self.conn.execute(q).fetchall()
+        except psycopg.Error:
+            return "blockers could not be listed"
+        if not rows:
+            return "the blocker has gone"
+        return "blocked by " + "; ".join(f"pid {pid} ({state}): {' '.join((query or '').split())}"
+                                         for pid, state, query in rows)
+
+    # -- statements -------------------------------------------------------------------------------
+    def _timeouts(self, cur: psycopg.Cursor, local: bool = True) -> None:
+        scope = Q("SET LOCAL") if local else Q("SET")
+        cur.execute(Q("{} lock_timeout = {}").format(scope, L(f"{self.settings.lock_timeout_ms}ms")))
+        cur.execute(Q("{} statement_timeout = {}").format(scope, L(f"{self.settings.statement_timeout_ms}ms")))
+
+    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any]) -> Any:
+        text = self.render(stmt)
+        started = time.monotonic()
+        try:
+            result = fn()
+        except Exception as exc:
+            if self.on_statement:
+                self.on_statement(text, time.monotonic() - started, type(exc).__name__)
+            raise
+        if self.on_statement:
+            self.on_statement(text, time.monotonic() - started, "ok")
+        return result
+
+    def atomic(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
+               what: str = "DDL") -> bool:
+        """Run statements in one short transaction under lock_timeout; True when they ran.
+
+        skip_if is a query returning true when the work is already done: that makes a re-run after a
+        crash a no-op instead of an error.
+        """
+        if self.dry_run:
+            self._tx_counter += 1
+            for s in stmts:
+                self.recorded.append(Recorded(self.render(s), lock, self._tx_counter if len(stmts) > 1 else None))
+            return False
+
+        def attempt() -> bool:
+            with self.conn.transaction():
+                cur = self.conn.cursor()
+                self._timeouts(cur)
+                if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
+                    return False
+                for s in stmts:
+                    self._logged(s, lambda s=s: cur.execute(s))
+                return True
+
+        return self.with_retries(what, attempt)
+
+    def concurrently(self, stmt: sql.Composable, *, lock: str, cleanup: sql.Composable | None = None,
+                     skip_if: sql.Composable | None = None, what: str = "index build") -> bool:
+        """Statements that cannot run in a transaction (CREATE/DROP INDEX CONCURRENTLY).
+
+        A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
+        """
+        if self.dry_run:
+            self.recorded.append(Recorded(self.render(stmt), lock))
+            return False
+
+        def attempt() -> bool:
+            cur = self.conn.cursor()
+            self._timeouts(cur, local=False)
+            try:
+                if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
+                    return False
+                if cleanup is not None:
+                    self._logged(cleanup, lambda: cur.execute(cleanup))
+                self._logged(stmt, lambda: cur.execute(stmt))
+                return True
+            finally:
+                if not self.conn.closed and not self.conn.broken:
+                    cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+
+        return self.with_retries(what, attempt)
+
+    def note(self, text: str, lock: str = "") -> None:
+        """Plan-only: a statement that runs in a loop or under a condition, shown once."""
+        if self.dry_run:
+            self.recorded.append(Recorded(text, lock))
+
+    def query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
+        """A read-only catalog or data query; runs in plan mode too when connected."""
+        return self.with_retries("query", lambda: self.conn.execute(stmt, params).fetchall(), attempts=3)
+
+    def scalar(self, stmt: sql.Composable, params: Any = None) -> Any:
+        rows = self.query(stmt, params)
+        return rows[0][0] if rows else None

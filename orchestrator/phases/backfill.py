@@ -1,0 +1,36 @@
+"""Phase 3: copy map(old value) into the shadow column for every existing row, in resumable batches."""
+
+from __future__ import annotations
+
+from ..sqlkit import Q
+from .base import Context, Phase
+
+
+class BackfillPhase(Phase):
+    name = "backfill"
+    title = "backfill the shadow column in batches"
+    expand_doc = ("UPDATE ... SET shadow = map(column) WHERE pk in (next key range) AND shadow IS DISTINCT FROM "
+                  "map(column); one short transaction per batch, cursor committed with it (resumable)")
+    rollback_doc = "forget the backfill cursor (values in the shadow column go with phase 1's rollback)"
+    contract_doc = "nothing to remove"
+    locks_doc = "ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout"
+
+    def expand(self, ctx: Context) -> dict:
+        from ..backfill import Backfill  # the engine imports the phase context; import late to avoid a cycle
+        engine = Backfill(ctx, pause_file=pause_file(ctx))
+        if ctx.x.dry_run:
+            engine.plan()
+            return {}
+        st = engine.run()
+        return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
+
+    def rollback(self, ctx: Context) -> None:
+        ctx.x.note("-- forget the backfill cursor")
+        if ctx.state is not None and not ctx.x.dry_run:
+            ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s").format(ctx.state.t("backfill")),
+                               (ctx.state.playbook,))
+
+
+def pause_file(ctx: Context):
+    from ..control import pause_path
+    return pause_path(ctx.pb)

@@ -1,0 +1,146 @@
+"""What every phase is: expand, contract and rollback side by side, over a shared context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from psycopg import sql
+
+from ..catalog import Facts
+from ..executor import Executor
+from ..playbook import Playbook, _suffixed
+from ..sqlkit import I, Q, case_map, column_type, join, row_of
+from ..state import State
+
+
+@dataclass
+class Context:
+    pb: Playbook
+    facts: Facts
+    x: Executor
+    state: State | None  # None only for `plan` against no database
+
+    # Names, derived once so every phase agrees on them.
+    @property
+    def table(self) -> sql.Identifier:
+        return I(self.pb.table.schema_, self.pb.table.name)
+
+    @property
+    def table_name(self) -> tuple[str, str]:
+        return self.pb.table.schema_, self.pb.table.name
+
+    @property
+    def col(self) -> sql.Identifier:
+        return I(self.pb.column.name)
+
+    @property
+    def shadow(self) -> sql.Identifier:
+        return I(self.pb.shadow)
+
+    @property
+    def retired(self) -> sql.Identifier:
+        return I(self.pb.retired)
+
+    @property
+    def enum_type(self) -> sql.Identifier:
+        return I(self.pb.enum_schema, self.pb.column.enum_type)
+
+    @property
+    def target_type(self) -> sql.Composable:
+        return column_type(self.pb.target.type, self.pb.target.length)
+
+    def fn(self, suffix: str) -> sql.Identifier:
+        return I(self.pb.table.schema_, _suffixed(f"_ec_{self.pb.table.name}_{self.pb.column.name}", suffix))
+
+    def trigger_name(self, suffix: str) -> str:
+        return _suffixed(f"_ec_{self.pb.column.name}", suffix)
+
+    def trigger(self, suffix: str) -> sql.Identifier:
+        return I(self.trigger_name(suffix))
+
+    def index(self, name: str) -> sql.Identifier:
+        return I(self.pb.table.schema_, name)
+
+    def extra_index_name(self, column: str) -> str:
+        return _suffixed(f"ix_{self.pb.table.name}", f"_{column}") if len(
+            f"ix_{self.pb.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
+
+    # Expressions
+    def forward(self, expr: sql.Composable) -> sql.Composable:
+        """map(old label) -> new value."""
+        return case_map(Q("{}::text").format(expr), self.pb.mapping.items())
+
+    def backward(self, expr: sql.Composable) -> sql.Composable:
+        """new value -> enum label (NULL when the value has no label)."""
+        return case_map(expr, self.pb.reverse.items(), result_type=self.enum_type)
+
+    @property
+    def pk_row(self) -> sql.Composable:
+        return row_of(self.facts.pk)
+
+    @property
+    def pk_cols(self) -> sql.Composable:
+        return join(I(c) for c in self.facts.pk)
+
+    def new_default(self) -> str | None:
+        if self.pb.target.default is not None:
+            return self.pb.target.default
+        if self.facts.default_label is not None:
+            return self.pb.mapping[self.facts.default_label]
+        return None
+
+    def exists_query(self, kind: str, name: str) -> sql.Composable:
+        """`SELECT true` when an object is present: the guard that makes a re-run skip finished work."""
+        schema, table = self.table_name
+        if kind == "column":
+            return Q("""SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({})
+                        AND attname = {} AND NOT attisdropped)""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        if kind == "valid_index":
+            return Q("""SELECT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass({}) AND indisvalid)""").format(
+                sql.Literal(self.x.render(I(schema, name))))
+        if kind == "trigger":
+            return Q("""SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname = {})""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        if kind == "constraint":
+            return Q("""SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {})""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        raise ValueError(kind)
+
+    def has(self, kind: str, name: str) -> bool:
+        return bool(self.x.scalar(self.exists_query(kind, name)))
+
+    def sample_ids(self, where: sql.Composable, limit: int = 5) -> tuple[int, list]:
+        """How many rows match, and a few of their primary keys, for messages that name rows."""
+        n = self.x.scalar(Q("SELECT count(*) FROM {} WHERE {}").format(self.table, where))
+        ids = self.x.query(Q("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
+            self.pk_cols, self.table, where, self.pk_cols, sql.Literal(limit)))
+        return n, [r[0] if len(r) == 1 else tuple(r) for r in ids]
+
+
+class Phase:
+    """One step of the migration. Subclasses fill in the three directions and their one-line docs."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    expand_doc: ClassVar[str]
+    contract_doc: ClassVar[str] = "nothing to remove"
+    rollback_doc: ClassVar[str]
+    locks_doc: ClassVar[str]
+
+    def expand(self, ctx: Context) -> dict | None:
+        raise NotImplementedError
+
+    def rollback(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def contract(self, ctx: Context) -> None:
+        ctx.x.note(f"-- phase {self.name}: {self.contract_doc}")
+
+    def check(self, ctx: Context) -> list[str]:
+        """Problems left after expand (empty when the phase is really in place)."""
+        return []
+
+    def before_expand(self, ctx: Context) -> None:
+        """Raise Refused when a precondition the state table cannot see does not hold."""

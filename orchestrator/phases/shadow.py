@@ -1,0 +1,80 @@
+"""Phase 1: the new varchar column beside the enum one, the playbook's extra columns and their indexes."""
+
+from __future__ import annotations
+
+from ..errors import Refused
+from ..sqlkit import I, Q, extra_type, join, typed_literal
+from .base import Context, Phase
+
+
+class AddShadowColumn(Phase):
+    name = "add_shadow_column"
+    title = "add the shadow column, the new columns and their indexes"
+    expand_doc = ("ADD COLUMN shadow varchar (nullable, no default) and the extra columns (constant defaults "
+                  "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes")
+    rollback_doc = ("refuse if an extra column holds values the app wrote; DROP INDEX CONCURRENTLY; "
+                    "DROP COLUMN shadow and the extra columns")
+    locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take "
+                 "SHARE UPDATE EXCLUSIVE, which does not block reads or writes")
+
+    def expand(self, ctx: Context) -> None:
+        adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]
+        for c in ctx.pb.extra_columns:
+            clause = Q("ADD COLUMN IF NOT EXISTS {} {}").format(I(c.name), extra_type(c))
+            if c.default is not None:
+                clause = Q("{} DEFAULT {}").format(clause, typed_literal(c.default, extra_type(c)))
+            if not c.nullable:
+                clause = Q("{} NOT NULL").format(clause)
+            adds.append(clause)
+        ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(adds)),
+                     lock="ACCESS EXCLUSIVE (catalog only, no rewrite)", what="add columns")
+        for ix in ctx.facts.indexes:
+            cols = [ctx.pb.shadow if c == ctx.pb.column.name else c for c in ix.columns]
+            self._build(ctx, ix.shadow_name, cols, ix.unique)
+        for c in ctx.pb.extra_columns:
+            if c.index:
+                self._build(ctx, ctx.extra_index_name(c.name), [c.name], False)
+
+    def _build(self, ctx: Context, name: str, cols: list[str], unique: bool) -> None:
+        ctx.x.concurrently(
+            Q("CREATE {}INDEX CONCURRENTLY {} ON {} ({})").format(
+                Q("UNIQUE ") if unique else Q(""), I(name), ctx.table, join(I(c) for c in cols)),
+            cleanup=Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),  # a failed build's leftover
+            skip_if=ctx.exists_query("valid_index", name),
+            lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)", what=f"build index {name}")
+
+    def rollback(self, ctx: Context) -> None:
+        self._refuse_losing_app_values(ctx)
+        names = [ix.shadow_name for ix in ctx.facts.indexes]
+        names += [ctx.extra_index_name(c.name) for c in ctx.pb.extra_columns if c.index]
+        for name in names:
+            ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
+                               lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
+        drops = [Q("DROP COLUMN IF EXISTS {}").format(ctx.shadow)]
+        drops += [Q("DROP COLUMN IF EXISTS {}").format(I(c.name)) for c in ctx.pb.extra_columns]
+        ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(drops)),
+                     lock="ACCESS EXCLUSIVE (catalog only)", what="drop columns")
+
+    def _refuse_losing_app_values(self, ctx: Context) -> None:
+        """Extra columns are the new app's to fill; values other than the default/backfill are its data."""
+        if ctx.x.dry_run:
+            return
+        for c in ctx.pb.extra_columns:
+            if not ctx.has("column", c.name):
+                continue
+            ours = [typed_literal(v, extra_type(c)) for v in (c.default, c.backfill) if v is not None]
+            where = Q("{} IS NOT NULL").format(I(c.name))
+            if ours:
+                where = Q("{} AND {} NOT IN ({})").format(where, I(c.name), join(ours))
+            n, ids = ctx.sample_ids(where)
+            if n:
+                raise Refused(f"rollback would drop column {c.name!r} holding values the application wrote "
+                              f"in {n} rows (e.g. ids {ids}); nothing was changed",
+                              hint="copy those values elsewhere first, or keep the migration and contract it")
+
+    def check(self, ctx: Context) -> list[str]:
+        problems = [f"column {n!r} missing" for n in [ctx.pb.shadow, *(c.name for c in ctx.pb.extra_columns)]
+                    if not ctx.has("column", n)]
+        problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
+                     if not ctx.has("valid_index", ix.shadow_name)]
+        return problems

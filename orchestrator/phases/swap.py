@@ -1,0 +1,167 @@
+"""Phase 5: the shadow column takes the column's name, in one short transaction.
+
+NOT NULL is prepared online first (CHECK ... NOT VALID, then VALIDATE, which only takes SHARE UPDATE
+EXCLUSIVE), so the final SET NOT NULL needs no scan. The retired enum column stays, kept in sync by the
+reverse trigger, until the contract: that is the rollback window.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from .. import catalog
+from ..errors import Refused
+from ..playbook import _suffixed
+from ..sqlkit import I, L, Q, typed_literal
+from .base import Context, Phase
+from .dual_write import create_triggers
+
+
+class SwapColumns(Phase):
+    name = "swap"
+    title = "swap the columns"
+    expand_doc = ("CHECK (shadow IS NOT NULL) NOT VALID; VALIDATE; then one transaction: SET NOT NULL, move the "
+                  "default, RENAME column -> retired and shadow -> column, rename indexes, point the trigger "
+                  "at the reverse mapping (the enum column stays in sync for the rollback window)")
+    rollback_doc = ("refuse (listing rows) or apply the fallback label where a value has no enum label; CHECK "
+                    "NOT VALID + VALIDATE on the enum column; one transaction renaming everything back")
+    contract_doc = "DROP INDEX CONCURRENTLY the retired indexes; DROP COLUMN retired; DROP TYPE the enum"
+    locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout, retried); "
+                 "VALIDATE takes SHARE UPDATE EXCLUSIVE, which does not block the app")
+
+    # -- names ------------------------------------------------------------------------------------
+    def new_check(self, ctx: Context) -> str:
+        return _suffixed(f"_ec_{ctx.pb.shadow}", "_nn")
+
+    def old_check(self, ctx: Context) -> str:
+        return _suffixed(f"_ec_{ctx.pb.retired}", "_nn")
+
+    def swapped(self, ctx: Context) -> sql.Composable:
+        return ctx.exists_query("column", ctx.pb.retired)
+
+    # -- expand -----------------------------------------------------------------------------------
+    def before_expand(self, ctx: Context) -> None:
+        if ctx.x.dry_run or ctx.has("column", ctx.pb.retired):
+            return
+        conn = ctx.x.conn
+        oid = catalog.table_oid(conn, *ctx.table_name)
+        info = catalog.column(conn, oid, ctx.pb.column.name)
+        blockers = catalog.column_dependents(conn, oid, info["attnum"])
+        if blockers:
+            raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.pb.column.name!r}: "
+                          + "; ".join(blockers), hint="drop or move them, then run the swap again")
+
+    def expand(self, ctx: Context) -> None:
+        x, t = ctx.x, ctx.table
+        if not ctx.pb.target.nullable:
+            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
+                t, I(self.new_check(ctx)), ctx.shadow),
+                skip_if=Q("SELECT ({}) OR ({})").format(ctx.exists_query("constraint", self.new_check(ctx)),
+                                                      self.swapped(ctx)),
+                lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check")
+            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.new_check(ctx))),
+                     skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
+                     what="validate NOT NULL check")
+        x.atomic(*self._swap_statements(ctx), skip_if=self.swapped(ctx),
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="swap columns")
+
+    def _swap_statements(self, ctx: Context) -> list[sql.Composable]:
+        t, f = ctx.table, ctx.facts
+        prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
+        if f.not_null:
+            prep.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.col))  # rows the old enum cannot hold
+        if not ctx.pb.target.nullable:
+            prep += [Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow),  # uses the valid CHECK: no scan
+                     Q("DROP CONSTRAINT {}").format(I(self.new_check(ctx)))]
+        stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep)),
+                 Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.retired),
+                 Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.shadow, ctx.col)]
+        default = ctx.new_default()
+        if default is not None:
+            stmts.append(Q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                t, ctx.col, typed_literal(default, ctx.target_type)))
+        for ix in f.indexes:
+            stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
+                      Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.shadow_name), I(ix.name))]
+        return stmts + create_triggers(ctx, ctx.fn("_rev"), ctx.col)
+
+    # -- rollback ---------------------------------------------------------------------------------
+    def rollback(self, ctx: Context) -> None:
+        x, t, f = ctx.x, ctx.table, ctx.facts
+        if not x.dry_run and not ctx.has("column", ctx.pb.retired):
+            # Swap never happened: only the online NOT NULL preparation may be left.
+            x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, I(self.new_check(ctx))),
+                     lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
+            return
+        self._resolve_unmapped(ctx)
+        if f.not_null:
+            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
+                t, I(self.old_check(ctx)), ctx.retired),
+                skip_if=ctx.exists_query("constraint", self.old_check(ctx)),
+                lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check on the enum column")
+            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.old_check(ctx))),
+                     lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column")
+        x.atomic(*self._unswap_statements(ctx), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="swap columns back")
+
+    def _unswap_statements(self, ctx: Context) -> list[sql.Composable]:
+        from .dual_write import drop_triggers
+        t, f = ctx.table, ctx.facts
+        stmts = [*drop_triggers(ctx),
+                 Q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, ctx.col),
+                 Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.shadow),
+                 Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.retired, ctx.col)]
+        restore = []
+        if f.not_null:
+            restore += [Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col),
+                        Q("DROP CONSTRAINT {}").format(I(self.old_check(ctx)))]
+        if f.default_label is not None:
+            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(
+                ctx.col, typed_literal(f.default_label, ctx.enum_type)))
+        if not ctx.pb.target.nullable:
+            restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
+        if restore:
+            stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restore)))
+        for ix in f.indexes:
+            stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
+                      Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
+        return stmts + create_triggers(ctx, ctx.fn("_fwd"), ctx.col)
+
+    def _resolve_unmapped(self, ctx: Context) -> None:
+        """Values the new app wrote that have no enum label: refuse, or rewrite them to the fallback label."""
+        x = ctx.x
+        no_label = Q("{} IS NULL").format(ctx.backward(ctx.col))
+        if x.dry_run:
+            x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.pb.rollback.unmapped!r}")
+            return
+        n, ids = ctx.sample_ids(no_label)
+        if not n:
+            return
+        if ctx.pb.rollback.unmapped == "refuse":
+            raise Refused(f"rollback of the swap would lose {n} values of {ctx.pb.column.name!r} that have no label "
+                          f"in enum {ctx.pb.column.enum_type} (e.g. ids {ids}); nothing was changed",
+                          hint="change those rows, add them to rollback.reverse_mapping, or set "
+                               "rollback.unmapped: fallback in the playbook")
+        fallback = ctx.pb.mapping[ctx.pb.rollback.fallback_label]
+        batch = ctx.pb.settings.batch_size
+        pk = ctx.pk_row
+        stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {})").format(
+            ctx.table, ctx.col, L(fallback), pk, pk, ctx.table, no_label, L(batch))
+        while x.atomic(stmt, lock="ROW EXCLUSIVE", what="apply the rollback fallback label",
+                       skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(ctx.table, no_label)):
+            pass
+
+    # -- contract ---------------------------------------------------------------------------------
+    def contract(self, ctx: Context) -> None:
+        x = ctx.x
+        for ix in ctx.facts.indexes:
+            x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(ix.retired_name)),
+                           lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {ix.retired_name}")
+        x.atomic(Q("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ctx.table, ctx.retired),
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop the retired column")
+        if ctx.pb.settings.drop_enum_type:
+            x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctx.enum_type), lock="ACCESS EXCLUSIVE on the type only",
+                     what="drop the enum type")
+
+    def check(self, ctx: Context) -> list[str]:
+        return [] if ctx.has("column", ctx.pb.retired) else [f"column {ctx.pb.retired!r} missing after the swap"]

@@ -1,0 +1,268 @@
+"""Declarative playbooks: what to migrate, validated strictly before anything touches the database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BadInput
+
+MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL silently truncates longer names
+
+# Types the playbook may name for new columns; anything else is refused rather than passed through to SQL.
+COLUMN_TYPES = ("varchar", "text", "boolean", "integer", "bigint", "timestamptz", "jsonb")
+
+
+def _identifier(value: str, field: str) -> str:
+    if not value:
+        raise ValueError(f"{field} must not be empty")
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain a NUL byte")
+    if len(value.encode()) > MAX_IDENTIFIER_BYTES:
+        raise ValueError(f"{field} {value!r} is longer than {MAX_IDENTIFIER_BYTES} bytes")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TableSpec(Strict):
+    schema_: str = Field("public", alias="schema")
+    name: str
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    @field_validator("schema_", "name")
+    @classmethod
+    def _ident(cls, v: str, info) -> str:
+        return _identifier(v, f"table.{info.field_name.rstrip('_')}")
+
+
+class ColumnSpec(Strict):
+    name: str
+    enum_type: str
+    enum_schema: str | None = None  # defaults to the table's schema
+    shadow: str | None = None  # the new column while both exist; default <name>_new
+    retired: str | None = None  # what the enum column is renamed to at the swap; default <name>_old
+
+    @field_validator("name", "enum_type", "enum_schema", "shadow", "retired")
+    @classmethod
+    def _ident(cls, v: str | None, info) -> str | None:
+        return None if v is None else _identifier(v, f"column.{info.field_name}")
+
+
+class TargetSpec(Strict):
+    type: Literal["varchar", "text"] = "varchar"
+    length: int | None = Field(None, ge=1, le=10_485_760)
+    nullable: bool = False
+    default: str | None = None  # default of the new column; derived from the old default when omitted
+
+    @model_validator(mode="after")
+    def _length(self) -> TargetSpec:
+        if self.type == "varchar" and self.length is None:
+            raise ValueError("target.length is required for varchar")
+        if self.type == "text" and self.length is not None:
+            raise ValueError("target.length is only allowed for varchar")
+        return self
+
+
+class RollbackSpec(Strict):
+    # Values written after the swap that have no enum label: refuse the rollback, or rewrite them to a label.
+    unmapped: Literal["refuse", "fallback"] = "refuse"
+    fallback_label: str | None = None
+    reverse_mapping: dict[str, str] = Field(default_factory=dict)  # extra new value -> label
+
+
+class ExtraColumn(Strict):
+    name: str
+    type: Literal["varchar", "text", "boolean", "integer", "bigint", "timestamptz", "jsonb"]
+    length: int | None = Field(None, ge=1, le=10_485_760)
+    nullable: bool = True
+    default: str | bool | int | None = None
+    backfill: str | bool | int | None = None  # value given to existing rows (and old-app inserts) where NULL
+    index: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        return _identifier(v, "extra_columns.name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExtraColumn:
+        if self.type == "varchar" and self.length is None:
+            raise ValueError(f"extra column {self.name!r}: length is required for varchar")
+        if self.type != "varchar" and self.length is not None:
+            raise ValueError(f"extra column {self.name!r}: length is only allowed for varchar")
+        if not self.nullable and self.default is None:
+            raise ValueError(f"extra column {self.name!r}: NOT NULL needs a default (existing rows)")
+        for what, value in (("default", self.default), ("backfill", self.backfill)):
+            if value is not None and self.type == "varchar" and len(str(value)) > (self.length or 0):
+                raise ValueError(f"extra column {self.name!r}: {what} is longer than varchar({self.length})")
+        return self
+
+
+class SeedRows(Strict):
+    key: list[str] = Field(default_factory=lambda: ["id"], min_length=1)
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class Settings(Strict):
+    batch_size: int = Field(5_000, ge=1, le=1_000_000)
+    min_batch_size: int = Field(100, ge=1, le=1_000_000)
+    max_batch_size: int = Field(100_000, ge=1, le=1_000_000)
+    target_batch_ms: int = Field(100, ge=1, le=60_000)
+    batch_pause_ms: int = Field(0, ge=0, le=600_000)
+    lock_timeout_ms: int = Field(50, ge=1, le=60_000)
+    statement_timeout_ms: int = Field(30_000, ge=1, le=86_400_000)
+    retries: int = Field(30, ge=0, le=10_000)
+    retry_wait_initial_ms: int = Field(50, ge=1, le=600_000)
+    retry_wait_max_ms: int = Field(2_000, ge=1, le=600_000)
+    verify_chunk_rows: int = Field(200_000, ge=1, le=100_000_000)
+    drop_enum_type: bool = True
+    translate_old_writes: bool = True  # after the swap, old labels written by stale app instances are mapped
+    state_schema: str = "_orchestrator"
+
+    @field_validator("state_schema")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        return _identifier(v, "settings.state_schema")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Settings:
+        if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
+            raise ValueError("settings.batch_size must lie between min_batch_size and max_batch_size")
+        if self.retry_wait_initial_ms > self.retry_wait_max_ms:
+            raise ValueError("settings.retry_wait_initial_ms must not exceed retry_wait_max_ms")
+        return self
+
+
+class Playbook(Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    kind: Literal["enum_to_varchar"] = "enum_to_varchar"
+    table: TableSpec
+    column: ColumnSpec
+    target: TargetSpec
+    mapping: dict[str, str] = Field(min_length=1)
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    extra_columns: list[ExtraColumn] = Field(default_factory=list)
+    seed_rows: SeedRows = Field(default_factory=SeedRows)
+    settings: Settings = Field(default_factory=Settings)
+
+    @model_validator(mode="after")
+    def _mapping(self) -> Playbook:
+        labels = set(self.mapping)
+        seen: dict[str, str] = {}
+        for label, value in self.mapping.items():
+            if not label:
+                raise ValueError("mapping: an enum label must not be empty")
+            if not value:
+                raise ValueError(f"mapping.{label}: the new value must not be empty")
+            if value in seen:
+                raise ValueError(f"mapping.{label}: duplicate target {value!r} (also mapped from {seen[value]!r})")
+            seen[value] = label
+            if value in labels and value != label:
+                raise ValueError(f"mapping.{label}: target {value!r} collides with the enum label {value!r}")
+            if self.target.length is not None and len(value) > self.target.length:
+                raise ValueError(
+                    f"mapping.{label}: {value!r} has {len(value)} characters, "
+                    f"longer than target varchar({self.target.length})")
+        rb = self.rollback
+        if rb.unmapped == "fallback" and rb.fallback_label is None:
+            raise ValueError("rollback.fallback_label is required when rollback.unmapped is 'fallback'")
+        if rb.fallback_label is not None and rb.fallback_label not in labels:
+            raise ValueError(f"rollback.fallback_label: {rb.fallback_label!r} is not an enum label of the mapping")
+        for value, label in rb.reverse_mapping.items():
+            if label not in labels:
+                raise ValueError(f"rollback.reverse_mapping.{value}: {label!r} is not an enum label of the mapping")
+            if value in seen:
+                raise ValueError(f"rollback.reverse_mapping.{value}: already the target of mapping.{seen[value]}")
+        if self.target.default is not None and self.target.length is not None \
+                and len(self.target.default) > self.target.length:
+            raise ValueError("target.default is longer than the target type")
+        names = [self.column.name, self.shadow, self.retired, *(c.name for c in self.extra_columns)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column names must be distinct: {dupes[0]!r} is used twice")
+        for i, row in enumerate(self.seed_rows.rows):
+            for key in self.seed_rows.key:
+                if key not in row:
+                    raise ValueError(f"seed_rows.rows[{i}]: the key column {key!r} is missing")
+            value = row.get(self.column.name)
+            if isinstance(value, str) and self.target.length is not None and len(value) > self.target.length:
+                raise ValueError(f"seed_rows.rows[{i}].{self.column.name}: longer than the target type")
+        return self
+
+    # Derived names, so the rest of the code never guesses them.
+    @property
+    def shadow(self) -> str:
+        return self.column.shadow or _suffixed(self.column.name, "_new")
+
+    @property
+    def retired(self) -> str:
+        return self.column.retired or _suffixed(self.column.name, "_old")
+
+    @property
+    def enum_schema(self) -> str:
+        return self.column.enum_schema or self.table.schema_
+
+    @property
+    def reverse(self) -> dict[str, str]:
+        """new value -> enum label, for keeping the old column in sync after the swap."""
+        return {**{v: k for k, v in self.mapping.items()}, **self.rollback.reverse_mapping}
+
+    def fingerprint(self) -> str:
+        """Stable hash of what the playbook asks for; stored at the first run to detect edits between phases."""
+        body = self.model_dump(mode="json", by_alias=True, exclude={"description"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _suffixed(name: str, suffix: str) -> str:
+    """name+suffix, trimmed on a character boundary to fit PostgreSQL's identifier limit."""
+    while len((name + suffix).encode()) > MAX_IDENTIFIER_BYTES:
+        name = name[:-1]
+    return name + suffix
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if p not in ("schema_",)) or "playbook"
+    loc = loc.replace("schema_", "schema")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"playbook field '{loc}': unknown key"
+    if e["type"] == "missing":
+        return f"playbook field '{loc}': required but missing"
+    return f"playbook field '{loc}': {msg}"
+
+
+def parse(data: Any, source: str = "playbook") -> Playbook:
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: expected a mapping of playbook fields at the top level")
+    try:
+        return Playbook.model_validate(data)
+    except ValidationError as err:
+        raise BadInput(f"{source}: {_first_error(err)}") from None
+
+
+def load(path: str | Path) -> Playbook:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise BadInput(f"cannot read playbook {str(path)!r}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BadInput(f"{path}: not valid YAML{where}") from None
+    return parse(data, str(path))

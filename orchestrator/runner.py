@@ -1,0 +1,253 @@
+"""The runner: enforces phase order, holds the operator lock, records state, and drives each phase."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from . import catalog, parity
+from .catalog import Facts
+from .errors import BadInput, Failure, OrchestratorError, Refused
+from .executor import Executor, Recorded
+from .kinds import phases_for
+from .phases.base import Context, Phase
+from .playbook import Playbook
+from .state import APPLIED, CONTRACTED, FAILED, PENDING, RUNNING, OperatorLock, State
+
+log = structlog.get_logger()
+
+
+@dataclass
+class PhasePlan:
+    phase: Phase
+    expand: list[Recorded]
+    contract: list[Recorded]
+    rollback: list[Recorded]
+
+
+class Orchestrator:
+    def __init__(self, pb: Playbook, dsn: str, *, dry_run: bool = False):
+        self.pb, self.dsn, self.dry_run = pb, dsn, dry_run
+        self.phases = phases_for(pb.kind)
+        self.x = Executor(dsn, pb.settings, dry_run=dry_run)
+        self.x.blocking_table = (pb.table.schema_, pb.table.name)
+        self.state = State(self.x, pb.settings.state_schema, pb.name)
+        self._lock: OperatorLock | None = None
+        self._current: tuple[int, str] | None = None
+
+    def close(self) -> None:
+        self.x.close()
+
+    # -- shared plumbing --------------------------------------------------------------------------
+    def phase(self, n: int) -> Phase:
+        if not 1 <= n <= len(self.phases):
+            raise BadInput(f"phase {n} does not exist; {self.pb.name} has phases 1..{len(self.phases)}")
+        return self.phases[n - 1]
+
+    def facts(self, *, register: bool) -> Facts:
+        """The original shape: stored at the first run, inspected (and validated) before it."""
+        record = self.state.migration()
+        if record is None:
+            facts = catalog.inspect(self.x.conn, self.pb)
+            if register:
+                self.state.ensure()
+                self.state.register(self.pb.fingerprint(), facts.to_json(), [p.name for p in self.phases])
+            return facts
+        fingerprint, stored = record
+        if fingerprint != self.pb.fingerprint():
+            raise Refused(f"playbook {self.pb.name!r} was edited after its first phase ran (stored fingerprint "
+                          f"{fingerprint}, file {self.pb.fingerprint()})",
+                          hint="restore the playbook as it was, or roll back every phase before editing it")
+        return Facts.from_json(stored)
+
+    def context(self, facts: Facts) -> Context:
+        return Context(self.pb, facts, self.x, self.state)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        if self.dry_run:
+            yield
+            return
+        with OperatorLock(self.dsn, self.pb.table.schema_, self.pb.table.name) as lock:
+            self._lock = lock
+            self.x.on_statement = self._log_statement
+            try:
+                yield
+            finally:
+                self.x.on_statement = None
+                self._lock = None
+
+    def _log_statement(self, statement: str, seconds: float, outcome: str) -> None:
+        # Written on the lock's connection: it survives the rollback of a failed DDL transaction.
+        if self._lock is not None and self._lock.conn is not None and self._current is not None:
+            State(self._lock.conn, self.state.schema, self.pb.name).log_statement(
+                self._current[0], self._current[1], statement, seconds, outcome)
+
+    def _guarded(self, n: int, action: str, fn, *, on_error_status: str) -> object:
+        self._current = (n, action)
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            self._mark(n, on_error_status, step=action, error="interrupted (Ctrl-C); re-run the same command")
+            raise
+        except OrchestratorError as err:
+            self._mark(n, on_error_status, step=action, error=err.one_line())
+            raise
+        except Exception as err:  # an unexpected error still leaves a truthful state row
+            self._mark(n, on_error_status, step=action, error=f"{type(err).__name__}: {err}")
+            raise Failure(f"{action} of phase {n} failed: {type(err).__name__}: {' '.join(str(err).split())}",
+                          hint="fix the cause and re-run the same command") from err
+        finally:
+            self._current = None
+
+    def _mark(self, n: int, status: str, **kw) -> None:
+        try:
+            self.state.set(n, status, **kw)
+        except Exception:  # the database may be what failed; the status will say 'running' then
+            log.warning("could not record the phase state", phase=n)
+
+    # -- commands ---------------------------------------------------------------------------------
+    def run(self, n: int) -> str:
+        phase = self.phase(n)
+        with bound_contextvars(playbook=self.pb.name, phase=n, action="expand"), self.locked():
+            facts = self.facts(register=not self.dry_run)
+            rows = self.state.phases()
+            if any(r.status == CONTRACTED for r in rows.values()):
+                raise Refused(f"{self.pb.name} is being contracted; there is nothing left to run",
+                              hint="orchestrator contract")
+            for k in range(1, n):
+                if rows and rows[k].status != APPLIED:
+                    raise Refused(f"phase {n} ({phase.name}) needs phase {k} ({self.phases[k - 1].name}) applied "
+                                  f"first; it is {rows[k].status}", hint=f"orchestrator run {k}")
+                if not rows and not self.dry_run:
+                    raise Refused(f"phase {n} needs phase 1 first", hint="orchestrator run 1")
+            if rows and rows[n].status == APPLIED:
+                log.info("already applied; nothing to do")
+                return "already applied"
+            ctx = self.context(facts)
+            if self.dry_run:
+                phase.expand(ctx)
+                return "dry run"
+            phase.before_expand(ctx)
+            log.info("phase starting", title=phase.title)
+            self.state.set(n, RUNNING, step="expand", started=True)
+
+            def go():
+                details = phase.expand(ctx)
+                problems = phase.check(ctx)
+                if problems:
+                    raise Failure(f"phase {n} did not take effect: " + "; ".join(problems))
+                return details
+            details = self._guarded(n, "expand", go, on_error_status=FAILED)
+            self.state.set(n, APPLIED, details=details or {}, finished=True)
+            log.info("phase applied", title=phase.title)
+            return "applied"
+
+    def rollback(self, n: int) -> str:
+        phase = self.phase(n)
+        with bound_contextvars(playbook=self.pb.name, phase=n, action="rollback"), self.locked():
+            if self.state.migration() is None and not self.dry_run:
+                log.info("nothing to roll back: no phase of this playbook has run")
+                return "nothing to do"
+            facts = self.facts(register=False)
+            rows = self.state.phases()
+            contracted = [k for k, r in rows.items() if r.status == CONTRACTED]
+            if contracted:
+                raise Refused(f"phase {contracted[0]} is contracted: the migration can no longer be rolled back",
+                              hint="finish it with orchestrator contract")
+            for k in range(n + 1, len(self.phases) + 1):
+                if rows and rows[k].status != PENDING:
+                    raise Refused(f"phase {k} ({self.phases[k - 1].name}) is {rows[k].status}; roll it back before "
+                                  f"phase {n}", hint=f"orchestrator rollback {k}")
+            if rows and rows[n].status == PENDING:
+                log.info("phase not applied; nothing to roll back")
+                return "nothing to do"
+            ctx = self.context(facts)
+            if self.dry_run:
+                phase.rollback(ctx)
+                return "dry run"
+            log.info("rollback starting", title=phase.title)
+            self.state.set(n, RUNNING, step="rollback")
+            self._guarded(n, "rollback", lambda: phase.rollback(ctx), on_error_status=RUNNING)
+            self.state.set(n, PENDING, step=None, replace_details=True)
+            if all(r.status == PENDING for k, r in self.state.phases().items()):
+                self.state.forget()  # fully rolled back: the playbook may now be edited freely
+            log.info("phase rolled back", title=phase.title)
+            return "rolled back"
+
+    def contract(self, n: int | None = None) -> list[str]:
+        numbers = [n] if n is not None else list(range(1, len(self.phases) + 1))
+        return [self._contract_one(k) for k in numbers]
+
+    def _contract_one(self, n: int) -> str:
+        phase = self.phase(n)
+        with bound_contextvars(playbook=self.pb.name, phase=n, action="contract"), self.locked():
+            facts = self.facts(register=False) if self.state.migration() else None
+            rows = self.state.phases()
+            not_done = [k for k, r in rows.items() if r.status not in (APPLIED, CONTRACTED)]
+            if facts is None or not_done:
+                k = not_done[0] if not_done else 1
+                raise Refused(f"contract needs every phase applied and verified first; phase {k} "
+                              f"({self.phases[k - 1].name}) is {rows[k].status if rows else 'pending'}",
+                              hint=f"orchestrator run {k}")
+            for k in range(1, n):
+                if rows[k].status != CONTRACTED:
+                    raise Refused(f"contract the phases in order: phase {k} ({self.phases[k - 1].name}) first",
+                                  hint=f"orchestrator contract {k}")
+            if rows[n].status == CONTRACTED:
+                return "already contracted"
+            ctx = self.context(facts)
+            if self.dry_run:
+                phase.contract(ctx)
+                return "dry run"
+            log.info("contract starting", doc=phase.contract_doc)
+            self.state.set(n, APPLIED, step="contract")
+            self._guarded(n, "contract", lambda: phase.contract(ctx), on_error_status=APPLIED)
+            self.state.set(n, CONTRACTED, step=None)
+            log.info("phase contracted")
+            return "contracted"
+
+    def verify(self) -> parity.ParityResult:
+        facts = self.facts(register=False)
+        ctx = self.context(facts)
+        swapped = ctx.has("column", self.pb.retired)
+        if not ctx.has("column", self.pb.shadow) and not swapped:
+            raise Refused("nothing to verify: the shadow column does not exist yet", hint="orchestrator run 1")
+        return parity.check(ctx, swapped=swapped)
+
+    def plan(self) -> list[PhasePlan]:
+        """Every phase's SQL, as `run`, `contract` and `rollback` would execute it; changes nothing."""
+        if not self.dry_run:
+            raise ValueError("plan needs a dry-run orchestrator")
+        facts = self.facts(register=False)
+        ctx = self.context(facts)
+        out = []
+        for phase in self.phases:
+            steps = {}
+            for action in ("expand", "contract", "rollback"):
+                self.x.recorded = []
+                getattr(phase, action)(ctx)
+                steps[action] = self.x.recorded
+            out.append(PhasePlan(phase, **steps))
+        return out
+
+    def status(self) -> dict:
+        rows = self.state.phases()
+        lock = OperatorLock(self.dsn, self.pb.table.schema_, self.pb.table.name)
+        busy = lock.is_held_elsewhere(self.x.conn)
+        phases = []
+        for p in self.phases:
+            r = rows.get(p.number)
+            status = r.status if r else PENDING
+            if status == RUNNING and not busy:
+                status = "interrupted"  # nobody holds the lock: a crash or kill; re-running resumes
+            phases.append({"phase": p.number, "name": p.name, "status": status,
+                           "step": r.step if r else None, "started_at": r.started_at if r else None,
+                           "finished_at": r.finished_at if r else None, "run_by": r.run_by if r else None,
+                           "host": r.host if r else None, "error": r.error if r else None})
+        return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
+                "backfill": self.state.backfill()}

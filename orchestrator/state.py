@@ -1,0 +1,193 @@
+"""The orchestrator's own state, kept in the database it migrates, and the one-operator-at-a-time lock."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import db
+from .errors import Refused
+from .sqlkit import I, Q
+
+PENDING, RUNNING, APPLIED, FAILED, CONTRACTED = "pending", "running", "applied", "failed", "contracted"
+
+
+@dataclass
+class PhaseRow:
+    phase: int
+    name: str
+    status: str
+    step: str | None
+    started_at: Any
+    finished_at: Any
+    run_by: str | None
+    host: str | None
+    error: str | None
+    details: dict
+
+
+class State:
+    def __init__(self, source: Any, schema: str, playbook: str):
+        # source is a connection, or the executor whose connection may be replaced after a reconnect
+        self._source, self.schema, self.playbook = source, schema, playbook
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        return getattr(self._source, "conn", self._source)
+
+    def t(self, name: str) -> sql.Identifier:
+        return I(self.schema, name)
+
+    def exists(self) -> bool:
+        return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                 (self.t("phases").as_string(self.conn),)).fetchone()[0]
+
+    def ensure(self) -> None:
+        stmts = [
+            Q("CREATE SCHEMA IF NOT EXISTS {}").format(I(self.schema)),
+            Q("""CREATE TABLE IF NOT EXISTS {} (
+                   playbook text PRIMARY KEY, fingerprint text NOT NULL, facts jsonb NOT NULL,
+                   created_at timestamptz NOT NULL DEFAULT now())""").format(self.t("migrations")),
+            Q("""CREATE TABLE IF NOT EXISTS {} (
+                   playbook text NOT NULL, phase int NOT NULL, name text NOT NULL,
+                   status text NOT NULL DEFAULT 'pending', step text,
+                   started_at timestamptz, finished_at timestamptz, run_by text, host text, error text,
+                   details jsonb NOT NULL DEFAULT '{{}}', PRIMARY KEY (playbook, phase))""").format(self.t("phases")),
+            Q("""CREATE TABLE IF NOT EXISTS {} (
+                   playbook text PRIMARY KEY, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+                   rows_estimate bigint, batches int NOT NULL DEFAULT 0, batch_size int,
+                   last_batch_ms real, max_batch_ms real, started_at timestamptz, updated_at timestamptz,
+                   finished_at timestamptz)""").format(self.t("backfill")),
+            Q("""CREATE TABLE IF NOT EXISTS {} (
+                   id bigserial PRIMARY KEY, playbook text NOT NULL, phase int, action text,
+                   at timestamptz NOT NULL DEFAULT clock_timestamp(), seconds real, outcome text,
+                   statement text NOT NULL)""").format(self.t("run_log")),
+        ]
+        with self.conn.transaction():
+            for s in stmts:
+                self.conn.execute(s)
+
+    # -- migration record -------------------------------------------------------------------------
+    def migration(self) -> tuple[str, dict] | None:
+        if not self.exists():
+            return None
+        row = self.conn.execute(Q("SELECT fingerprint, facts FROM {} WHERE playbook = %s").format(
+            self.t("migrations")), (self.playbook,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def register(self, fingerprint: str, facts: dict, phase_names: list[str]) -> None:
+        with self.conn.transaction():
+            self.conn.execute(Q("""INSERT INTO {} (playbook, fingerprint, facts) VALUES (%s, %s, %s)
+                                   ON CONFLICT (playbook) DO NOTHING""").format(self.t("migrations")),
+                              (self.playbook, fingerprint, json.dumps(facts)))
+            for n, name in enumerate(phase_names, 1):
+                self.conn.execute(Q("""INSERT INTO {} (playbook, phase, name) VALUES (%s, %s, %s)
+                                       ON CONFLICT DO NOTHING""").format(self.t("phases")),
+                                  (self.playbook, n, name))
+
+    def forget(self) -> None:
+        """Drop the record of a migration that is fully rolled back, so the playbook may be edited."""
+        with self.conn.transaction():
+            for t in ("migrations", "phases", "backfill"):
+                self.conn.execute(Q("DELETE FROM {} WHERE playbook = %s").format(self.t(t)), (self.playbook,))
+
+    # -- phases -----------------------------------------------------------------------------------
+    def phases(self) -> dict[int, PhaseRow]:
+        if not self.exists():
+            return {}
+        rows = self.conn.execute(Q("""SELECT phase, name, status, step, started_at, finished_at, run_by, host,
+                                             error, details FROM {} WHERE playbook = %s ORDER BY phase""").format(
+            self.t("phases")), (self.playbook,)).fetchall()
+        return {r[0]: PhaseRow(*r) for r in rows}
+
+    def set(self, phase: int, status: str, *, step: str | None = None, error: str | None = None,
+            details: dict | None = None, started: bool = False, finished: bool = False,
+            replace_details: bool = False) -> None:
+        self.conn.execute(Q("""UPDATE {} SET status = %s, step = %s, error = %s,
+                                  details = CASE WHEN %s THEN %s::jsonb ELSE details || %s::jsonb END,
+                                  started_at = CASE WHEN %s THEN now() ELSE started_at END,
+                                  finished_at = CASE WHEN %s THEN now() WHEN %s THEN NULL ELSE finished_at END,
+                                  run_by = CASE WHEN %s THEN %s ELSE run_by END,
+                                  host = CASE WHEN %s THEN %s ELSE host END
+                               WHERE playbook = %s AND phase = %s""").format(self.t("phases")),
+                          (status, step, error, replace_details, json.dumps(details or {}, default=str),
+                           json.dumps(details or {}, default=str), started, finished, started,
+                           started, _who(), started, socket.gethostname(), self.playbook, phase))
+
+    def details(self, phase: int) -> dict:
+        row = self.phases().get(phase)
+        return row.details if row else {}
+
+    # -- backfill progress ------------------------------------------------------------------------
+    def backfill(self) -> dict | None:
+        if not self.exists():
+            return None
+        cur = self.conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cur.execute(Q("SELECT * FROM {} WHERE playbook = %s").format(self.t("backfill")),
+                           (self.playbook,)).fetchone()
+
+    def log_statement(self, phase: int | None, action: str | None, statement: str, seconds: float,
+                      outcome: str) -> None:
+        try:
+            self.conn.execute(Q("""INSERT INTO {} (playbook, phase, action, seconds, outcome, statement)
+                                   VALUES (%s, %s, %s, %s, %s, %s)""").format(self.t("run_log")),
+                              (self.playbook, phase, action, seconds, outcome, statement))
+        except psycopg.Error:
+            pass  # the run log is an aid for incident reviews; it must never fail a migration
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
+
+
+def lock_key(schema: str, table: str) -> int:
+    """One advisory lock per migrated table: two operators must never drive the same table."""
+    digest = hashlib.sha256(f"pg-expand-contract\x00{schema}\x00{table}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class OperatorLock:
+    """A session-level advisory lock on its own connection, so reconnects of the work connection keep it."""
+
+    def __init__(self, dsn: str, schema: str, table: str):
+        self.dsn, self.key, self.where = dsn, lock_key(schema, table), f"{schema}.{table}"
+        self.conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> OperatorLock:
+        self.conn = db.connect(self.dsn, role="lock")
+        if not self.conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+            holder = self.holder(self.conn)
+            self.conn.close()
+            raise Refused(f"another orchestrator is already migrating {self.where}: {holder}",
+                          hint="wait for it to finish (orchestrator status), or stop it")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+
+    def holder(self, conn: psycopg.Connection) -> str:
+        row = conn.execute("""SELECT a.pid, a.application_name, a.client_addr, a.backend_start
+                              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                              WHERE l.locktype = 'advisory' AND l.granted
+                                AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid
+                                AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1""",
+                           (self.key, self.key)).fetchone()
+        if row is None:
+            return "holder unknown"
+        pid, app, addr, since = row
+        return f"pid {pid} ({app}) since {since:%Y-%m-%d %H:%M:%S}"
+
+    def is_held_elsewhere(self, conn: psycopg.Connection) -> bool:
+        return self.holder(conn) != "holder unknown"
