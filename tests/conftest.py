@@ -5,13 +5,11 @@ PG_MAJORS=18 (comma-separated) restricts the majors; DATABASE_URL replaces them 
 
 import os
 import secrets
-import sys
+
 from pathlib import Path
 
 import pytest
 
-# The package is not pip-installed: make `orchestrator` importable for a bare `pytest`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import server  # noqa: E402
 
