@@ -1,0 +1,77 @@
+# DBA entry points. PLAYBOOK= and DATABASE_URL= may be overridden:
+#   make phase-1 PLAYBOOK=playbooks/other.yaml DATABASE_URL=postgresql://user@host/db
+# Without DATABASE_URL every target uses the local embedded PostgreSQL that `make demo` starts.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PLAYBOOK ?= playbooks/workflow_type_enum_to_varchar.yaml
+ROWS     ?= 100000
+ORCH      = $(VENV)/bin/orchestrator --playbook $(PLAYBOOK) $(if $(DATABASE_URL),--dsn "$(DATABASE_URL)")
+
+.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill server-stop
+
+help:
+	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract"
+	@echo "make demo-db         set up and seed only (then make phase-1 ... phase-6)"
+	@echo "make plan            every phase's SQL and locks, touching nothing"
+	@echo "make phase-N         run phase N     make rollback-N   undo phase N"
+	@echo "make contract-N      contract phase N (make contract: all, in order)"
+	@echo "make status | verify | pause | resume"
+	@echo "make test            the test suite (real PostgreSQL 18 and 15)"
+	@echo "make bench           benchmarks vs the naive migration"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(ORCH) demo --rows $(ROWS)
+
+demo-db: venv
+	$(ORCH) demo --rows $(ROWS) --setup-only
+
+plan: venv
+	$(ORCH) plan
+
+status: venv
+	$(ORCH) status
+
+verify: venv
+	$(ORCH) verify
+
+phase-%: venv
+	$(ORCH) run $*
+
+rollback-%: venv
+	$(ORCH) rollback $*
+
+contract-%: venv
+	$(ORCH) contract $*
+
+contract: venv
+	$(ORCH) contract
+
+pause: venv
+	$(ORCH) pause
+
+resume: venv
+	$(ORCH) resume
+
+server-stop: venv
+	$(ORCH) server-stop
+
+test: venv
+	$(VENV)/bin/pytest -q -m 'not slow'
+
+test-slow: venv
+	$(VENV)/bin/pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected yet
+
+bench: venv
+	$(VENV)/bin/python bench/run.py
+
+bench-backfill: venv
+	$(VENV)/bin/python bench/run.py --sections backfill

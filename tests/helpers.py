@@ -1,0 +1,86 @@
+"""Shared test helpers: a seeded database, playbooks with overrides, and CLI invocation."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import yaml
+from psycopg import sql
+
+from orchestrator import playbook
+from orchestrator.demo import SeedNames, create_seed_schema, insert_rows, schema_snapshot
+from orchestrator.runner import Orchestrator
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "playbooks" / "workflow_type_enum_to_varchar.yaml"
+
+
+def reference_dict() -> dict:
+    return yaml.safe_load(REFERENCE.read_text())
+
+
+def make_playbook(names: SeedNames | None = None, **overrides) -> playbook.Playbook:
+    """The reference playbook, retargeted at `names`, with top-level or dotted-key overrides."""
+    data = copy.deepcopy(reference_dict())
+    if names is not None:
+        data["table"] = {"schema": names.schema, "name": names.table}
+        data["column"] = {"name": names.column, "enum_type": names.enum}
+        for row in data["seed_rows"]["rows"]:
+            row[names.column] = row.pop("workflow_type")
+    for key, value in overrides.items():
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return playbook.parse(data)
+
+
+def seed(dsn: str, names: SeedNames = SeedNames(), rows: int = 2000, *, enum_default: str | None = "plain") -> None:
+    with psycopg.connect(dsn) as conn:
+        create_seed_schema(conn, names, enum_default=enum_default)
+        insert_rows(conn, rows, names)
+
+
+def snapshot(dsn: str, schema: str = "public") -> dict:
+    with psycopg.connect(dsn) as conn:
+        return schema_snapshot(conn, schema)
+
+
+def column_values(dsn: str, names: SeedNames = SeedNames(), column: str | None = None) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(sql.SQL("SELECT id, {}::text FROM {}").format(
+            sql.Identifier(column or names.column), names.table_ident)).fetchall()
+    return dict(rows)
+
+
+def orchestrator(pb: playbook.Playbook, dsn: str) -> Orchestrator:
+    return Orchestrator(pb, dsn)
+
+
+def cli(*args: str, dsn: str | None = None, playbook_path: str | Path | None = None,
+        env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "orchestrator"]
+    if dsn:
+        cmd += ["--dsn", dsn]
+    if playbook_path:
+        cmd += ["--playbook", str(playbook_path)]
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("DATABASE_URL", None) if dsn else None
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=ROOT)
+
+
+def write_playbook(pb_dict: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(pb_dict, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def query(dsn: str, stmt, params=None) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(stmt, params).fetchall()
