@@ -19,8 +19,9 @@ from psycopg import sql
 
 from .keyset import Keyset
 from .phases.base import Context
+from .errors import Failure, Refused
 from .progress import Progress
-from .sqlkit import I, L, Q, extra_type, join, typed_literal
+from .sqlkit import I, L, Q, extra_type, join, placeholders, typed_literal
 
 log = structlog.get_logger()
 
@@ -64,7 +65,7 @@ class Backfill:
         self.x.conn.execute(Q("""INSERT INTO {} (playbook, cursor, end_key, rows_estimate, batch_size, started_at,
                                                   updated_at) VALUES (%s, NULL, %s, %s, %s, now(), now())
                                  ON CONFLICT (playbook) DO NOTHING""").format(self.state.t("backfill")),
-                            (self.state.playbook, json.dumps(list(end[0]) if end else None), estimate,
+                            (self.state.playbook, json.dumps(list(end[0]) if end else None, default=str), estimate,
                              self.s.batch_size))
         return self.state.backfill()
 
@@ -75,20 +76,20 @@ class Backfill:
             return st
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
-        done = st["rows_done"]
-        with Progress("backfill", total=st["rows_estimate"] or None, done=done) as progress:
+        with Progress("backfill", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self._wait_if_paused()
+                self._throttle()
                 if self.s.batch_pause_ms:
                     time.sleep(self.s.batch_pause_ms / 1000)
-                upto, changed, scanned, ms, size = self._batch(after, end, size)
-                after, done = upto, done + changed
-                progress.advance(scanned, changed=done)
+                after, scanned, size = self._batch(after, end, size)
+                progress.advance(scanned)
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s").format(
                 self.state.t("backfill")), (self.state.playbook,))
         return self.state.backfill()
 
-    def _batch(self, after: list | None, end: list, size: int) -> tuple[list, int, int, float, int]:
+    def _batch(self, after: list | None, end: list, size: int) -> tuple[list, int, int]:
+        """One key range in one transaction, with the cursor; returns (new cursor, rows scanned, next size)."""
         sizes = [size]
 
         def attempt():
@@ -104,38 +105,100 @@ class Backfill:
                     cur.execute(Q("SET LOCAL statement_timeout = {}").format(L(f"{self.s.statement_timeout_ms}ms")))
                     cur.execute(self.statement(cond), params)
                     changed = cur.rowcount
-                    cur.execute(Q("""UPDATE {} SET cursor = %s, rows_done = rows_done + %s, batches = batches + 1,
-                                        batch_size = %s, last_batch_ms = %s,
-                                        max_batch_ms = greatest(max_batch_ms, %s), updated_at = now()
-                                     WHERE playbook = %s""").format(self.state.t("backfill")),
-                                (json.dumps(upto, default=str), changed, sizes[0],
-                                 (time.monotonic() - started) * 1000, (time.monotonic() - started) * 1000,
+                    scanned = sizes[0] if row else changed  # a full range holds exactly `size` keys
+                    ms = (time.monotonic() - started) * 1000
+                    cur.execute(Q("""UPDATE {} SET cursor = %s, rows_done = rows_done + %s,
+                                        rows_scanned = rows_scanned + %s, batches = batches + 1,
+                                        batch_size = %s, last_batch_ms = %s, max_batch_ms = greatest(max_batch_ms, %s),
+                                        updated_at = now() WHERE playbook = %s""").format(self.state.t("backfill")),
+                                (json.dumps(upto, default=str), changed, scanned, sizes[0], ms, ms,
                                  self.state.playbook))
             except pgerr.QueryCanceled:
                 sizes[0] = max(self.s.min_batch_size, sizes[0] // 2)  # too big for statement_timeout: split
                 raise
-            except psycopg.DataError as err:
-                raise _data_error(err, after, upto) from None
-            scanned = sizes[0] if row else changed  # a full range holds exactly `size` keys
-            return upto, changed, scanned, (time.monotonic() - started) * 1000
+            except (psycopg.DataError, psycopg.IntegrityError) as err:
+                raise self._offender(err, after, upto) from None
+            return upto, scanned, (time.monotonic() - started) * 1000
 
-        upto, changed, scanned, ms = self.x.with_retries("backfill batch", attempt)
-        return upto, changed, scanned, ms, self._next_size(sizes[0], ms)
+        upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
+        return upto, scanned, self._next_size(sizes[0], ms)
 
     def _next_size(self, size: int, ms: float) -> int:
         """Aim each batch at target_batch_ms, changing by at most 2x a step, within the playbook's bounds."""
         factor = min(2.0, max(0.5, self.s.target_batch_ms / max(ms, 1.0)))
         return int(min(self.s.max_batch_size, max(self.s.min_batch_size, size * factor)))
 
+    def _offender(self, err: psycopg.Error, after: list | None, upto: list) -> Failure:
+        """Find the first row of the failed range that the update rejects, so the message names it."""
+        reason = " ".join(str(err).split())
+        cond, params = self.keys.range_condition(after, upto)
+        keys = self.x.conn.execute(Q("SELECT {} FROM {} WHERE {} AND {} ORDER BY {} LIMIT 100000").format(
+            self.keys.cols, self.ctx.table, cond, self.needs, self.keys.cols), params)
+        for key in keys.fetchall():
+            one = Q("{} = {}").format(self.keys.row, placeholders(len(key)))
+            try:
+                with self.x.conn.transaction(force_rollback=True):  # a probe: never keeps the change
+                    self.x.conn.execute(self.statement(one), list(key))
+            except psycopg.Error as row_err:
+                return Failure(f"backfill stopped: the row with primary key {_key(key)} cannot be migrated: "
+                               f"{' '.join(str(row_err).split())}", hint="fix that row, then re-run phase 3")
+        return Failure(f"backfill stopped on bad data between keys {_key(after)} and {_key(upto)}: {reason}",
+                       hint="fix the data, then re-run phase 3")
+
+    # -- operator and server throttles -------------------------------------------------------------
     def _wait_if_paused(self) -> None:
         if self.pause_file is None or not self.pause_file.exists():
             return
-        log.info("backfill paused", pause_file=str(self.pause_file))
+        log.info("backfill paused", pause_file=str(self.pause_file), resume="orchestrator resume")
         while self.pause_file.exists():
             time.sleep(0.5)
         log.info("backfill resumed")
 
+    def _throttle(self) -> None:
+        """Hold the next batch while a replica lags or long transactions pile up (their limits are optional)."""
+        if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None:
+            return
+        waited = 0.0
+        while (reason := self._throttle_reason()) is not None:
+            if waited == 0.0:
+                log.info("backfill throttled", reason=reason)
+            if waited >= self.s.throttle_max_wait_s:
+                raise Refused(f"backfill held for {waited:.0f}s: {reason}",
+                              hint="re-run phase 3 when the server has recovered; it resumes where it stopped")
+            time.sleep(0.5)
+            waited += 0.5
 
-def _data_error(err: psycopg.DataError, after, upto):
-    from .errors import Failure
-    return Failure(f"backfill stopped on bad data between keys {after} and {upto}: {' '.join(str(err).split())}")
+    def _throttle_reason(self) -> str | None:
+        s = self.s
+        if s.max_replica_lag_ms is not None:
+            lag = self.x.scalar(Q("SELECT coalesce(max(extract(epoch FROM replay_lag)) * 1000, 0) "
+                                  "FROM pg_stat_replication"))
+            if lag > s.max_replica_lag_ms:
+                return f"replica replay lag {lag:.0f} ms > max_replica_lag_ms {s.max_replica_lag_ms}"
+        if s.max_long_transactions is not None:
+            n = self.x.scalar(Q("""SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
+                                   AND xact_start < now() - make_interval(secs => %s)
+                                   AND backend_type = 'client backend'"""), (s.long_transaction_s,))
+            if n > s.max_long_transactions:
+                return (f"{n} transactions open longer than {s.long_transaction_s}s "
+                        f"> max_long_transactions {s.max_long_transactions}")
+        return None
+
+
+def _key(key) -> str:
+    if key is None:
+        return "(start)"
+    return str(key[0]) if len(key) == 1 else str(tuple(key))
+
+
+def summary(row: dict | None) -> dict | None:
+    """The stored progress row plus rate and ETA, for `status` while another process runs the backfill."""
+    if row is None:
+        return None
+    out = dict(row)
+    elapsed = ((row["updated_at"] or row["started_at"]) - row["started_at"]).total_seconds() if row["started_at"] else 0
+    rate = row["rows_scanned"] / elapsed if elapsed > 0 else None
+    remaining = max((row["rows_estimate"] or 0) - row["rows_scanned"], 0)
+    out["rows_per_s"] = round(rate) if rate else None
+    out["eta_s"] = None if row["finished_at"] or not rate else round(remaining / rate, 1)
+    return out

@@ -5,6 +5,7 @@ All reads; nothing here changes the database.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 import psycopg
@@ -51,6 +52,26 @@ def table_oid(conn: psycopg.Connection, schema: str, table: str) -> int | None:
                           WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
                        (schema, table)).fetchone()
     return row[0] if row else None
+
+
+def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,)).fetchone()[0]
+
+
+# The state schema's tables and a column each that only ours have: a same-named app table is not ours to write.
+STATE_TABLES = {"migrations": "fingerprint", "phases": "status", "backfill": "rows_done", "run_log": "statement"}
+
+
+def foreign_state_tables(conn: psycopg.Connection, schema: str) -> list[str]:
+    """Relations in the state schema that have a state table's name but not its shape."""
+    rows = conn.execute("""SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = %s AND c.relname = ANY(%s) AND (c.relkind NOT IN ('r', 'p')
+                             OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
+                                            AND a.attname = 'playbook' AND NOT a.attisdropped)
+                             OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
+                                            AND a.attname = (%s::jsonb ->> c.relname) AND NOT a.attisdropped))
+                           ORDER BY 1""", (schema, list(STATE_TABLES), json.dumps(STATE_TABLES))).fetchall()
+    return [r[0] for r in rows]
 
 
 def primary_key(conn: psycopg.Connection, oid: int) -> list[str]:
@@ -163,6 +184,12 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
     """Check the database matches the playbook before the first phase; raise BadInput listing every blocker."""
     schema, table, col = pb.table.schema_, pb.table.name, pb.column.name
     where = f"table {schema}.{table}"
+    if not schema_exists(conn, schema):
+        raise BadInput(f"table.schema: schema {schema!r} does not exist")
+    foreign = foreign_state_tables(conn, pb.settings.state_schema)
+    if foreign:
+        raise BadInput(f"settings.state_schema: schema {pb.settings.state_schema!r} already has a relation "
+                       f"{foreign[0]!r} that is not the orchestrator's state table; choose another schema")
     oid = table_oid(conn, schema, table)
     if oid is None:
         raise BadInput(f"table.name: {where} does not exist")
@@ -175,7 +202,8 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
     if info["typtype"] != "e":
         raise BadInput(f"column.name: {col!r} is of type {info['type']}, not an enum")
     if (info["type_schema"], info["type_name"]) != (pb.enum_schema, pb.column.enum_type):
-        raise BadInput(f"column.enum_type: {col!r} is of enum type {info['type_schema']}.{info['type_name']}, "
+        field_ = "column.enum_schema" if info["type_name"] == pb.column.enum_type else "column.enum_type"
+        raise BadInput(f"{field_}: {col!r} is of enum type {info['type_schema']}.{info['type_name']}, "
                        f"not {pb.enum_schema}.{pb.column.enum_type}")
     labels = enum_labels(conn, info["type_oid"])
     missing = [lb for lb in labels if lb not in pb.mapping]

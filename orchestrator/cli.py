@@ -180,7 +180,9 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         out.print(f"backfill: {b['rows_done']:,} rows updated in {b['batches']} batches"
                   + (f" (table ~{total:,} rows)" if total else "")
                   + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
-                  + (", finished" if b["finished_at"] else ""))
+                  + (", finished" if b["finished_at"] else "")
+                  + (f", {b['rows_per_s']:,} rows/s" if b["rows_per_s"] else "")
+                  + (f", ETA {b['eta_s']:.0f}s" if b["eta_s"] is not None else ""))
 
 
 @app.command()
@@ -260,3 +262,80 @@ def _dsn_from_argv() -> str | None:
         if a.startswith("--dsn="):
             return a.split("=", 1)[1]
     return None
+
+
+# -- `orchestrator revisions`: every phase as an Alembic revision (revisions/, alembic.ini) ---------------------
+revisions_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                            help="Every phase of a playbook as an Alembic revision: generate the files, check "
+                                 "them against the playbook, sync Alembic's version table with the state.")
+
+
+def _revisions_dir(directory: Optional[str]) -> Path:
+    """--dir, else script_location of $ALEMBIC_CONFIG / ./alembic.ini, else revisions/."""
+    if directory:
+        return Path(directory)
+    from . import revisions as revisions_mod
+    cfg = revisions_mod.find_config()
+    location = cfg.get_main_option("script_location") if cfg is not None else None
+    return Path(location) if location else Path("revisions")
+
+
+@revisions_app.command("generate")
+def revisions_generate(
+        ctx: typer.Context,
+        playbook: Optional[str] = typer.Option(None, "--playbook", "-p", help="playbook YAML (default: the global one)"),
+        directory: Optional[str] = typer.Option(None, "--dir", help="Alembic script directory (default: alembic.ini's)"),
+        depends_on: Optional[list[str]] = typer.Option(None, "--depends-on",
+                                                       help="application revision the branch needs (repeatable)"),
+        branch_label: Optional[str] = typer.Option(None, "--branch-label", help="default: the playbook name")):
+    """Write one revision per phase, then one per contract step, into DIR/versions. Re-running is a no-op.
+
+    Example: orchestrator revisions generate --playbook playbooks/workflow_type_enum_to_varchar.yaml
+    """
+    from . import revisions as revisions_mod
+    res = revisions_mod.generate(playbook or ctx.obj.playbook_path, _revisions_dir(directory),
+                                 branch_label=branch_label, depends_on=depends_on)
+    for p in res.written:
+        out.print(f"wrote {os.path.relpath(p)}", markup=False, highlight=False, soft_wrap=True)
+    for p in res.removed:
+        out.print(f"removed {os.path.relpath(p)}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"{len(res.written)} written, {len(res.unchanged)} unchanged, {len(res.removed)} removed")
+
+
+@revisions_app.command("check")
+def revisions_check(
+        playbook: Optional[list[str]] = typer.Option(None, "--playbook", "-p",
+                                                     help="check only this playbook (default: every one with files)"),
+        directory: Optional[str] = typer.Option(None, "--dir", help="Alembic script directory (default: alembic.ini's)")):
+    """Exit 1 when the revision files and the playbooks disagree (edited playbook, missing or stale file).
+
+    Example: orchestrator revisions check
+    """
+    from . import revisions as revisions_mod
+    problems = revisions_mod.check(_revisions_dir(directory), playbook or None)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        raise typer.Exit(1)
+    out.print("revision files match their playbooks")
+
+
+@revisions_app.command("sync")
+def revisions_sync(ctx: typer.Context,
+                   config: Optional[str] = typer.Option(None, "--config", "-c",
+                                                        help="alembic.ini (default: $ALEMBIC_CONFIG, ./alembic.ini)")):
+    """Move Alembic's version table to the phase the orchestrator's state says is applied (a repair; the
+    runner and env.py do it on their own).
+
+    Example: orchestrator revisions sync
+    """
+    from . import revisions as revisions_mod
+    cfg = revisions_mod.find_config(config)
+    if cfg is None:
+        raise BadInput("no Alembic config found", hint="--config alembic.ini, or set ALEMBIC_CONFIG")
+    result = revisions_mod.sync_alembic_version(ctx.obj.dsn(), ctx.obj.playbook(), config=cfg, raise_errors=True)
+    out.print(str(result) if result else "this playbook has no revisions in the Alembic script directory "
+                                         "(orchestrator revisions generate)", markup=False, highlight=False)
+
+
+app.add_typer(revisions_app, name="revisions")

@@ -5,6 +5,8 @@ In plan mode the same calls only record the SQL, so `plan` shows exactly what `r
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +49,7 @@ class Executor:
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = db.connect(self.dsn)
+            _install_fault_injection(self._conn, self.dsn)  # test-only; a no-op unless the env var is set
         return self._conn
 
     def close(self) -> None:
@@ -190,3 +193,59 @@ class Executor:
     def scalar(self, stmt: sql.Composable, params: Any = None) -> Any:
         rows = self.query(stmt, params)
         return rows[0][0] if rows else None
+
+
+# -- test-only fault injection --------------------------------------------------------------------------------
+# Used by tests/test_reliability_*.py and never set in production. With ORCHESTRATOR_CRASH_AT set, every
+# statement on the work connection (not the operator-lock connection) is counted, and at the chosen one:
+#   ORCHESTRATOR_CRASH_AT="N"        the Nth statement of this process
+#   ORCHESTRATOR_CRASH_AT="text#k"   the kth statement whose SQL contains `text`
+# right after that statement returns (inside a transaction: before its COMMIT; in autocommit: after it
+# committed) the process kills itself with SIGKILL - no cleanup, no state update, like a crash or `kill -9`.
+# ORCHESTRATOR_CRASH_MODE=terminate instead has the server terminate the work connection at that point
+# (pg_terminate_backend from a side connection), once, and carries on: a lost connection.
+CRASH_AT_ENV, CRASH_MODE_ENV = "ORCHESTRATOR_CRASH_AT", "ORCHESTRATOR_CRASH_MODE"
+
+
+class _FaultInjector:
+    def __init__(self, spec: str, mode: str, dsn: str | None):
+        text, _, nth = spec.rpartition("#")
+        self.text, self.nth = (text, int(nth)) if text else (None, int(spec))
+        self.mode, self.dsn, self.seen, self.fired = mode, dsn, 0, False
+
+    def after(self, conn: psycopg.Connection, query: Any) -> None:
+        if self.fired:
+            return
+        if self.text is not None:
+            rendered = query if isinstance(query, str) else query.as_string(conn)
+            if self.text not in rendered:
+                return
+        self.seen += 1
+        if self.seen < self.nth:
+            return
+        self.fired = True
+        if self.mode != "terminate":
+            os.kill(os.getpid(), signal.SIGKILL)
+        with psycopg.connect(self.dsn, autocommit=True) as side:  # waits until the backend is gone
+            side.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
+
+
+_injector: _FaultInjector | None = None
+
+
+def _install_fault_injection(conn: psycopg.Connection, dsn: str | None) -> None:
+    global _injector
+    spec = os.environ.get(CRASH_AT_ENV)
+    if not spec:
+        return
+    if _injector is None:  # one counter per process, across reconnects
+        _injector = _FaultInjector(spec, os.environ.get(CRASH_MODE_ENV, "kill"), dsn)
+    injector = _injector
+
+    class FaultInjectingCursor(psycopg.Cursor):
+        def execute(self, query, params=None, **kw):
+            result = super().execute(query, params, **kw)
+            injector.after(self.connection, query)
+            return result
+
+    conn.cursor_factory = FaultInjectingCursor

@@ -28,6 +28,25 @@ def _identifier(value: str, field: str) -> str:
     return value
 
 
+def _key(value: str) -> str:
+    """A label or name as it appears in a message: as is, or quoted when it would break the line."""
+    return value if value.isprintable() else repr(value)
+
+
+def _nul_path(data: Any, path: tuple = ()) -> tuple | None:
+    """Where a NUL byte hides in the parsed YAML (keys too): PostgreSQL text cannot hold one."""
+    if isinstance(data, str):
+        return path if "\x00" in data else None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and "\x00" in k:
+            return (*path, k)
+        found = _nul_path(v, (*path, k))
+        if found is not None:
+            return found
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -35,8 +54,6 @@ class Strict(BaseModel):
 class TableSpec(Strict):
     schema_: str = Field("public", alias="schema")
     name: str
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
     @field_validator("schema_", "name")
     @classmethod
@@ -120,6 +137,11 @@ class Settings(Strict):
     max_batch_size: int = Field(100_000, ge=1, le=1_000_000)
     target_batch_ms: int = Field(100, ge=1, le=60_000)
     batch_pause_ms: int = Field(0, ge=0, le=600_000)
+    # Throttles, checked before each batch: wait while a replica lags or long transactions pile up.
+    max_replica_lag_ms: int | None = Field(None, ge=1, le=86_400_000)
+    max_long_transactions: int | None = Field(None, ge=0, le=100_000)
+    long_transaction_s: int = Field(60, ge=1, le=86_400)
+    throttle_max_wait_s: int = Field(600, ge=1, le=86_400)
     lock_timeout_ms: int = Field(50, ge=1, le=60_000)
     statement_timeout_ms: int = Field(30_000, ge=1, le=86_400_000)
     retries: int = Field(30, ge=0, le=10_000)
@@ -144,6 +166,9 @@ class Settings(Strict):
         return self
 
 
+SEMANTIC_SETTINGS = ("drop_enum_type", "translate_old_writes", "state_schema")
+
+
 class Playbook(Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -165,15 +190,16 @@ class Playbook(Strict):
             if not label:
                 raise ValueError("mapping: an enum label must not be empty")
             if not value:
-                raise ValueError(f"mapping.{label}: the new value must not be empty")
+                raise ValueError(f"mapping.{_key(label)}: the new value must not be empty")
             if value in seen:
-                raise ValueError(f"mapping.{label}: duplicate target {value!r} (also mapped from {seen[value]!r})")
+                raise ValueError(f"mapping.{_key(label)}: duplicate target {value!r} "
+                                 f"(also mapped from {seen[value]!r})")
             seen[value] = label
             if value in labels and value != label:
-                raise ValueError(f"mapping.{label}: target {value!r} collides with the enum label {value!r}")
+                raise ValueError(f"mapping.{_key(label)}: target {value!r} collides with the enum label {value!r}")
             if self.target.length is not None and len(value) > self.target.length:
                 raise ValueError(
-                    f"mapping.{label}: {value!r} has {len(value)} characters, "
+                    f"mapping.{_key(label)}: {value!r} has {len(value)} characters, "
                     f"longer than target varchar({self.target.length})")
         rb = self.rollback
         if rb.unmapped == "fallback" and rb.fallback_label is None:
@@ -182,9 +208,14 @@ class Playbook(Strict):
             raise ValueError(f"rollback.fallback_label: {rb.fallback_label!r} is not an enum label of the mapping")
         for value, label in rb.reverse_mapping.items():
             if label not in labels:
-                raise ValueError(f"rollback.reverse_mapping.{value}: {label!r} is not an enum label of the mapping")
+                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: {label!r} is not an enum label "
+                                 f"of the mapping")
             if value in seen:
-                raise ValueError(f"rollback.reverse_mapping.{value}: already the target of mapping.{seen[value]}")
+                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: already the target of "
+                                 f"mapping.{_key(seen[value])}")
+            if value in labels:  # after the swap an old label is a stale write, translated by the mapping
+                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: {value!r} is an enum label; "
+                                 f"only new values can be mapped back")
         if self.target.default is not None and self.target.length is not None \
                 and len(self.target.default) > self.target.length:
             raise ValueError("target.default is longer than the target type")
@@ -198,7 +229,7 @@ class Playbook(Strict):
                     raise ValueError(f"seed_rows.rows[{i}]: the key column {key!r} is missing")
             value = row.get(self.column.name)
             if isinstance(value, str) and self.target.length is not None and len(value) > self.target.length:
-                raise ValueError(f"seed_rows.rows[{i}].{self.column.name}: longer than the target type")
+                raise ValueError(f"seed_rows.rows[{i}].{_key(self.column.name)}: longer than the target type")
         return self
 
     # Derived names, so the rest of the code never guesses them.
@@ -220,8 +251,13 @@ class Playbook(Strict):
         return {**{v: k for k, v in self.mapping.items()}, **self.rollback.reverse_mapping}
 
     def fingerprint(self) -> str:
-        """Stable hash of what the playbook asks for; stored at the first run to detect edits between phases."""
+        """Stable hash of what the playbook asks for; stored at the first run to detect edits between phases.
+
+        Tunables (batch sizes, timeouts, retries, throttles) are left out: a DBA may change them between
+        phases. Settings that change the result (drop_enum_type, translate_old_writes, state_schema) count.
+        """
         body = self.model_dump(mode="json", by_alias=True, exclude={"description"})
+        body["settings"] = {k: body["settings"][k] for k in SEMANTIC_SETTINGS}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -232,11 +268,28 @@ def _suffixed(name: str, suffix: str) -> str:
     return name + suffix
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error instead of silently keeping the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: list = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(problem=f"duplicate key {key!r}",
+                                                        problem_mark=key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if p not in ("schema_",)) or "playbook"
-    loc = loc.replace("schema_", "schema")
+    loc = ".".join(_key(str(p)) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across fields: its message starts with the field
+        return msg
     if e["type"] == "extra_forbidden":
         return f"playbook field '{loc}': unknown key"
     if e["type"] == "missing":
@@ -247,6 +300,10 @@ def _first_error(err: ValidationError) -> str:
 def parse(data: Any, source: str = "playbook") -> Playbook:
     if not isinstance(data, dict):
         raise BadInput(f"{source}: expected a mapping of playbook fields at the top level")
+    nul = _nul_path(data)
+    if nul is not None:
+        loc = ".".join(_key(str(p)) for p in nul)
+        raise BadInput(f"{source}: playbook field '{loc}': must not contain a NUL byte")
     try:
         return Playbook.model_validate(data)
     except ValidationError as err:
@@ -260,9 +317,10 @@ def load(path: str | Path) -> Playbook:
     except OSError as err:
         raise BadInput(f"cannot read playbook {str(path)!r}: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise BadInput(f"{path}: not valid YAML{where}") from None
+        problem = getattr(err, "problem", None)
+        raise BadInput(f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
     return parse(data, str(path))

@@ -9,7 +9,8 @@ from typing import Iterator
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from . import catalog, parity
+from . import catalog, parity, preflight
+from .backfill import summary as backfill_summary
 from .catalog import Facts
 from .errors import BadInput, Failure, OrchestratorError, Refused
 from .executor import Executor, Recorded
@@ -73,6 +74,9 @@ class Orchestrator:
             yield
             return
         with OperatorLock(self.dsn, self.pb.table.schema_, self.pb.table.name) as lock:
+            # Every command that changes something starts here: refuse now, naming the missing privilege,
+            # rather than half-way through a phase.
+            preflight.check(self.x.conn, self.pb)
             self._lock = lock
             self.x.on_statement = self._log_statement
             try:
@@ -243,11 +247,12 @@ class Orchestrator:
         for p in self.phases:
             r = rows.get(p.number)
             status = r.status if r else PENDING
-            if status == RUNNING and not busy:
+            # A contract step in progress leaves its phase 'applied' with step 'contract' until it finishes.
+            if (status == RUNNING or (status == APPLIED and r.step == "contract")) and not busy:
                 status = "interrupted"  # nobody holds the lock: a crash or kill; re-running resumes
             phases.append({"phase": p.number, "name": p.name, "status": status,
                            "step": r.step if r else None, "started_at": r.started_at if r else None,
                            "finished_at": r.finished_at if r else None, "run_by": r.run_by if r else None,
                            "host": r.host if r else None, "error": r.error if r else None})
         return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
-                "backfill": self.state.backfill()}
+                "backfill": backfill_summary(self.state.backfill())}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ class State:
                    details jsonb NOT NULL DEFAULT '{{}}', PRIMARY KEY (playbook, phase))""").format(self.t("phases")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
                    playbook text PRIMARY KEY, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+                   rows_scanned bigint NOT NULL DEFAULT 0,
                    rows_estimate bigint, batches int NOT NULL DEFAULT 0, batch_size int,
                    last_batch_ms real, max_batch_ms real, started_at timestamptz, updated_at timestamptz,
                    finished_at timestamptz)""").format(self.t("backfill")),
@@ -72,7 +74,19 @@ class State:
                    statement text NOT NULL)""").format(self.t("run_log")),
         ]
         with self.conn.transaction():
-            for s in stmts:
+            # Two orchestrators (on different tables) may create the state schema at the same moment;
+            # IF NOT EXISTS alone would make one of them fail on the catalog's unique index.
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(self.schema, "\x00state"),))
+            # Only what is missing: CREATE ... IF NOT EXISTS checks the CREATE privilege even when the object
+            # exists, and a role granted use of an existing state schema need not have it.
+            have_schema = self.conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)",
+                                            (self.schema,)).fetchone()[0]
+            for s, table in zip(stmts, (None, "migrations", "phases", "backfill", "run_log")):
+                if table is None and have_schema:
+                    continue
+                if table is not None and self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                                           (self.t(table).as_string(self.conn),)).fetchone()[0]:
+                    continue
                 self.conn.execute(s)
 
     # -- migration record -------------------------------------------------------------------------
@@ -166,15 +180,25 @@ class OperatorLock:
 
     def __enter__(self) -> OperatorLock:
         self.conn = db.connect(self.dsn, role="lock")
-        if not self.conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+        for _ in range(20):
+            if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+                return self
             holder = self.holder(self.conn)
-            self.conn.close()
-            raise Refused(f"another orchestrator is already migrating {self.where}: {holder}",
-                          hint="wait for it to finish (orchestrator status), or stop it")
-        return self
+            if holder != "holder unknown":
+                break
+            time.sleep(0.05)  # released between the two queries (a holder exiting): try again
+        self.conn.close()
+        raise Refused(f"another orchestrator is already migrating {self.where}: {holder}",
+                      hint="wait for it to finish (orchestrator status), or stop it")
 
     def __exit__(self, *exc) -> None:
         if self.conn is not None and not self.conn.closed:
+            # Unlock explicitly: closing only asks the server to end the session, and the next command's
+            # lock attempt could otherwise still find this session holding the lock.
+            try:
+                self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            except psycopg.Error:
+                pass  # a lost connection has released the lock already
             self.conn.close()
 
     def holder(self, conn: psycopg.Connection) -> str:
