@@ -1,5 +1,6 @@
 # DBA entry points. PLAYBOOK= and DATABASE_URL= may be overridden:
 #   make phase-1 PLAYBOOK=playbooks/other.yaml DATABASE_URL=postgresql://user@host/db
+# contract-N / rollback-5 ask for confirmation on a terminal; YES=1 answers it (scripts, CI).
 # Without DATABASE_URL every target uses the local embedded PostgreSQL that `make demo` starts.
 
 PYTHON   ?= python3
@@ -47,13 +48,13 @@ phase-%: venv
 	$(ORCH) run $*
 
 rollback-%: venv
-	$(ORCH) rollback $*
+	$(ORCH) rollback $* $(if $(YES),--yes)
 
 contract-%: venv
-	$(ORCH) contract $*
+	$(ORCH) contract $* $(if $(YES),--yes)
 
 contract: venv
-	$(ORCH) contract
+	$(ORCH) contract $(if $(YES),--yes)
 
 pause: venv
 	$(ORCH) pause
@@ -69,6 +70,13 @@ test: venv
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected yet
+
+# Rollback rehearsal under simulated app traffic: scratch embedded PostgreSQL unless DATABASE_URL is set.
+REHEARSE_ROWS    ?= 200000
+REHEARSE_WRITERS ?= 4
+.PHONY: rehearse
+rehearse: venv
+	$(ORCH) rehearse --rows $(REHEARSE_ROWS) --writers $(REHEARSE_WRITERS)
 
 bench: venv
 	$(VENV)/bin/python bench/run.py

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import psycopg
 import structlog
@@ -39,12 +38,11 @@ def update_statement(ctx: Context) -> tuple[sql.Composable, sql.Composable]:
 
 
 class Backfill:
-    def __init__(self, ctx: Context, pause_file: Path | None = None):
+    def __init__(self, ctx: Context):
         self.ctx, self.x, self.state = ctx, ctx.x, ctx.state
         self.keys = Keyset(ctx.table, ctx.facts.pk)
         self.sets, self.needs = update_statement(ctx)
         self.s = ctx.pb.settings
-        self.pause_file = pause_file
 
     def statement(self, cond: sql.Composable) -> sql.Composable:
         return Q("UPDATE {} SET {} WHERE {} AND {}").format(self.ctx.table, self.sets, cond, self.needs)
@@ -78,12 +76,16 @@ class Backfill:
         size = st["batch_size"] or self.s.batch_size
         with Progress("backfill", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
-                self._wait_if_paused()
+                self.x.wait_while_paused()
                 self._throttle()
                 if self.s.batch_pause_ms:
                     time.sleep(self.s.batch_pause_ms / 1000)
                 after, scanned, size = self._batch(after, end, size)
                 progress.advance(scanned)
+                if self.ctx.hooks is not None:
+                    self.ctx.hooks.progress(phase=3, phase_name="backfill", action="expand", status="running",
+                                            rows_done=progress.done, rows_total=progress.total,
+                                            rows_per_s=progress.rate(), eta_s=progress.eta())
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s").format(
                 self.state.t("backfill")), (self.state.playbook,))
         return self.state.backfill()
@@ -114,14 +116,25 @@ class Backfill:
                                 (json.dumps(upto, default=str), changed, scanned, sizes[0], ms, ms,
                                  self.state.playbook))
             except pgerr.QueryCanceled:
+                self._log_batch(after, upto, None, started, "QueryCanceled")
                 sizes[0] = max(self.s.min_batch_size, sizes[0] // 2)  # too big for statement_timeout: split
+                raise
+            except (psycopg.OperationalError, pgerr.DeadlockDetected, pgerr.SerializationFailure) as err:
+                self._log_batch(after, upto, None, started, type(err).__name__)
                 raise
             except (psycopg.DataError, psycopg.IntegrityError) as err:
                 raise self._offender(err, after, upto) from None
+            self._log_batch(after, upto, changed, started, "ok")
             return upto, scanned, (time.monotonic() - started) * 1000
 
         upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
         return upto, scanned, self._next_size(sizes[0], ms)
+
+    def _log_batch(self, after, upto, changed: int | None, started: float, outcome: str) -> None:
+        if self.x.on_statement is not None:
+            rows = "" if changed is None else f": {changed} rows"
+            self.x.on_statement(f"backfill batch keys {_key(after)} .. {_key(upto)}{rows}",
+                                time.monotonic() - started, outcome)
 
     def _next_size(self, size: int, ms: float) -> int:
         """Aim each batch at target_batch_ms, changing by at most 2x a step, within the playbook's bounds."""
@@ -146,14 +159,6 @@ class Backfill:
                        hint="fix the data, then re-run phase 3")
 
     # -- operator and server throttles -------------------------------------------------------------
-    def _wait_if_paused(self) -> None:
-        if self.pause_file is None or not self.pause_file.exists():
-            return
-        log.info("backfill paused", pause_file=str(self.pause_file), resume="orchestrator resume")
-        while self.pause_file.exists():
-            time.sleep(0.5)
-        log.info("backfill resumed")
-
     def _throttle(self) -> None:
         """Hold the next batch while a replica lags or long transactions pile up (their limits are optional)."""
         if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None:

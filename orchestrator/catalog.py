@@ -9,9 +9,13 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import psycopg
+from psycopg import errors as pgerr
+from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from .errors import BadInput
 from .playbook import Playbook, _suffixed
+from .sqlkit import I, L, Q, extra_type
 
 
 @dataclass
@@ -180,6 +184,63 @@ def default_label(default: str | None, labels: list[str]) -> tuple[str | None, s
     return None, f"the column default {default} is not a plain enum label"
 
 
+def _rejected(conn: psycopg.Connection, query: sql.Composable) -> str | None:
+    """The server's complaint (first line) when converting a playbook value fails, else None."""
+    try:
+        with conn.transaction():  # a savepoint on a connection already in a transaction
+            conn.execute(query)
+    except (pgerr.DataError, pgerr.CannotCoerce, pgerr.DatatypeMismatch) as err:
+        return str(err).strip().splitlines()[0]
+    return None
+
+
+def _json_value(v):
+    return Jsonb(v) if isinstance(v, (dict, list)) else v
+
+
+def value_problems(conn: psycopg.Connection, pb: Playbook, oid: int, col_has_default: bool) -> list[str]:
+    """Extra column defaults and seed rows the server would reject: found now, not phases later."""
+    problems = []
+    extras = {c.name: c for c in pb.extra_columns}
+    for i, c in enumerate(pb.extra_columns):
+        for what, value in (("default", c.default), ("backfill", c.backfill)):
+            if value is not None:
+                why = _rejected(conn, Q("SELECT {}::{}").format(L(value), extra_type(c)))
+                if why:
+                    problems.append(f"extra_columns.{i}.{what}: {c.name!r}: {why}")
+    if not pb.seed_rows.rows:
+        return problems
+    cols = {name: (not_null, required) for name, not_null, required in conn.execute(
+        """SELECT attname, attnotnull, attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''
+           FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped""", (oid,))}
+    required = {n for n, (_, req) in cols.items() if req and n != pb.column.name}
+    if not pb.target.nullable and not col_has_default:
+        required.add(pb.column.name)
+    table = I(pb.table.schema_, pb.table.name)
+    for i, row in enumerate(pb.seed_rows.rows):
+        where = f"seed_rows.rows[{i}]"
+        for name in sorted(required - set(row)):
+            problems.append(f"{where}: the NOT NULL column {name!r} has no value and no default")
+        for name, value in row.items():
+            if name in extras and value is None:
+                why = None if extras[name].nullable else "NULL in a NOT NULL column"
+            elif name in extras:
+                why = _rejected(conn, Q("SELECT {}::{}").format(L(_json_value(value)), extra_type(extras[name])))
+            elif name not in cols:
+                why = "not a column of the table nor an extra column"
+            elif value is None:
+                not_null = not pb.target.nullable if name == pb.column.name else cols[name][0]
+                why = "NULL in a NOT NULL column" if not_null else None
+            elif name == pb.column.name:
+                why = None  # a new value: checked against the target type by the playbook
+            else:  # the server converts it as an INSERT would, with the column's type and length
+                why = _rejected(conn, Q("SELECT FROM jsonb_populate_record(NULL::{}, {})").format(
+                    table, L(Jsonb({name: value}))))
+            if why:
+                problems.append(f"{where}: {name!r}: {why}")
+    return problems
+
+
 def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
     """Check the database matches the playbook before the first phase; raise BadInput listing every blocker."""
     schema, table, col = pb.table.schema_, pb.table.name, pb.column.name
@@ -218,6 +279,9 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
         if name in existing:
             raise BadInput(f"{field_}: {where} already has a column {name!r}")
     label, problem = default_label(info["default"], labels)
+    values = value_problems(conn, pb, oid, pb.target.default is not None or label is not None)
+    if values:
+        raise BadInput("; ".join(values))
     indexes, blockers = column_indexes(conn, oid, info["attnum"])
     if problem and pb.target.default is None:
         blockers.append(problem + " (set target.default)")

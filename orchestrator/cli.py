@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from . import control, logs
 from . import playbook as playbook_mod
 from .db import redact, safe_dsn, secrets_of
-from .errors import BadInput, OrchestratorError
+from .errors import BadInput, OrchestratorError, Refused
 from .runner import Orchestrator
 
 DEFAULT_PLAYBOOK = "playbooks/workflow_type_enum_to_varchar.yaml"
@@ -31,11 +32,11 @@ out = Console()
 
 
 class Opts:
-    def __init__(self, playbook: str, dsn: str | None, json_logs: bool | None):
-        self.playbook_path, self.dsn_arg, self.json_logs = playbook, dsn, json_logs
+    def __init__(self, playbook: str, dsn: str | None, json_logs: bool | None, env: str | None = None):
+        self.playbook_path, self.dsn_arg, self.json_logs, self.env = playbook, dsn, json_logs, env
 
     def playbook(self) -> playbook_mod.Playbook:
-        return playbook_mod.load(self.playbook_path)
+        return playbook_mod.load(self.playbook_path, self.env)
 
     def dsn(self) -> str:
         if self.dsn_arg:
@@ -57,17 +58,24 @@ def _main(ctx: typer.Context,
           dsn: Optional[str] = typer.Option(None, "--dsn", envvar="DATABASE_URL",
                                             help="PostgreSQL URL; default: $DATABASE_URL, else the local demo server"),
           json_logs: Optional[bool] = typer.Option(None, "--json-logs/--human-logs",
-                                                   help="log format (default: human on a terminal, JSON otherwise)")):
+                                                   help="log format (default: human on a terminal, JSON otherwise)"),
+          env: Optional[str] = typer.Option(None, "--env", envvar="ORCHESTRATOR_ENV",
+                                            help="apply the playbook's settings/hooks for this environment "
+                                                 "(e.g. dev, staging, production)")):
     logs.configure(json=json_logs, dsn=dsn)
-    ctx.obj = Opts(playbook, dsn, json_logs)
+    ctx.obj = Opts(playbook, dsn, json_logs, env)
 
 
 @app.command()
-def plan(ctx: typer.Context):
-    """Print every phase's expand, contract and rollback SQL and the locks it takes. Changes nothing.
+def plan(ctx: typer.Context,
+         lint_sql: bool = typer.Option(True, "--lint/--no-lint", help="lint the SQL with Squawk")):
+    """Print every phase's expand, contract and rollback SQL, the locks it takes and Squawk's findings.
 
-    Example: orchestrator plan
+    Changes nothing. Exit 1 when Squawk finds a statement the design does not accept.
+    Example: orchestrator plan    /    orchestrator --env production plan --no-lint
     """
+    from . import lint
+    unsafe_count = 0
     orch = ctx.obj.orchestrator(dry_run=True)
     s = orch.pb.settings
     out.print(f"[bold]{orch.pb.name}[/]: {orch.pb.description}")
@@ -83,9 +91,20 @@ def plan(ctx: typer.Context):
             for r in recs:
                 tx = f" [tx {r.transaction}]" if r.transaction else ""
                 lock = f"   -- lock: {r.lock}{tx}" if r.lock else ""
-                out.print(f"    {r.sql};{lock}", markup=False, highlight=False)
+                out.print(f"    {r.sql};{lock}", markup=False, highlight=False, soft_wrap=True)
+            if lint_sql and lint.available():
+                for f in lint.lint(p.number, action, recs, s):
+                    unsafe = f.unsafe
+                    unsafe_count += unsafe
+                    verdict = "[bold red]UNSAFE[/]" if unsafe else f"accepted: {f.accepted}"
+                    out.print(f"    [yellow]squawk {f.rule}[/]: {f.message} - {verdict}")
         out.print()
     orch.close()
+    if lint_sql and not lint.available():
+        out.print("squawk not found: SQL not linted (pip install squawk-cli)")
+    if unsafe_count:
+        out.print(f"[bold red]{unsafe_count} unsafe statement(s) found by squawk[/]")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -106,12 +125,17 @@ def run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"
 
 @app.command()
 def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"),
-             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing")):
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
+             yes: bool = typer.Option(False, "--yes", "-y", help="confirm a rollback the app can notice (the swap)")):
     """Undo phase N (every later phase must be rolled back first). Refuses rather than lose data.
 
-    Example: orchestrator rollback 5
+    Rolling back the swap changes what the app sees: roll the app back first, then confirm (prompt on a
+    terminal, --yes otherwise). Example: orchestrator rollback 5 --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
+    if not dry_run and orch.phase(phase).visible_to_app:
+        _confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
+                      "has the app been rolled back first?")
     try:
         result = orch.rollback(phase)
         _print_recorded(orch)
@@ -122,12 +146,16 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
 
 @app.command()
 def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
-             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing")):
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
+             yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back")):
     """Remove what the phases left behind, in order, once every phase is applied. Ends the rollback window.
 
-    Example: orchestrator contract      (all phases)   /   orchestrator contract 2
+    Asks for confirmation on a terminal (--yes otherwise). Example: orchestrator contract --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
+    if not dry_run:
+        _confirm(yes, "the contract drops the trigger, the retired column and the enum type; "
+                      "it cannot be rolled back. Continue?")
     try:
         results = orch.contract(phase)
         _print_recorded(orch)
@@ -153,36 +181,77 @@ def verify(ctx: typer.Context):
 
 
 @app.command()
-def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
-    """Show each phase's state, who ran it, the backfill progress and the last error.
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+           watch: Optional[float] = typer.Option(None, "--watch", help="refresh every SECONDS until Ctrl-C")):
+    """Show each phase's state, who ran it where, the backfill progress with rate and ETA, the last error.
 
-    Example: orchestrator status --json
+    Works while another process runs a phase. Example: orchestrator status --watch 2   /   status --json
     """
     orch = ctx.obj.orchestrator()
     try:
+        if watch:
+            from rich.live import Live
+            with Live(_status_view(orch.status()), console=out, refresh_per_second=4) as live:
+                while True:
+                    time.sleep(watch)
+                    live.update(_status_view(orch.status()))
         st = orch.status()
+    except KeyboardInterrupt:
+        return
     finally:
         orch.close()
     if as_json:
         print(json.dumps(st, default=str, indent=2))
         return
+    out.print(_status_view(st))
+
+
+def _status_view(st: dict):
+    from rich.console import Group
     table = Table(title=f"{st['playbook']}" + (" (running now)" if st["running_now"] else ""))
-    for col in ("phase", "name", "status", "step", "started", "finished", "by", "error"):
+    for col in ("phase", "name", "status", "step", "started", "finished", "by", "env", "error"):
         table.add_column(col)
     for p in st["phases"]:
         table.add_row(str(p["phase"]), p["name"], p["status"], p["step"] or "", _t(p["started_at"]),
                       _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
-                      (p["error"] or "")[:80])
-    out.print(table)
+                      p.get("env") or "", (p["error"] or "")[:80])
+    parts = [table]
     b = st["backfill"]
     if b:
         total = b["rows_estimate"] or 0
-        out.print(f"backfill: {b['rows_done']:,} rows updated in {b['batches']} batches"
+        parts.append(f"backfill: {b['rows_done']:,} rows updated in {b['batches']} batches"
                   + (f" (table ~{total:,} rows)" if total else "")
                   + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
                   + (", finished" if b["finished_at"] else "")
                   + (f", {b['rows_per_s']:,} rows/s" if b["rows_per_s"] else "")
                   + (f", ETA {b['eta_s']:.0f}s" if b["eta_s"] is not None else ""))
+    return Group(*parts)
+
+
+@app.command("log")
+def run_log(ctx: typer.Context, phase: Optional[int] = typer.Option(None, "--phase", help="only this phase"),
+            limit: int = typer.Option(200, help="the last N statements"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Print the run log: every statement the orchestrator ran, when, how long, lock wait and outcome.
+
+    Example: orchestrator log --phase 5
+    """
+    orch = ctx.obj.orchestrator()
+    try:
+        rows = orch.state.run_log(phase, limit)
+    finally:
+        orch.close()
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+        return
+    table = Table(title=f"run log of {orch.pb.name}")
+    for col in ("at", "phase", "action", "ms", "lock wait ms", "outcome", "statement"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["at"].strftime("%H:%M:%S.%f")[:-3], str(r["phase"] or ""), r["action"] or "",
+                      f"{(r['seconds'] or 0) * 1000:.1f}", f"{r['lock_wait_ms']:.0f}" if r["lock_wait_ms"] else "",
+                      r["outcome"] or "", " ".join(r["statement"].split())[:120])
+    out.print(table)
 
 
 @app.command()
@@ -219,11 +288,65 @@ def demo(ctx: typer.Context, rows: int = typer.Option(100_000, help="sample rows
     demo_mod.run_demo(dsn, ctx.obj.playbook(), rows=rows, setup_only=setup_only, console=out)
 
 
+@app.command()
+def rehearse(ctx: typer.Context,
+             rows: int = typer.Option(200_000, help="rows to generate (only when the table does not exist yet)"),
+             writers: int = typer.Option(4, help="simulated app writer threads"),
+             readers: int = typer.Option(1, help="simulated app reader threads"),
+             phases: Optional[list[int]] = typer.Option(None, "--phase",
+                                                        help="rehearse only these phases' rollbacks (repeatable); "
+                                                             "default: every phase"),
+             report: Optional[Path] = typer.Option(None, "--report",
+                                                   help="HTML report path (a .json copy goes next to it); "
+                                                        "default: reports/rehearsal-<timestamp>.html"),
+             dwell: float = typer.Option(0.2, help="seconds of app traffic between two steps"),
+             verbose: bool = typer.Option(False, "--verbose", help="also print the orchestrator's log lines")):
+    """Rehearse every rollback under simulated app traffic; print the report table and write it as HTML.
+
+    For each phase k: run 1..k, roll back k..1 checking the schema and every row after each rollback;
+    then run every phase and the contract. Exit 0 only when every check passed (1 otherwise).
+    With no --dsn / DATABASE_URL: a scratch PostgreSQL (embedded) seeded with --rows rows, removed afterwards.
+    With --dsn: that staging database as it is (the migration ends contracted there).
+    Example: orchestrator rehearse --rows 200000 --writers 4
+    """
+    from datetime import datetime, timezone
+
+    from . import rehearse as rehearse_mod
+    from . import report as report_mod
+    if rows < 0 or writers < 1 or readers < 0 or dwell < 0:
+        raise BadInput("--rows, --readers and --dwell must be >= 0 and --writers >= 1")
+    if not verbose:
+        logs.configure(json=ctx.obj.json_logs, dsn=ctx.obj.dsn_arg, level="warning")
+    pb = ctx.obj.playbook()
+    path = report or Path("reports") / f"rehearsal-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.html"
+    result = rehearse_mod.rehearse(pb, ctx.obj.dsn_arg, rows=rows, writers=writers, readers=readers,
+                                   cycles=phases or None, dwell_s=dwell, console=out,
+                                   playbook_source=ctx.obj.playbook_path)
+    report_mod.write(result, path)
+    wide = out if out.is_terminal else Console(width=max(out.width, 170))
+    wide.print(report_mod.rich_table(result))
+    for line in report_mod.summary_lines(result):
+        wide.print(line, markup=False, highlight=False)
+    out.print(f"report: {path}", highlight=False)
+    out.print("[bold green]rehearsal PASSED[/]" if result.passed else "[bold red]rehearsal FAILED[/]")
+    raise typer.Exit(0 if result.passed else 1)
+
+
 @app.command("server-stop")
 def server_stop():
     """Stop the local embedded demo server (its data stays in .orchestrator/)."""
     from . import server
     server.stop_local_server()
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if sys.stdin.isatty():
+        if typer.confirm(question, default=False):
+            return
+        raise Refused("not confirmed; nothing was changed")
+    raise Refused(f"{question.split(';')[0]}: confirmation needed", hint="re-run with --yes")
 
 
 def _t(v) -> str:
@@ -232,7 +355,8 @@ def _t(v) -> str:
 
 def _print_recorded(orch: Orchestrator) -> None:
     for r in orch.x.recorded:
-        out.print(f"{r.sql};" + (f"   -- lock: {r.lock}" if r.lock else ""), markup=False, highlight=False)
+        out.print(f"{r.sql};" + (f"   -- lock: {r.lock}" if r.lock else ""), markup=False, highlight=False,
+                  soft_wrap=True)  # SQL is for copying: never wrapped
 
 
 def main() -> None:
@@ -333,7 +457,8 @@ def revisions_sync(ctx: typer.Context,
     cfg = revisions_mod.find_config(config)
     if cfg is None:
         raise BadInput("no Alembic config found", hint="--config alembic.ini, or set ALEMBIC_CONFIG")
-    result = revisions_mod.sync_alembic_version(ctx.obj.dsn(), ctx.obj.playbook(), config=cfg, raise_errors=True)
+    result = revisions_mod.sync_alembic_version(ctx.obj.dsn(), ctx.obj.playbook(), config=cfg, create=True,
+                                                  raise_errors=True)
     out.print(str(result) if result else "this playbook has no revisions in the Alembic script directory "
                                          "(orchestrator revisions generate)", markup=False, highlight=False)
 

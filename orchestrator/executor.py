@@ -31,6 +31,7 @@ class Recorded:
     sql: str
     lock: str
     transaction: int | None = None  # statements sharing a number run in one transaction
+    kind: str = "tx"  # tx: in a short transaction; concurrent: outside any; note: a loop or condition, shown once
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Executor:
     _conn: psycopg.Connection | None = None
     _tx_counter: int = 0
     blocking_table: Any = None  # (schema, table) used to name blockers when the lock budget runs out
+    pause_file: Any = None  # Path: while it exists, no new DDL step starts (orchestrator pause / resume)
 
     # -- connection -------------------------------------------------------------------------------
     @property
@@ -143,6 +145,8 @@ class Executor:
                 self.recorded.append(Recorded(self.render(s), lock, self._tx_counter if len(stmts) > 1 else None))
             return False
 
+        self.wait_while_paused()
+
         def attempt() -> bool:
             with self.conn.transaction():
                 cur = self.conn.cursor()
@@ -162,8 +166,10 @@ class Executor:
         A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
         """
         if self.dry_run:
-            self.recorded.append(Recorded(self.render(stmt), lock))
+            self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent"))
             return False
+
+        self.wait_while_paused()
 
         def attempt() -> bool:
             cur = self.conn.cursor()
@@ -181,10 +187,18 @@ class Executor:
 
         return self.with_retries(what, attempt)
 
+    def wait_while_paused(self) -> None:
+        if self.pause_file is None or not self.pause_file.exists():
+            return
+        log.info("paused before the next step", pause_file=str(self.pause_file), resume="orchestrator resume")
+        while self.pause_file.exists():
+            time.sleep(0.5)
+        log.info("resumed")
+
     def note(self, text: str, lock: str = "") -> None:
         """Plan-only: a statement that runs in a loop or under a condition, shown once."""
         if self.dry_run:
-            self.recorded.append(Recorded(text, lock))
+            self.recorded.append(Recorded(text, lock, kind="note"))
 
     def query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
         """A read-only catalog or data query; runs in plan mode too when connected."""

@@ -30,6 +30,8 @@ def _identifier(value: str, field: str) -> str:
 
 def _key(value: str) -> str:
     """A label or name as it appears in a message: as is, or quoted when it would break the line."""
+    if not value:
+        return '""'
     return value if value.isprintable() else repr(value)
 
 
@@ -169,6 +171,27 @@ class Settings(Strict):
 SEMANTIC_SETTINGS = ("drop_enum_type", "translate_old_writes", "state_schema")
 
 
+class Hooks(Strict):
+    """Executables run on phase events, with the details in ORCH_* environment variables (like gh-ost's)."""
+
+    on_start: list[str] = Field(default_factory=list)
+    on_success: list[str] = Field(default_factory=list)
+    on_failure: list[str] = Field(default_factory=list)
+    on_progress: list[str] = Field(default_factory=list)
+    progress_every_s: int = Field(30, ge=1, le=86_400)
+    timeout_s: int = Field(30, ge=1, le=3_600)
+    fail_on_error: bool = False  # by default a failing hook is logged and the migration goes on
+
+
+class Environment(Strict):
+    """Per-environment overrides (dev, staging, production) of settings and hooks, chosen with --env."""
+
+    settings: dict[str, Any] = Field(default_factory=dict)
+    hooks: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
 class Playbook(Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -181,6 +204,9 @@ class Playbook(Strict):
     extra_columns: list[ExtraColumn] = Field(default_factory=list)
     seed_rows: SeedRows = Field(default_factory=SeedRows)
     settings: Settings = Field(default_factory=Settings)
+    hooks: Hooks = Field(default_factory=Hooks)
+    environments: dict[str, Environment] = Field(default_factory=dict)
+    env: str | None = None  # set by load(..., env=): which environment's overrides are in effect
 
     @model_validator(mode="after")
     def _mapping(self) -> Playbook:
@@ -256,7 +282,7 @@ class Playbook(Strict):
         Tunables (batch sizes, timeouts, retries, throttles) are left out: a DBA may change them between
         phases. Settings that change the result (drop_enum_type, translate_old_writes, state_schema) count.
         """
-        body = self.model_dump(mode="json", by_alias=True, exclude={"description"})
+        body = self.model_dump(mode="json", by_alias=True, exclude={"description", "hooks", "environments", "env"})
         body["settings"] = {k: body["settings"][k] for k in SEMANTIC_SETTINGS}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -288,7 +314,7 @@ def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(_key(str(p)) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
-    if not loc:  # a check across fields: its message starts with the field
+    if not e["loc"]:  # a check across fields: its message starts with the field
         return msg
     if e["type"] == "extra_forbidden":
         return f"playbook field '{loc}': unknown key"
@@ -297,7 +323,7 @@ def _first_error(err: ValidationError) -> str:
     return f"playbook field '{loc}': {msg}"
 
 
-def parse(data: Any, source: str = "playbook") -> Playbook:
+def parse(data: Any, source: str = "playbook", env: str | None = None) -> Playbook:
     if not isinstance(data, dict):
         raise BadInput(f"{source}: expected a mapping of playbook fields at the top level")
     nul = _nul_path(data)
@@ -305,12 +331,38 @@ def parse(data: Any, source: str = "playbook") -> Playbook:
         loc = ".".join(_key(str(p)) for p in nul)
         raise BadInput(f"{source}: playbook field '{loc}': must not contain a NUL byte")
     try:
-        return Playbook.model_validate(data)
+        base = Playbook.model_validate(data)
     except ValidationError as err:
         raise BadInput(f"{source}: {_first_error(err)}") from None
+    # Every environment must validate, so a typo in `production` is caught while trying `dev`.
+    chosen = None
+    for name in data.get("environments") or {}:
+        merged = _with_environment(data, name)
+        try:
+            pb = Playbook.model_validate(merged)
+        except ValidationError as err:
+            raise BadInput(f"{source}: environments.{name}: {_first_error(err)}") from None
+        if name == env:
+            chosen = pb
+    if env is None:
+        return base
+    if chosen is None:
+        known = ", ".join(base.environments) or "none"
+        raise BadInput(f"--env {env!r}: the playbook defines no such environment (it has: {known})")
+    return chosen
 
 
-def load(path: str | Path) -> Playbook:
+def _with_environment(data: dict, name: str) -> dict:
+    over = (data.get("environments") or {}).get(name) or {}
+    merged = dict(data)
+    for key in ("settings", "hooks"):
+        if isinstance(over, dict) and isinstance(over.get(key), dict):
+            merged[key] = {**(data.get(key) or {}), **over[key]}
+    merged["env"] = name
+    return merged
+
+
+def load(path: str | Path, env: str | None = None) -> Playbook:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -323,4 +375,4 @@ def load(path: str | Path) -> Playbook:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None)
         raise BadInput(f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
-    return parse(data, str(path))
+    return parse(data, str(path), env)

@@ -16,7 +16,7 @@ LOG_EVERY_S = 5.0
 
 class Progress:
     def __init__(self, what: str, total: int | None, done: int = 0):
-        self.what, self.total, self.done = what, total, done
+        self.what, self.total, self.done, self.start_done = what, total, done, done
         self.started = time.monotonic()
         self.last_log = 0.0
         self.changed = 0
@@ -36,7 +36,7 @@ class Progress:
         self.done += rows
         if changed is not None:
             self.changed = changed
-        rate = self.done / max(time.monotonic() - self.started, 1e-6)
+        rate = self.rate()
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=f"{rate:,.0f}")
         elif time.monotonic() - self.last_log >= LOG_EVERY_S:
@@ -44,6 +44,13 @@ class Progress:
             eta = (self.total - self.done) / rate if self.total and rate else None
             log.info(f"{self.what} progress", rows=self.done, total=self.total, rows_per_s=round(rate),
                      eta_s=round(eta, 1) if eta is not None else None)
+
+    def rate(self) -> float:
+        return round((self.done - self.start_done) / max(time.monotonic() - self.started, 1e-6), 1)
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        return round((self.total - self.done) / rate, 1) if self.total and rate and self.total > self.done else None
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -13,7 +14,10 @@ from . import catalog, parity, preflight
 from .backfill import summary as backfill_summary
 from .catalog import Facts
 from .errors import BadInput, Failure, OrchestratorError, Refused
+from .control import pause_path
+from .db import safe_dsn
 from .executor import Executor, Recorded
+from .hooks import Hooks
 from .kinds import phases_for
 from .phases.base import Context, Phase
 from .playbook import Playbook
@@ -36,6 +40,8 @@ class Orchestrator:
         self.phases = phases_for(pb.kind)
         self.x = Executor(dsn, pb.settings, dry_run=dry_run)
         self.x.blocking_table = (pb.table.schema_, pb.table.name)
+        self.x.pause_file = pause_path(pb)
+        self.hooks = Hooks(pb, safe_dsn(dsn))
         self.state = State(self.x, pb.settings.state_schema, pb.name)
         self._lock: OperatorLock | None = None
         self._current: tuple[int, str] | None = None
@@ -66,7 +72,7 @@ class Orchestrator:
         return Facts.from_json(stored)
 
     def context(self, facts: Facts) -> Context:
-        return Context(self.pb, facts, self.x, self.state)
+        return Context(self.pb, facts, self.x, self.state, hooks=self.hooks)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -92,21 +98,32 @@ class Orchestrator:
                 self._current[0], self._current[1], statement, seconds, outcome)
 
     def _guarded(self, n: int, action: str, fn, *, on_error_status: str) -> object:
+        """Run one step: hooks around it, and a truthful state row whatever happens."""
         self._current = (n, action)
+        started = time.monotonic()
+        event = {"phase": n, "phase_name": self.phases[n - 1].name, "action": action}
         try:
-            return fn()
+            self.hooks.fire("on_start", **event, status="starting")
+            result = fn()
+            self.hooks.fire("on_success", **event, status="done", elapsed_s=round(time.monotonic() - started, 3))
+            return result
         except KeyboardInterrupt:
-            self._mark(n, on_error_status, step=action, error="interrupted (Ctrl-C); re-run the same command")
+            self._failed(n, action, on_error_status, "interrupted (Ctrl-C); re-run the same command", event, started)
             raise
         except OrchestratorError as err:
-            self._mark(n, on_error_status, step=action, error=err.one_line())
+            self._failed(n, action, on_error_status, err.one_line(), event, started)
             raise
         except Exception as err:  # an unexpected error still leaves a truthful state row
-            self._mark(n, on_error_status, step=action, error=f"{type(err).__name__}: {err}")
+            self._failed(n, action, on_error_status, f"{type(err).__name__}: {err}", event, started)
             raise Failure(f"{action} of phase {n} failed: {type(err).__name__}: {' '.join(str(err).split())}",
                           hint="fix the cause and re-run the same command") from err
         finally:
             self._current = None
+
+    def _failed(self, n: int, action: str, status: str, message: str, event: dict, started: float) -> None:
+        self._mark(n, status, step=action, error=message)
+        self.hooks.fire("on_failure", **event, status="failed", error=message,
+                        elapsed_s=round(time.monotonic() - started, 3))
 
     def _mark(self, n: int, status: str, **kw) -> None:
         try:
@@ -138,7 +155,7 @@ class Orchestrator:
                 return "dry run"
             phase.before_expand(ctx)
             log.info("phase starting", title=phase.title)
-            self.state.set(n, RUNNING, step="expand", started=True)
+            self.state.set(n, RUNNING, step="expand", started=True, env=self.pb.env)
 
             def go():
                 details = phase.expand(ctx)
@@ -253,6 +270,7 @@ class Orchestrator:
             phases.append({"phase": p.number, "name": p.name, "status": status,
                            "step": r.step if r else None, "started_at": r.started_at if r else None,
                            "finished_at": r.finished_at if r else None, "run_by": r.run_by if r else None,
-                           "host": r.host if r else None, "error": r.error if r else None})
+                           "host": r.host if r else None, "env": r.env if r else None,
+                           "error": r.error if r else None})
         return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
                 "backfill": backfill_summary(self.state.backfill())}

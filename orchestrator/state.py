@@ -31,6 +31,7 @@ class PhaseRow:
     finished_at: Any
     run_by: str | None
     host: str | None
+    env: str | None
     error: str | None
     details: dict
 
@@ -60,7 +61,7 @@ class State:
             Q("""CREATE TABLE IF NOT EXISTS {} (
                    playbook text NOT NULL, phase int NOT NULL, name text NOT NULL,
                    status text NOT NULL DEFAULT 'pending', step text,
-                   started_at timestamptz, finished_at timestamptz, run_by text, host text, error text,
+                   started_at timestamptz, finished_at timestamptz, run_by text, host text, env text, error text,
                    details jsonb NOT NULL DEFAULT '{{}}', PRIMARY KEY (playbook, phase))""").format(self.t("phases")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
                    playbook text PRIMARY KEY, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
@@ -70,7 +71,7 @@ class State:
                    finished_at timestamptz)""").format(self.t("backfill")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
                    id bigserial PRIMARY KEY, playbook text NOT NULL, phase int, action text,
-                   at timestamptz NOT NULL DEFAULT clock_timestamp(), seconds real, outcome text,
+                   at timestamptz NOT NULL DEFAULT clock_timestamp(), seconds real, lock_wait_ms real, outcome text,
                    statement text NOT NULL)""").format(self.t("run_log")),
         ]
         with self.conn.transaction():
@@ -118,23 +119,24 @@ class State:
         if not self.exists():
             return {}
         rows = self.conn.execute(Q("""SELECT phase, name, status, step, started_at, finished_at, run_by, host,
-                                             error, details FROM {} WHERE playbook = %s ORDER BY phase""").format(
+                                             env, error, details FROM {} WHERE playbook = %s ORDER BY phase""").format(
             self.t("phases")), (self.playbook,)).fetchall()
         return {r[0]: PhaseRow(*r) for r in rows}
 
     def set(self, phase: int, status: str, *, step: str | None = None, error: str | None = None,
             details: dict | None = None, started: bool = False, finished: bool = False,
-            replace_details: bool = False) -> None:
+            replace_details: bool = False, env: str | None = None) -> None:
         self.conn.execute(Q("""UPDATE {} SET status = %s, step = %s, error = %s,
                                   details = CASE WHEN %s THEN %s::jsonb ELSE details || %s::jsonb END,
                                   started_at = CASE WHEN %s THEN now() ELSE started_at END,
                                   finished_at = CASE WHEN %s THEN now() WHEN %s THEN NULL ELSE finished_at END,
                                   run_by = CASE WHEN %s THEN %s ELSE run_by END,
-                                  host = CASE WHEN %s THEN %s ELSE host END
+                                  host = CASE WHEN %s THEN %s ELSE host END,
+                                  env = CASE WHEN %s THEN %s ELSE env END
                                WHERE playbook = %s AND phase = %s""").format(self.t("phases")),
                           (status, step, error, replace_details, json.dumps(details or {}, default=str),
                            json.dumps(details or {}, default=str), started, finished, started,
-                           started, _who(), started, socket.gethostname(), self.playbook, phase))
+                           started, _who(), started, socket.gethostname(), started, env, self.playbook, phase))
 
     def details(self, phase: int) -> dict:
         row = self.phases().get(phase)
@@ -151,11 +153,23 @@ class State:
     def log_statement(self, phase: int | None, action: str | None, statement: str, seconds: float,
                       outcome: str) -> None:
         try:
-            self.conn.execute(Q("""INSERT INTO {} (playbook, phase, action, seconds, outcome, statement)
-                                   VALUES (%s, %s, %s, %s, %s, %s)""").format(self.t("run_log")),
-                              (self.playbook, phase, action, seconds, outcome, statement))
+            # A statement that gave up on its lock waited exactly that long; others waited at most `seconds`.
+            lock_wait_ms = seconds * 1000 if outcome == "LockNotAvailable" else None
+            self.conn.execute(Q("""INSERT INTO {} (playbook, phase, action, seconds, lock_wait_ms, outcome, statement)
+                                   VALUES (%s, %s, %s, %s, %s, %s, %s)""").format(self.t("run_log")),
+                              (self.playbook, phase, action, seconds, lock_wait_ms, outcome, statement))
         except psycopg.Error:
             pass  # the run log is an aid for incident reviews; it must never fail a migration
+
+
+    def run_log(self, phase: int | None = None, limit: int = 200) -> list[dict]:
+        if not self.exists():
+            return []
+        cur = self.conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cur.execute(Q("""SELECT * FROM (SELECT id, at, phase, action, seconds, lock_wait_ms, outcome, statement
+                                FROM {} WHERE playbook = %s AND (%s::int IS NULL OR phase = %s)
+                                ORDER BY id DESC LIMIT %s) r ORDER BY id""").format(self.t("run_log")),
+                           (self.playbook, phase, phase, limit)).fetchall()
 
 
 def _who() -> str:
@@ -205,6 +219,7 @@ class OperatorLock:
         row = conn.execute("""SELECT a.pid, a.application_name, a.client_addr, a.backend_start
                               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                               WHERE l.locktype = 'advisory' AND l.granted
+                                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                                 AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid
                                 AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1""",
                            (self.key, self.key)).fetchone()

@@ -17,7 +17,7 @@ class BackfillPhase(Phase):
 
     def expand(self, ctx: Context) -> dict:
         from ..backfill import Backfill  # the engine imports the phase context; import late to avoid a cycle
-        engine = Backfill(ctx, pause_file=pause_file(ctx))
+        engine = Backfill(ctx)
         if ctx.x.dry_run:
             engine.plan()
             return {}
@@ -29,8 +29,3 @@ class BackfillPhase(Phase):
         if ctx.state is not None and not ctx.x.dry_run:
             ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s").format(ctx.state.t("backfill")),
                                (ctx.state.playbook,))
-
-
-def pause_file(ctx: Context):
-    from ..control import pause_path
-    return pause_path(ctx.pb)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from psycopg import sql
 
@@ -20,6 +20,7 @@ class Context:
     facts: Facts
     x: Executor
     state: State | None  # None only for `plan` against no database
+    hooks: Any = None  # orchestrator.hooks.Hooks: backfill progress events
 
     # Names, derived once so every phase agrees on them.
     @property
@@ -128,6 +129,7 @@ class Phase:
     contract_doc: ClassVar[str] = "nothing to remove"
     rollback_doc: ClassVar[str]
     locks_doc: ClassVar[str]
+    visible_to_app: ClassVar[bool] = False  # its rollback changes what the app sees: ask before doing it
 
     def expand(self, ctx: Context) -> dict | None:
         raise NotImplementedError

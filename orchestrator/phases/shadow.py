@@ -37,7 +37,7 @@ class AddShadowColumn(Phase):
 
     def _build(self, ctx: Context, name: str, cols: list[str], unique: bool) -> None:
         ctx.x.concurrently(
-            Q("CREATE {}INDEX CONCURRENTLY {} ON {} ({})").format(
+            Q("CREATE {}INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
                 Q("UNIQUE ") if unique else Q(""), I(name), ctx.table, join(I(c) for c in cols)),
             cleanup=Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),  # a failed build's leftover
             skip_if=ctx.exists_query("valid_index", name),

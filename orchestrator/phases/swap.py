@@ -28,6 +28,7 @@ class SwapColumns(Phase):
     contract_doc = "DROP INDEX CONCURRENTLY the retired indexes; DROP COLUMN retired; DROP TYPE the enum"
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout, retried); "
                  "VALIDATE takes SHARE UPDATE EXCLUSIVE, which does not block the app")
+    visible_to_app = True
 
     # -- names ------------------------------------------------------------------------------------
     def new_check(self, ctx: Context) -> str:
