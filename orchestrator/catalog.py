@@ -278,6 +278,9 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
                          *((c.name, "extra_columns.name") for c in pb.extra_columns)):
         if name in existing:
             raise BadInput(f"{field_}: {where} already has a column {name!r}")
+    if not info["not_null"] and not pb.target.nullable:
+        raise BadInput(f"target.nullable: {col!r} allows NULL today, so the new column cannot be NOT NULL "
+                       "(the app may write NULL); set target.nullable: true")
     label, problem = default_label(info["default"], labels)
     values = value_problems(conn, pb, oid, pb.target.default is not None or label is not None)
     if values:

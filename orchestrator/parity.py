@@ -34,8 +34,9 @@ def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composable, sql.Composa
         bad += [Q("{} IS NULL").format(I(c.name)) for c in ctx.pb.extra_columns if c.backfill is not None]
         return Q("({})").format(Q(" OR ").join(bad)), Q("false")
     back = ctx.backward(ctx.col)
-    return (Q("({} IS NOT NULL AND {} IS DISTINCT FROM {})").format(back, ctx.retired, back),
-            Q("({} IS NULL)").format(back))
+    unmapped = Q("({} IS NULL)").format(back) if ctx.facts.not_null else \
+        Q("({} IS NULL AND {} IS NOT NULL)").format(back, ctx.col)  # NULL was a legal old value
+    return Q("({} IS NOT NULL AND {} IS DISTINCT FROM {})").format(back, ctx.retired, back), unmapped
 
 
 def check(ctx: Context, swapped: bool, sample_size: int = 5) -> ParityResult:

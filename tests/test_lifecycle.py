@@ -249,3 +249,32 @@ def test_legal_but_hostile_identifiers_work_end_to_end(dsn):
         assert query(dsn, "SELECT count(*) FROM pg_type WHERE typname = 'wf type'") == [(0,)]
     finally:
         orch.close()
+
+
+def test_a_nullable_enum_column_keeps_its_nulls_both_ways(dsn):
+    query_exec(dsn, """CREATE TYPE mood AS ENUM ('ok', 'meh');
+        CREATE TABLE notes (id int PRIMARY KEY, m mood);
+        INSERT INTO notes SELECT n, CASE n % 3 WHEN 0 THEN NULL WHEN 1 THEN 'ok' ELSE 'meh' END::mood
+          FROM generate_series(1, 900) n;""")
+    from orchestrator import playbook
+    from orchestrator.errors import BadInput
+    base = {"name": "notes_mood", "table": {"name": "notes"}, "column": {"name": "m", "enum_type": "mood"},
+            "target": {"type": "text", "nullable": False}, "mapping": {"ok": "fine", "meh": "so-so"}}
+    with pytest.raises(BadInput, match="target.nullable"):
+        orchestrator(playbook.parse(base), dsn).run(1)
+    before = snapshot(dsn)
+    orch = orchestrator(playbook.parse({**base, "target": {"type": "text", "nullable": True}}), dsn)
+    try:
+        for n in range(1, 7):
+            orch.run(n)
+        assert query(dsn, "SELECT count(*) FROM notes WHERE m IS NULL") == [(300,)]
+        for n in range(6, 0, -1):
+            orch.rollback(n)  # NULLs need no enum label: nothing to refuse
+        assert snapshot_diff(before, snapshot(dsn)) == []
+        for n in range(1, 7):
+            orch.run(n)
+        orch.contract()
+    finally:
+        orch.close()
+    assert query(dsn, "SELECT m, count(*) FROM notes GROUP BY m ORDER BY m NULLS FIRST") == [
+        (None, 300), ("fine", 300), ("so-so", 300)]

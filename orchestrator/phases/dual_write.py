@@ -37,7 +37,7 @@ def reverse_function(ctx: Context) -> sql.Composable:
 
 
 def _function(ctx: Context, name: sql.Identifier, body: list[sql.Composable]) -> sql.Composable:
-    text = Q("BEGIN {} RETURN NEW; END").format(Q(" ").join(body)).as_string(ctx.x._conn)
+    text = ctx.x.render(Q("BEGIN {} RETURN NEW; END").format(Q(" ").join(body)))
     return Q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(name, L(text))
 
 
