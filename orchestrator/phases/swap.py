@@ -132,6 +132,8 @@ class SwapColumns(Phase):
         """Values the new app wrote that have no enum label: refuse, or rewrite them to the fallback label."""
         x = ctx.x
         no_label = Q("{} IS NULL").format(ctx.backward(ctx.col))
+        if not ctx.facts.not_null:  # NULL was a legal old value: it needs no label
+            no_label = Q("{} AND {} IS NOT NULL").format(no_label, ctx.col)
         if x.dry_run:
             x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.pb.rollback.unmapped!r}")
             return
@@ -146,8 +148,9 @@ class SwapColumns(Phase):
         fallback = ctx.pb.mapping[ctx.pb.rollback.fallback_label]
         batch = ctx.pb.settings.batch_size
         pk = ctx.pk_row
-        stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {})").format(
-            ctx.table, ctx.col, L(fallback), pk, pk, ctx.table, no_label, L(batch))
+        # no_label again outside the subquery: a row an app write changed meanwhile is re-checked, not clobbered
+        stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {}) AND {}").format(
+            ctx.table, ctx.col, L(fallback), pk, pk, ctx.table, no_label, L(batch), no_label)
         while x.atomic(stmt, lock="ROW EXCLUSIVE", what="apply the rollback fallback label",
                        skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(ctx.table, no_label)):
             pass
