@@ -278,3 +278,22 @@ def test_a_nullable_enum_column_keeps_its_nulls_both_ways(dsn):
         orch.close()
     assert query(dsn, "SELECT m, count(*) FROM notes GROUP BY m ORDER BY m NULLS FIRST") == [
         (None, 300), ("fine", 300), ("so-so", 300)]
+
+
+def test_swap_and_its_rollback_set_not_null_without_scanning_the_table(dsn):
+    """PostgreSQL says so at DEBUG1 when a valid CHECK proves the column has no NULLs."""
+    seed(dsn, rows=500)
+    orch = orchestrator(make_playbook(), dsn)
+    notices: list[str] = []
+    try:
+        for n in range(1, 5):
+            orch.run(n)
+        orch.x.conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        orch.x.conn.execute("SET client_min_messages = debug1")
+        orch.run(5)
+        assert any("sufficient to prove" in m and "workflow_type_new" in m for m in notices), notices
+        notices.clear()
+        orch.rollback(5)
+        assert any("sufficient to prove" in m and "workflow_type" in m for m in notices), notices
+    finally:
+        orch.close()

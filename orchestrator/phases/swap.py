@@ -72,10 +72,13 @@ class SwapColumns(Phase):
         if f.not_null:
             prep.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.col))  # rows the old enum cannot hold
         if not ctx.pb.target.nullable:
-            prep += [Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow),  # uses the valid CHECK: no scan
-                     Q("DROP CONSTRAINT {}").format(I(self.new_check(ctx)))]
-        stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep)),
-                 Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.retired),
+            prep.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow))  # uses the valid CHECK: no scan
+        stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep))]
+        if not ctx.pb.target.nullable:
+            # A statement of its own: in the same ALTER TABLE the CHECK would go first and SET NOT NULL would
+            # scan the whole table under ACCESS EXCLUSIVE.
+            stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.new_check(ctx))))
+        stmts += [Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.retired),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.shadow, ctx.col)]
         default = ctx.new_default()
         if default is not None:
@@ -114,8 +117,7 @@ class SwapColumns(Phase):
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.retired, ctx.col)]
         restore = []
         if f.not_null:
-            restore += [Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col),
-                        Q("DROP CONSTRAINT {}").format(I(self.old_check(ctx)))]
+            restore.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
         if f.default_label is not None:
             restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(
                 ctx.col, typed_literal(f.default_label, ctx.enum_type)))
@@ -123,6 +125,8 @@ class SwapColumns(Phase):
             restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
         if restore:
             stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restore)))
+        if f.not_null:  # only after SET NOT NULL, in a statement of its own (see _swap_statements)
+            stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.old_check(ctx))))
         for ix in f.indexes:
             stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
                       Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
