@@ -79,6 +79,26 @@ class Executor:
                     reason=" ".join(str(exc).split())[:200])
         if isinstance(exc, psycopg.OperationalError) and self._conn is not None and self._conn.broken:
             self._conn = None  # reconnect on the next attempt
+        elif isinstance(exc, pgerr.LockNotAvailable) and self.settings.cancel_autovacuum:
+            self._cancel_autovacuum()
+
+    def _cancel_autovacuum(self) -> None:
+        """Autovacuum yields to a lock waiter only after deadlock_timeout (1 s), far beyond our lock_timeout,
+        so we would retry behind it until the budget runs out. Cancel it (it comes back later by itself),
+        except when it prevents wraparound. Needs superuser or pg_signal_autovacuum_worker; else a no-op."""
+        if self.blocking_table is None or self._conn is None or self._conn.broken:
+            return
+        q = Q("""SELECT a.pid, pg_cancel_backend(a.pid) FROM pg_stat_activity a
+                 WHERE a.backend_type = 'autovacuum worker' AND a.query NOT LIKE '%%to prevent wraparound%%'
+                   AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+                               AND l.relation = to_regclass({}))""").format(
+            L(self.render(sql.Identifier(*self.blocking_table))))
+        try:
+            cancelled = [pid for pid, ok in self._conn.execute(q).fetchall() if ok]
+        except psycopg.Error:
+            return
+        if cancelled:
+            log.info("cancelled autovacuum on the table so our DDL can go first", pids=cancelled)
 
     def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
         try:
@@ -98,10 +118,14 @@ class Executor:
     def describe_blockers(self) -> str:
         if self.blocking_table is None:
             return "no blocker identified"
-        q = Q("""SELECT a.pid, a.state, left(a.query, 200) FROM pg_locks l
-                 JOIN pg_stat_activity a ON a.pid = l.pid
-                 WHERE l.relation = to_regclass({}) AND l.granted AND a.pid <> pg_backend_pid()
-                   AND a.application_name NOT LIKE 'orchestrator:%%'
+        # Sessions holding a lock on the table, and (what CREATE/DROP INDEX CONCURRENTLY waits for) sessions
+        # of this database holding a snapshot for more than a second, oldest transaction first.
+        q = Q("""SELECT a.pid, a.state, left(a.query, 200) FROM pg_stat_activity a
+                 WHERE a.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'orchestrator:%%'
+                   AND a.datname = current_database()
+                   AND (EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+                                AND l.relation = to_regclass({}))
+                        OR (a.backend_xmin IS NOT NULL AND a.xact_start < now() - interval '1 second'))
                  ORDER BY a.xact_start NULLS LAST LIMIT 3""").format(
             L(self.render(sql.Identifier(*self.blocking_table))))
         try:
@@ -185,7 +209,26 @@ class Executor:
                 if not self.conn.closed and not self.conn.broken:
                     cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
 
-        return self.with_retries(what, attempt)
+        try:
+            return self.with_retries(what, attempt)
+        except (Refused, Failure) as err:
+            # The last attempt may have left an INVALID index (a build that timed out waiting for an old
+            # snapshot): remove it now, so giving up leaves nothing half-applied.
+            if cleanup is not None and not self._cleanup_once(cleanup):
+                err.args = (f"{err.args[0]}; an INVALID index may remain (the re-run removes it)",)
+            raise
+
+    def _cleanup_once(self, cleanup: sql.Composable) -> bool:
+        try:
+            cur = self.conn.cursor()
+            self._timeouts(cur, local=False)
+            try:
+                self._logged(cleanup, lambda: cur.execute(cleanup))
+            finally:
+                cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+            return True
+        except psycopg.Error:
+            return False
 
     def wait_while_paused(self) -> None:
         if self.pause_file is None or not self.pause_file.exists():

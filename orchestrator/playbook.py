@@ -150,6 +150,7 @@ class Settings(Strict):
     retry_wait_initial_ms: int = Field(50, ge=1, le=600_000)
     retry_wait_max_ms: int = Field(2_000, ge=1, le=600_000)
     verify_chunk_rows: int = Field(200_000, ge=1, le=100_000_000)
+    cancel_autovacuum: bool = True  # an autovacuum holding the table would outlast every lock_timeout retry
     drop_enum_type: bool = True
     translate_old_writes: bool = True  # after the swap, old labels written by stale app instances are mapped
     state_schema: str = "_orchestrator"

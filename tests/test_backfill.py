@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from orchestrator import control
-from orchestrator.errors import Failure
+from orchestrator.errors import Failure, Refused
 from orchestrator.traffic import AppTraffic
 
 from .helpers import ROOT, make_playbook, orchestrator, query, reference_dict, seed, write_playbook
@@ -208,3 +208,33 @@ def _capture(errors, fn, *args):
         fn(*args)
     except Exception as exc:  # surfaced by the test's assertion
         errors.append(exc)
+
+
+def test_ddl_cancels_an_autovacuum_that_would_outlast_every_lock_timeout(dsn, pg_server):
+    seed(dsn, rows=20_000)
+    execute(dsn, "ALTER TABLE workflow_templates SET (autovacuum_vacuum_threshold = 0, "
+                 "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100, "
+                 "autovacuum_vacuum_cost_limit = 1)")  # a vacuum that crawls, holding its lock for minutes
+    execute(dsn, "UPDATE workflow_templates SET updated_at = now()")
+    admin = pg_server.dsn
+    execute(admin, "ALTER SYSTEM SET autovacuum_naptime = '1s'")
+    execute(admin, "SELECT pg_reload_conf()")
+    try:
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                                    "'autovacuum worker' AND query LIKE '%%workflow_templates%%'")[0][0] > 0, 60)
+        settings = {"settings.retries": 10, "settings.retry_wait_max_ms": 200}
+        polite = orchestrator(make_playbook(**settings, **{"settings.cancel_autovacuum": False}), dsn)
+        try:
+            with pytest.raises(Refused, match="autovacuum"):
+                polite.run(1)  # without cancelling, the crawling vacuum outlasts the whole budget
+        finally:
+            polite.close()
+        orch = orchestrator(make_playbook(**settings), dsn)
+        try:
+            assert orch.run(1) == "applied"
+        finally:
+            orch.close()
+    finally:
+        execute(admin, "ALTER SYSTEM RESET autovacuum_naptime")
+        execute(admin, "SELECT pg_reload_conf()")
+        execute(dsn, "ALTER TABLE workflow_templates RESET (autovacuum_vacuum_cost_delay, autovacuum_vacuum_cost_limit)")
