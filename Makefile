@@ -20,6 +20,7 @@ help:
 	@echo "make status | verify | pause | resume"
 	@echo "make test            the test suite (real PostgreSQL 18 and 15)"
 	@echo "make bench           benchmarks vs the naive migration"
+	@echo "make rehearse        rehearse every rollback under app traffic ($(REHEARSE_ROWS) rows), report in reports/"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .errors import BadInput
-from .playbook import Playbook, _suffixed
+from .playbook import Playbook, _key, _suffixed
 from .sqlkit import I, L, Q, extra_type
 
 
@@ -66,8 +66,8 @@ def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
 STATE_TABLES = {"migrations": "fingerprint", "phases": "status", "backfill": "rows_done", "run_log": "statement"}
 
 
-def foreign_state_tables(conn: psycopg.Connection, schema: str) -> list[str]:
-    """Relations in the state schema that have a state table's name but not its shape."""
+def check_state_schema(conn: psycopg.Connection, schema: str) -> None:
+    """Refuse a state schema holding relations that have a state table's name but not its shape."""
     rows = conn.execute("""SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                            WHERE n.nspname = %s AND c.relname = ANY(%s) AND (c.relkind NOT IN ('r', 'p')
                              OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
@@ -75,7 +75,9 @@ def foreign_state_tables(conn: psycopg.Connection, schema: str) -> list[str]:
                              OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
                                             AND a.attname = (%s::jsonb ->> c.relname) AND NOT a.attisdropped))
                            ORDER BY 1""", (schema, list(STATE_TABLES), json.dumps(STATE_TABLES))).fetchall()
-    return [r[0] for r in rows]
+    if rows:
+        raise BadInput(f"settings.state_schema: schema {schema!r} already has a relation {rows[0][0]!r} that is "
+                       f"not the orchestrator's state table; choose another schema")
 
 
 def primary_key(conn: psycopg.Connection, oid: int) -> list[str]:
@@ -247,10 +249,7 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
     where = f"table {schema}.{table}"
     if not schema_exists(conn, schema):
         raise BadInput(f"table.schema: schema {schema!r} does not exist")
-    foreign = foreign_state_tables(conn, pb.settings.state_schema)
-    if foreign:
-        raise BadInput(f"settings.state_schema: schema {pb.settings.state_schema!r} already has a relation "
-                       f"{foreign[0]!r} that is not the orchestrator's state table; choose another schema")
+    check_state_schema(conn, pb.settings.state_schema)
     oid = table_oid(conn, schema, table)
     if oid is None:
         raise BadInput(f"table.name: {where} does not exist")
@@ -272,7 +271,7 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
         raise BadInput(f"mapping: enum label {missing[0]!r} of {pb.column.enum_type} has no mapping")
     unknown = [lb for lb in pb.mapping if lb not in labels]
     if unknown:
-        raise BadInput(f"mapping.{unknown[0]}: {unknown[0]!r} is not a label of enum {pb.column.enum_type}")
+        raise BadInput(f"mapping.{_key(unknown[0])}: {unknown[0]!r} is not a label of enum {pb.column.enum_type}")
     existing = columns(conn, oid)
     for name, field_ in ((pb.shadow, "column.shadow"), (pb.retired, "column.retired"),
                          *((c.name, "extra_columns.name") for c in pb.extra_columns)):

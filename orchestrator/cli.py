@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -300,14 +301,18 @@ def rehearse(ctx: typer.Context,
                                                    help="HTML report path (a .json copy goes next to it); "
                                                         "default: reports/rehearsal-<timestamp>.html"),
              dwell: float = typer.Option(0.2, help="seconds of app traffic between two steps"),
-             verbose: bool = typer.Option(False, "--verbose", help="also print the orchestrator's log lines")):
+             verbose: bool = typer.Option(False, "--verbose", help="also print the orchestrator's log lines"),
+             playbook: Optional[str] = typer.Option(None, "--playbook", "-p",
+                                                    help="playbook YAML (default: the global --playbook)"),
+             dsn: Optional[str] = typer.Option(None, "--dsn", help="staging database URL (default: the global "
+                                                                     "--dsn / $DATABASE_URL, else a scratch server)")):
     """Rehearse every rollback under simulated app traffic; print the report table and write it as HTML.
 
     For each phase k: run 1..k, roll back k..1 checking the schema and every row after each rollback;
     then run every phase and the contract. Exit 0 only when every check passed (1 otherwise).
     With no --dsn / DATABASE_URL: a scratch PostgreSQL (embedded) seeded with --rows rows, removed afterwards.
     With --dsn: that staging database as it is (the migration ends contracted there).
-    Example: orchestrator rehearse --rows 200000 --writers 4
+    Example: orchestrator rehearse --playbook playbooks/workflow_type_enum_to_varchar.yaml --rows 200000 --writers 4
     """
     from datetime import datetime, timezone
 
@@ -315,13 +320,13 @@ def rehearse(ctx: typer.Context,
     from . import report as report_mod
     if rows < 0 or writers < 1 or readers < 0 or dwell < 0:
         raise BadInput("--rows, --readers and --dwell must be >= 0 and --writers >= 1")
-    if not verbose:
-        logs.configure(json=ctx.obj.json_logs, dsn=ctx.obj.dsn_arg, level="warning")
-    pb = ctx.obj.playbook()
+    dsn = dsn or ctx.obj.dsn_arg
+    logs.configure(json=ctx.obj.json_logs, dsn=dsn, level="info" if verbose else "warning")
+    source = playbook or ctx.obj.playbook_path
+    pb = playbook_mod.load(source, ctx.obj.env)
     path = report or Path("reports") / f"rehearsal-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.html"
-    result = rehearse_mod.rehearse(pb, ctx.obj.dsn_arg, rows=rows, writers=writers, readers=readers,
-                                   cycles=phases or None, dwell_s=dwell, console=out,
-                                   playbook_source=ctx.obj.playbook_path)
+    result = rehearse_mod.rehearse(pb, dsn, rows=rows, writers=writers, readers=readers,
+                                   cycles=phases or None, dwell_s=dwell, console=out, playbook_source=source)
     report_mod.write(result, path)
     wide = out if out.is_terminal else Console(width=max(out.width, 170))
     wide.print(report_mod.rich_table(result))
@@ -367,7 +372,7 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # usage errors: unknown option, missing argument, bad number
-        e.show()
+        print(f"error: {' '.join(e.format_message().split())} (see orchestrator --help)", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted; re-run the same command to resume", file=sys.stderr)
@@ -376,6 +381,12 @@ def main() -> None:
         secrets = secrets_of(os.environ.get("DATABASE_URL")) + secrets_of(_dsn_from_argv())
         print(f"error: {redact(e.one_line(), secrets)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except psycopg.Error as e:  # e.g. the connection lost outside a retried step: a failure, not a traceback
+        secrets = secrets_of(os.environ.get("DATABASE_URL")) + secrets_of(_dsn_from_argv())
+        reason = redact(" ".join(str(e).split()) or type(e).__name__, secrets)
+        print(f"error: database error ({type(e).__name__}): {reason} -> re-run the same command; "
+              "completed work is kept", file=sys.stderr)
+        sys.exit(1)
 
 
 def _dsn_from_argv() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import psycopg
@@ -37,8 +38,8 @@ def secrets_of(dsn: str | None) -> list[str]:
     if dsn:
         try:
             found.append(conninfo_to_dict(dsn).get("password") or "")
-        except psycopg.ProgrammingError:
-            pass
+        except psycopg.ProgrammingError:  # unparseable: still find what looks like a password
+            found += re.findall(r"^\w+://[^:@/]*:([^@]*)@", dsn) + re.findall(r"password\s*=\s*'?([^'\s]*)", dsn)
     return [s for s in found if s]
 
 
@@ -65,7 +66,8 @@ def connect(dsn: str, *, role: str = "main") -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, application_name=name, connect_timeout=10)
     except psycopg.ProgrammingError as err:
-        raise BadInput(f"invalid DSN: {redact(str(err), secrets_of(dsn)).splitlines()[0]}") from None
+        text = str(err).replace(dsn, "<the DSN>")
+        raise BadInput(f"invalid DSN: {redact(text, secrets_of(dsn)).splitlines()[0]}") from None
     except psycopg.OperationalError as err:
         first = redact(str(err), secrets_of(dsn)).strip().splitlines()[0] if str(err).strip() else "connection failed"
         raise BadInput(f"cannot connect to {safe_dsn(dsn)}: {first}",

@@ -7,7 +7,6 @@ docs/privileges.md lists the same requirements for people. Read-only: every chec
 from __future__ import annotations
 
 import psycopg
-from psycopg import sql
 
 from .errors import Refused
 from .playbook import Playbook
@@ -24,7 +23,8 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
         return ["a writable server (this one is a read-only standby)"]
     missing: list[str] = []
     schema, name = pb.table.schema_, pb.table.name
-    table = I(schema, name).as_string(conn)
+    table = f"{schema}.{name}"  # as people write it; the queries take it as a regclass literal
+    regclass = I(schema, name).as_string(conn)
 
     row = conn.execute("""SELECT pg_has_role(c.relowner, 'USAGE'), c.relowner::regrole::text
                           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -36,11 +36,11 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
             missing.append(f"ownership of table {table} (owned by {owner}; ALTER TABLE, CREATE INDEX and "
                            f"CREATE TRIGGER need its owner's privileges)")
         lacking = [p for p in TABLE_PRIVILEGES
-                   if not conn.execute("SELECT has_table_privilege(%s::regclass, %s)", (table, p)).fetchone()[0]]
+                   if not conn.execute("SELECT has_table_privilege(%s::regclass, %s)", (regclass, p)).fetchone()[0]]
         if lacking:
             missing.append(f"{', '.join(lacking)} on table {table}")
         if not conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
-            missing.append(f"CREATE on schema {I(schema).as_string(conn)} (for the new indexes and the "
+            missing.append(f"CREATE on schema {schema} (for the new indexes and the "
                            f"trigger functions)")
         if not conn.execute("SELECT has_language_privilege('plpgsql', 'USAGE')").fetchone()[0]:
             missing.append("USAGE on language plpgsql (for the trigger functions)")
@@ -52,7 +52,7 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
                         (pb.enum_schema, pb.column.enum_type)).fetchone()
     if enum is not None:  # gone after the contract
         is_owner, owner, usage = enum
-        type_name = I(pb.enum_schema, pb.column.enum_type).as_string(conn)
+        type_name = f"{pb.enum_schema}.{pb.column.enum_type}"
         if not usage:
             missing.append(f"USAGE on type {type_name}")
         if pb.settings.drop_enum_type and not is_owner:
@@ -63,11 +63,11 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
 
 
 def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:
-    quoted = I(schema).as_string(conn)
+    quoted = schema
     exists = conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,)).fetchone()[0]
     if not exists:
         if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
-            return [f"CREATE on database {I(conn.info.dbname).as_string(conn)} (to create the state schema "
+            return [f"CREATE on database {conn.info.dbname} (to create the state schema "
                     f"{quoted}), or create that schema for this role first"]
         return []
     if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE')", (schema,)).fetchone()[0]:
@@ -83,7 +83,7 @@ def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:
             lacking = [p for p in needed
                        if not conn.execute("SELECT has_table_privilege(%s::oid, %s)", (tables[t], p)).fetchone()[0]]
             if lacking:
-                missing.append(f"{', '.join(lacking)} on table {I(schema, t).as_string(conn)}")
+                missing.append(f"{', '.join(lacking)} on table {schema}.{t}")
     seq = conn.execute("SELECT pg_get_serial_sequence(%s, 'id')",
                        (I(schema, "run_log").as_string(conn),)).fetchone()[0] if "run_log" in tables else None
     if seq and not conn.execute("SELECT has_sequence_privilege(%s, 'USAGE')", (seq,)).fetchone()[0]:
@@ -96,6 +96,6 @@ def check(conn: psycopg.Connection, pb: Playbook) -> None:
     missing = missing_privileges(conn, pb)
     if missing:
         role = conn.execute("SELECT current_user").fetchone()[0]
-        raise Refused(f"role {sql.Identifier(role).as_string(conn)} lacks " + "; ".join(missing)
+        raise Refused(f"role {role} lacks " + "; ".join(missing)
                       + "; nothing was changed",
                       hint="grant these (see docs/privileges.md) or run as the table owner, then re-run")

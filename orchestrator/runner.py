@@ -135,7 +135,8 @@ class Orchestrator:
     def run(self, n: int) -> str:
         phase = self.phase(n)
         with bound_contextvars(playbook=self.pb.name, phase=n, action="expand"), self.locked():
-            facts = self.facts(register=not self.dry_run)
+            # Only `run 1` registers the migration: a refused `run 3` on a fresh database must change nothing.
+            facts = self.facts(register=not self.dry_run and n == 1)
             rows = self.state.phases()
             if any(r.status == CONTRACTED for r in rows.values()):
                 raise Refused(f"{self.pb.name} is being contracted; there is nothing left to run",
@@ -143,7 +144,7 @@ class Orchestrator:
             for k in range(1, n):
                 if rows and rows[k].status != APPLIED:
                     raise Refused(f"phase {n} ({phase.name}) needs phase {k} ({self.phases[k - 1].name}) applied "
-                                  f"first; it is {rows[k].status}", hint=f"orchestrator run {k}")
+                                  f"first; it is {_shown(rows[k])}", hint=f"orchestrator run {k}")
                 if not rows and not self.dry_run:
                     raise Refused(f"phase {n} needs phase 1 first", hint="orchestrator run 1")
             if rows and rows[n].status == APPLIED:
@@ -180,11 +181,13 @@ class Orchestrator:
             if contracted:
                 raise Refused(f"phase {contracted[0]} is contracted: the migration can no longer be rolled back",
                               hint="finish it with orchestrator contract")
-            for k in range(n + 1, len(self.phases) + 1):
+            for k in range(len(self.phases), n, -1):  # the last one first: that is the one to roll back now
                 if rows and rows[k].status != PENDING:
-                    raise Refused(f"phase {k} ({self.phases[k - 1].name}) is {rows[k].status}; roll it back before "
+                    raise Refused(f"phase {k} ({self.phases[k - 1].name}) is {_shown(rows[k])}; roll it back before "
                                   f"phase {n}", hint=f"orchestrator rollback {k}")
             if rows and rows[n].status == PENDING:
+                if not self.dry_run and all(r.status == PENDING for r in rows.values()):
+                    self.state.forget()  # a run stopped between the last rollback and forgetting the record
                 log.info("phase not applied; nothing to roll back")
                 return "nothing to do"
             ctx = self.context(facts)
@@ -213,7 +216,7 @@ class Orchestrator:
             if facts is None or not_done:
                 k = not_done[0] if not_done else 1
                 raise Refused(f"contract needs every phase applied and verified first; phase {k} "
-                              f"({self.phases[k - 1].name}) is {rows[k].status if rows else 'pending'}",
+                              f"({self.phases[k - 1].name}) is {_shown(rows[k]) if rows else 'pending'}",
                               hint=f"orchestrator run {k}")
             for k in range(1, n):
                 if rows[k].status != CONTRACTED:
@@ -274,3 +277,11 @@ class Orchestrator:
                            "error": r.error if r else None})
         return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
                 "backfill": backfill_summary(self.state.backfill())}
+
+
+def _shown(row) -> str:
+    """A phase's status as an order message shows it. We hold the operator lock, so a phase stored as
+    'running' is not running: a command stopped part-way through it."""
+    if row.status == RUNNING or (row.status == APPLIED and row.step == "contract"):
+        return f"interrupted (its {row.step or 'last'} step stopped part-way)"
+    return row.status

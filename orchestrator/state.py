@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import db
+from . import catalog, db
 from .errors import Refused
 from .sqlkit import I, Q
 
@@ -49,6 +49,9 @@ class State:
         return I(self.schema, name)
 
     def exists(self) -> bool:
+        if not getattr(self, "_checked", False):  # an app's table named like ours is not our state
+            catalog.check_state_schema(self.conn, self.schema)
+            self._checked = True
         return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
                                  (self.t("phases").as_string(self.conn),)).fetchone()[0]
 

