@@ -8,8 +8,10 @@ VENV     ?= .venv
 PLAYBOOK ?= playbooks/workflow_type_enum_to_varchar.yaml
 ROWS     ?= 100000
 ORCH      = $(VENV)/bin/orchestrator --playbook $(PLAYBOOK) $(if $(DATABASE_URL),--dsn "$(DATABASE_URL)")
+ALEMBIC   = $(VENV)/bin/alembic -x dsn="$(if $(DATABASE_URL),$(DATABASE_URL),demo)"
 
-.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill server-stop
+.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill server-stop \
+        upgrade downgrade history revisions revisions-check
 
 help:
 	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract"
@@ -20,6 +22,7 @@ help:
 	@echo "make status | verify | pause | resume"
 	@echo "make test            the test suite (real PostgreSQL 18 and 15)"
 	@echo "make bench           benchmarks vs the naive migration"
+	@echo "make upgrade TO=rev | downgrade TO=-1 | history   the same phases through Alembic"
 	@echo "make rehearse        rehearse every rollback under app traffic ($(REHEARSE_ROWS) rows), report in reports/"
 
 $(VENV)/.installed: pyproject.toml
@@ -65,6 +68,21 @@ resume: venv
 
 server-stop: venv
 	$(ORCH) server-stop
+
+upgrade: venv
+	$(ALEMBIC) upgrade $(or $(TO),head)
+
+downgrade: venv
+	$(ALEMBIC) downgrade $(or $(TO),-1)
+
+history: venv
+	$(ALEMBIC) history
+
+revisions: venv
+	$(ORCH) revisions generate
+
+revisions-check: venv
+	$(ORCH) revisions check
 
 test: venv
 	$(VENV)/bin/pytest -q -m 'not slow'

@@ -217,6 +217,12 @@ def _status_view(st: dict):
                       _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
                       p.get("env") or "", (p["error"] or "")[:80])
     parts = [table]
+    a = st.get("alembic") or {}
+    if a.get("revision") or a.get("expected"):
+        line = f"alembic: {a['revision'] or 'base'}" + (f" - {a['message']}" if a["message"] else "")
+        if a["in_sync"] is False:
+            line += f" (state says {a['expected'] or 'base'}; orchestrator revisions sync)"
+        parts.append(line)
     b = st["backfill"]
     if b:
         total = b["rows_estimate"] or 0

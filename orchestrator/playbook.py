@@ -169,6 +169,8 @@ class Settings(Strict):
         return self
 
 
+SEMANTIC_FIELDS = ("name", "kind", "table", "column", "target", "mapping", "rollback", "extra_columns",
+                   "seed_rows", "settings")
 SEMANTIC_SETTINGS = ("drop_enum_type", "translate_old_writes", "state_schema")
 
 
@@ -182,6 +184,13 @@ class Hooks(Strict):
     progress_every_s: int = Field(30, ge=1, le=86_400)
     timeout_s: int = Field(30, ge=1, le=3_600)
     fail_on_error: bool = False  # by default a failing hook is logged and the migration goes on
+
+
+class AlembicSpec(Strict):
+    """Where the generated revisions sit in an application's Alembic history."""
+
+    branch_label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
+    depends_on: list[str] = Field(default_factory=list)
 
 
 class Environment(Strict):
@@ -207,6 +216,7 @@ class Playbook(Strict):
     settings: Settings = Field(default_factory=Settings)
     hooks: Hooks = Field(default_factory=Hooks)
     environments: dict[str, Environment] = Field(default_factory=dict)
+    alembic: AlembicSpec = Field(default_factory=AlembicSpec)
     env: str | None = None  # set by load(..., env=): which environment's overrides are in effect
 
     @model_validator(mode="after")
@@ -283,7 +293,8 @@ class Playbook(Strict):
         Tunables (batch sizes, timeouts, retries, throttles) are left out: a DBA may change them between
         phases. Settings that change the result (drop_enum_type, translate_old_writes, state_schema) count.
         """
-        body = self.model_dump(mode="json", by_alias=True, exclude={"description", "hooks", "environments", "env"})
+        # An explicit list, so a new optional field (with its default) never invalidates running migrations.
+        body = self.model_dump(mode="json", by_alias=True, include=set(SEMANTIC_FIELDS))
         body["settings"] = {k: body["settings"][k] for k in SEMANTIC_SETTINGS}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,7 +10,7 @@ from typing import Iterator
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from . import catalog, parity, preflight
+from . import catalog, parity, preflight, revisions
 from .backfill import summary as backfill_summary
 from .catalog import Facts
 from .errors import BadInput, Failure, OrchestratorError, Refused
@@ -90,6 +90,9 @@ class Orchestrator:
             finally:
                 self.x.on_statement = None
                 self._lock = None
+            # Reached only when the command succeeded, still under the operator lock: Alembic's version table
+            # follows the state just written (a no-op inside `alembic upgrade`, which records the step itself).
+            revisions.sync_alembic_version(self.dsn, self.pb, self.state.phases(), conn=self.x.conn)
 
     def _log_statement(self, statement: str, seconds: float, outcome: str) -> None:
         # Written on the lock's connection: it survives the rollback of a failed DDL transaction.
@@ -276,7 +279,8 @@ class Orchestrator:
                            "host": r.host if r else None, "env": r.env if r else None,
                            "error": r.error if r else None})
         return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
-                "backfill": backfill_summary(self.state.backfill())}
+                "backfill": backfill_summary(self.state.backfill()),
+                "alembic": revisions.alembic_status(self.x.conn, self.pb, rows)}
 
 
 def _shown(row) -> str:
