@@ -299,6 +299,13 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
             counts = conn.execute(sql.SQL("SELECT {}::text, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
                 sql.Identifier(names.column), names.table_ident), prepare=False).fetchall()
             console.print("values: " + ", ".join(f"{v}={n:,}" for v, n in counts))
+            for name, definition in conn.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
+                    "ORDER BY 1", (names.schema, names.table)):
+                console.print(f"index {name}: {definition}", markup=False, highlight=False, soft_wrap=True)
+            enum = conn.execute("SELECT EXISTS (SELECT FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+                                "WHERE n.nspname = %s AND t.typname = %s)", (names.schema, names.enum)).fetchone()[0]
+            console.print(f"enum type {names.enum}: {'present' if enum else 'dropped'}")
 
     with psycopg.connect(dsn) as conn:
         create_seed_schema(conn, names, enum_default=names.labels[0])
