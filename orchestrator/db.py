@@ -67,7 +67,8 @@ def connect(dsn: str, *, role: str = "main") -> psycopg.Connection:
         return psycopg.connect(dsn, autocommit=True, application_name=name, connect_timeout=10)
     except psycopg.ProgrammingError as err:
         text = str(err).replace(dsn, "<the DSN>")
-        raise BadInput(f"invalid DSN: {redact(text, secrets_of(dsn)).splitlines()[0]}") from None
+        raise BadInput(f"invalid DSN: {redact(text, secrets_of(dsn)).splitlines()[0]}",
+                       hint="check --dsn / DATABASE_URL") from None
     except psycopg.OperationalError as err:
         first = redact(str(err), secrets_of(dsn)).strip().splitlines()[0] if str(err).strip() else "connection failed"
         raise BadInput(f"cannot connect to {safe_dsn(dsn)}: {first}",

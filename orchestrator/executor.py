@@ -110,7 +110,8 @@ class Executor:
             if isinstance(exc, (pgerr.LockNotAvailable, pgerr.DeadlockDetected)):
                 raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts, "
                               f"lock not granted within lock_timeout={self.settings.lock_timeout_ms}ms; "
-                              f"{self.describe_blockers()}; nothing was changed",
+                              f"{self.describe_blockers()}; nothing of this step was applied (earlier steps "
+                              f"are kept)",
                               hint="end the blocking transaction, then re-run the same command") from None
             raise Failure(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}",
                           hint="re-run the same command; completed work is kept") from None

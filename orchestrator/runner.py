@@ -99,6 +99,11 @@ class Orchestrator:
         if self._lock is not None and self._lock.conn is not None and self._current is not None:
             State(self._lock.conn, self.state.schema, self.pb.name).log_statement(
                 self._current[0], self._current[1], statement, seconds, outcome)
+            if self._lock.conn.broken or self._lock.conn.closed:
+                # The session holding the advisory lock is gone, and the lock with it: another operator could
+                # start now. Stop (a statement inside a transaction is rolled back with it).
+                raise Failure("lost the connection holding the operator lock; stopped so that two operators "
+                              "cannot overlap", hint="re-run the same command")
 
     def _guarded(self, n: int, action: str, fn, *, on_error_status: str) -> object:
         """Run one step: hooks around it, and a truthful state row whatever happens."""

@@ -176,6 +176,7 @@ def test_wrong_dsn_or_database(pg_server, dsn, tmp_path):
             r = orch_cli(bad, pb, "run", "1")
             assert r.returncode == 2, (bad, r.stderr[-1500:])
             assert must in error_line(r) and "Traceback" not in r.stderr, r.stderr[-1500:]
+            assert "-> check --dsn / DATABASE_URL" in error_line(r), error_line(r)
         # the right server, the wrong database (no such table there): exit 2, nothing created there
         before = snapshot(staging)
         r = orch_cli(staging, pb, "run", "1")
@@ -189,3 +190,27 @@ def test_wrong_dsn_or_database(pg_server, dsn, tmp_path):
         assert "needs phase 1" in line and "-> orchestrator run 1" in line, line
     finally:
         server.drop_database(pg_server.dsn, name)
+
+
+def test_losing_the_lock_connection_stops_the_run(dsn, tmp_path):
+    """The advisory lock lives on its own connection: if that session is terminated, the lock is gone and a
+    second operator could start, so the run stops at its next statement (exit 1); the re-run completes."""
+    seed(dsn, rows=300)
+    pb = playbook_file(tmp_path / "pb.yaml")
+    control = {"ORCHESTRATOR_CONTROL_DIR": str(tmp_path / "control")}
+    assert orch_cli(dsn, pb, "pause", env=control).returncode == 0
+    first = popen(dsn, pb, "run", "1", env=control)
+    try:
+        wait_until_running(dsn, pb, first)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            killed = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name LIKE 'orchestrator:lock:%'").fetchone()[0]
+        assert killed == 1
+    finally:
+        orch_cli(dsn, pb, "resume", env=control)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 1, err[-2000:]
+    assert "lost the connection holding the operator lock" in err and "-> re-run the same command" in err, err
+    assert "Traceback" not in err
+    r = orch_cli(dsn, pb, "run", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
