@@ -2,7 +2,8 @@
 
 Usage (by bench/run.py): python bench/child.py '<json: {"dsn": ..., "playbook": {...}}>'
 Runs every phase and the contract, and prints one JSON line: per-phase seconds, the backfill state row,
-and the process's peak RSS (getrusage ru_maxrss and /proc/self/status VmHWM, both in KiB).
+and the process's peak RSS: /proc/self/status VmHWM (KiB), the figure to use, and getrusage ru_maxrss, which
+Linux carries across exec (it starts at the size of the forked parent, so it overstates a small child).
 Only the orchestrator is imported here: no traffic threads, no rich tables, no benchmark data.
 """
 

@@ -20,7 +20,7 @@ from .keyset import Keyset
 from .phases.base import Context
 from .errors import Failure, Refused
 from .progress import Progress
-from .sqlkit import I, L, Q, extra_type, join, placeholders, typed_literal
+from .sqlkit import L, Q, placeholders
 
 log = structlog.get_logger()
 
@@ -28,13 +28,8 @@ log = structlog.get_logger()
 def update_statement(ctx: Context) -> tuple[sql.Composable, sql.Composable]:
     """SET list and the 'still needs it' condition of a batch."""
     want = ctx.forward(ctx.col)
-    sets = [Q("{} = {}").format(ctx.shadow, want)]
-    needs = [Q("{} IS DISTINCT FROM {}").format(ctx.shadow, want)]
-    for c in ctx.pb.extra_columns:
-        if c.backfill is not None:
-            sets.append(Q("{0} = coalesce({0}, {1})").format(I(c.name), typed_literal(c.backfill, extra_type(c))))
-            needs.append(Q("{} IS NULL").format(I(c.name)))
-    return join(sets), Q("({})").format(Q(" OR ").join(needs))
+    # Extra columns need nothing here: their backfill value is a temporary column default (phase 1).
+    return Q("{} = {}").format(ctx.shadow, want), Q("{} IS DISTINCT FROM {}").format(ctx.shadow, want)
 
 
 class Backfill:
@@ -104,7 +99,9 @@ class Backfill:
                 with self.x.conn.transaction():
                     cur = self.x.conn.cursor()
                     cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{self.s.lock_timeout_ms}ms")))
-                    cur.execute(Q("SET LOCAL statement_timeout = {}").format(L(f"{self.s.statement_timeout_ms}ms")))
+                    # A batch that runs past max_batch_ms holds its row locks too long: cancel, split, retry.
+                    limit = min(self.s.statement_timeout_ms, self.s.max_batch_ms)
+                    cur.execute(Q("SET LOCAL statement_timeout = {}").format(L(f"{limit}ms")))
                     cur.execute(self.statement(cond), params)
                     changed = cur.rowcount
                     scanned = sizes[0] if row else changed  # a full range holds exactly `size` keys

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,14 @@ class Finding:
         return self.accepted is None
 
 
+def squawk() -> str | None:
+    """squawk on PATH, else beside this Python (a virtualenv's bin/ is often not on PATH)."""
+    beside = Path(sys.executable).parent / "squawk"
+    return shutil.which("squawk") or (str(beside) if beside.exists() else None)
+
+
 def available() -> bool:
-    return shutil.which("squawk") is not None
+    return squawk() is not None
 
 
 def script(recorded: list[Recorded], settings: Settings) -> tuple[list[str], dict[int, str]]:
@@ -108,7 +115,7 @@ def lint(phase: int, action: str, recorded: list[Recorded], settings: Settings) 
         f.write("\n".join(lines) + "\n")
         path = Path(f.name)
     try:
-        done = subprocess.run(["squawk", str(path), "--reporter", "json"], capture_output=True, text=True,
+        done = subprocess.run([squawk(), str(path), "--reporter", "json"], capture_output=True, text=True,
                               timeout=60)
     finally:
         path.unlink(missing_ok=True)

@@ -104,7 +104,7 @@ class ExtraColumn(Strict):
     length: int | None = Field(None, ge=1, le=10_485_760)
     nullable: bool = True
     default: str | bool | int | None = None
-    backfill: str | bool | int | None = None  # value given to existing rows (and old-app inserts) where NULL
+    backfill: str | bool | int | None = None  # existing rows and old-app inserts: a default until the contract
     index: bool = False
 
     @field_validator("name")
@@ -118,6 +118,9 @@ class ExtraColumn(Strict):
             raise ValueError(f"extra column {self.name!r}: length is required for varchar")
         if self.type != "varchar" and self.length is not None:
             raise ValueError(f"extra column {self.name!r}: length is only allowed for varchar")
+        if self.default is not None and self.backfill is not None:
+            raise ValueError(f"extra column {self.name!r}: set default (every row) or backfill (existing rows and "
+                             "old-app inserts during the migration), not both")
         if not self.nullable and self.default is None:
             raise ValueError(f"extra column {self.name!r}: NOT NULL needs a default (existing rows)")
         for what, value in (("default", self.default), ("backfill", self.backfill)):
@@ -138,6 +141,7 @@ class Settings(Strict):
     min_batch_size: int = Field(100, ge=1, le=1_000_000)
     max_batch_size: int = Field(100_000, ge=1, le=1_000_000)
     target_batch_ms: int = Field(100, ge=1, le=60_000)
+    max_batch_ms: int = Field(200, ge=1, le=600_000)  # a batch running longer is cancelled, split and retried
     batch_pause_ms: int = Field(0, ge=0, le=600_000)
     # Throttles, checked before each batch: wait while a replica lags or long transactions pile up.
     max_replica_lag_ms: int | None = Field(None, ge=1, le=86_400_000)
@@ -164,6 +168,8 @@ class Settings(Strict):
     def _bounds(self) -> Settings:
         if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
             raise ValueError("settings.batch_size must lie between min_batch_size and max_batch_size")
+        if self.target_batch_ms > self.max_batch_ms:
+            raise ValueError("settings.target_batch_ms must not exceed max_batch_ms")
         if self.retry_wait_initial_ms > self.retry_wait_max_ms:
             raise ValueError("settings.retry_wait_initial_ms must not exceed retry_wait_max_ms")
         return self

@@ -540,7 +540,7 @@ class Rehearsal:
                            + (f" (e.g. ids {ids.group(1)})" if ids else "") + f": {err.one_line()}", step)
                 self.say(f"{'':7}rollback refused as designed, {listed} rows listed: {err.one_line()[:160]}")
                 self.policies_done.add("refuse")
-                self.check_schema(step, schemas[j], f"before the refused rollback (nothing changed)")
+                self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)")
                 ok = self.check_rows(step, seed_expected=None)
                 if not ok:
                     raise _Stop("the refused rollback changed rows") from err

@@ -6,7 +6,6 @@ PG_MAJORS=18 (comma-separated) restricts the majors; DATABASE_URL replaces them 
 import os
 import secrets
 
-from pathlib import Path
 
 import pytest
 

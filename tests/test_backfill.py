@@ -155,8 +155,8 @@ def test_a_row_that_cannot_be_migrated_is_named(dsn):
     orch = ready_for_backfill(dsn, make_playbook(**{"settings.batch_size": 1000}))
     bad = query(dsn, "SELECT id FROM workflow_templates ORDER BY id OFFSET 1700 LIMIT 1")[0][0]
     execute(dsn, "UPDATE workflow_templates SET category = 'legacy' WHERE id = %s", (bad,))
-    execute(dsn, "ALTER TABLE workflow_templates ADD CONSTRAINT no_chat_legacy "
-                 "CHECK (category <> 'legacy' OR execution_pattern IS DISTINCT FROM 'chat')")
+    execute(dsn, "ALTER TABLE workflow_templates ADD CONSTRAINT legacy_stays_untyped "
+                 "CHECK (category <> 'legacy' OR workflow_type_new IS NULL)")
     try:
         with pytest.raises(Failure, match=f"primary key {bad} cannot be migrated"):
             orch.run(3)

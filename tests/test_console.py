@@ -7,19 +7,19 @@ import os
 import pty
 import re
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from orchestrator import lint
 from orchestrator.executor import Recorded
 
 from .helpers import ROOT, cli, make_playbook, orchestrator, query, reference_dict, seed, snapshot, write_playbook
 
-pytestmark = pytest.mark.skipif(not lint.available(), reason="squawk-cli not installed")
+
+def test_squawk_is_installed_with_the_package():
+    assert lint.available(), "squawk-cli is a dependency: plan lints every statement with it"
 
 
 def state_snapshot(dsn) -> dict:

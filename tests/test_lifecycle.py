@@ -297,3 +297,34 @@ def test_swap_and_its_rollback_set_not_null_without_scanning_the_table(dsn):
         assert any("sufficient to prove" in m and "workflow_type" in m for m in notices), notices
     finally:
         orch.close()
+
+
+@pytest.mark.parametrize("pg14_blocks", [True, False], ids=["block-ranges", "key-ranges"])
+def test_verify_finds_a_drifted_row_and_the_swap_stays_blocked(dsn, pg14_blocks, monkeypatch):
+    from orchestrator import parity
+    if not pg14_blocks:  # the key-range walk servers before 14 use
+        monkeypatch.setattr(parity, "_by_blocks", parity._by_keys)
+    seed(dsn, rows=3000)
+    orch = orchestrator(make_playbook(**{"settings.verify_chunk_rows": 700}), dsn)
+    try:
+        for n in (1, 2, 3):
+            orch.run(n)
+        drifted = query(dsn, "SELECT id FROM workflow_templates ORDER BY id OFFSET 2222 LIMIT 1")[0][0]
+        query_exec(dsn, "ALTER TABLE workflow_templates DISABLE TRIGGER USER")
+        query_exec(dsn, f"UPDATE workflow_templates SET workflow_type_new = 'rag_chat' "
+                        f"WHERE id = '{drifted}' AND workflow_type <> 'rag'")
+        query_exec(dsn, f"UPDATE workflow_templates SET workflow_type_new = 'simple_chat' "
+                        f"WHERE id = '{drifted}' AND workflow_type = 'rag'")
+        query_exec(dsn, "ALTER TABLE workflow_templates ENABLE TRIGGER USER")
+        with pytest.raises(Refused, match=f"found 1 of 3000 rows .*{drifted}"):
+            orch.run(4)
+        with pytest.raises(Refused, match="needs phase 4"):
+            orch.run(5)
+        result = orch.verify()
+        assert (result.rows, result.mismatches, result.sample) == (3000, 1, [drifted])
+        orch.rollback(4)
+        orch.rollback(3)  # forget the cursor: the re-run re-checks every row and mends the drifted one
+        orch.run(3)
+        assert orch.run(4) == "applied"
+    finally:
+        orch.close()

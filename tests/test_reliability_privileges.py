@@ -15,7 +15,7 @@ from orchestrator import server
 from orchestrator.demo import snapshot_diff
 
 from .helpers import seed, snapshot
-from .test_reliability_support import argv, error_line, orch_cli, playbook_file, state_summary
+from .test_reliability_support import argv, orch_cli, playbook_file, state_summary
 
 
 @pytest.fixture

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from ..sqlkit import I, L, Q, case_map, extra_type, typed_literal
+from ..sqlkit import L, Q, case_map
 from .base import Context, Phase
 
 INSERT, UPDATE = "_sync_ins", "_sync_upd"
 
 
 def forward_function(ctx: Context) -> sql.Composable:
+    # One assignment: PL/pgSQL pays per expression and per transaction, and most app transactions are one row.
     body = [Q("NEW.{} := {};").format(ctx.shadow, ctx.forward(Q("NEW.{}").format(ctx.col)))]
-    for c in ctx.pb.extra_columns:
-        if c.backfill is not None:  # old-app inserts get what the backfill gives existing rows
-            body.append(Q("IF NEW.{0} IS NULL THEN NEW.{0} := {1}; END IF;").format(
-                I(c.name), typed_literal(c.backfill, extra_type(c))))
     return _function(ctx, ctx.fn("_fwd"), body)
 
 
@@ -66,7 +63,8 @@ class DualWrite(Phase):
                   "the column, so every write from now on fills the shadow column")
     rollback_doc = "DROP TRIGGER; DROP FUNCTION"
     contract_doc = "DROP TRIGGER and DROP FUNCTION (ends the rollback window: run after the app is on the new column)"
-    locks_doc = "SHARE ROW EXCLUSIVE for milliseconds (blocks writes only while waiting at most lock_timeout)"
+    locks_doc = ("CREATE TRIGGER: SHARE ROW EXCLUSIVE, DROP TRIGGER: ACCESS EXCLUSIVE, each for milliseconds "
+                 "and waiting at most lock_timeout")
 
     def expand(self, ctx: Context) -> None:
         ctx.x.atomic(forward_function(ctx), reverse_function(ctx), lock="none (function only)",
@@ -75,7 +73,8 @@ class DualWrite(Phase):
                      lock="SHARE ROW EXCLUSIVE (short, under lock_timeout)", what="create sync triggers")
 
     def rollback(self, ctx: Context) -> None:
-        ctx.x.atomic(*drop_triggers(ctx), lock="SHARE ROW EXCLUSIVE (short)", what="drop sync triggers")
+        ctx.x.atomic(*drop_triggers(ctx), lock="ACCESS EXCLUSIVE (catalog only, milliseconds)",
+                     what="drop sync triggers")
         ctx.x.atomic(drop_functions(ctx), lock="none", what="drop sync functions")
 
     contract = rollback

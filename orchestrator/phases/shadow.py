@@ -12,6 +12,7 @@ class AddShadowColumn(Phase):
     title = "add the shadow column, the new columns and their indexes"
     expand_doc = ("ADD COLUMN shadow varchar (nullable, no default) and the extra columns (constant defaults "
                   "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes")
+    contract_doc = "DROP DEFAULT of extra columns whose backfill value served as a temporary default"
     rollback_doc = ("refuse if an extra column holds values the app wrote; DROP INDEX CONCURRENTLY; "
                     "DROP COLUMN shadow and the extra columns")
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take "
@@ -21,8 +22,11 @@ class AddShadowColumn(Phase):
         adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]
         for c in ctx.pb.extra_columns:
             clause = Q("ADD COLUMN IF NOT EXISTS {} {}").format(I(c.name), extra_type(c))
-            if c.default is not None:
-                clause = Q("{} DEFAULT {}").format(clause, typed_literal(c.default, extra_type(c)))
+            # A backfill value is a temporary default: existing rows read it at once (no rewrite, no batch),
+            # old-app inserts get it without trigger work; the contract drops it.
+            default = c.default if c.default is not None else c.backfill
+            if default is not None:
+                clause = Q("{} DEFAULT {}").format(clause, typed_literal(default, extra_type(c)))
             if not c.nullable:
                 clause = Q("{} NOT NULL").format(clause)
             adds.append(clause)
@@ -37,6 +41,14 @@ class AddShadowColumn(Phase):
         for c in ctx.pb.extra_columns:
             if c.index:
                 self._build(ctx, ctx.extra_index_name(c.name), [c.name], False)
+
+    def contract(self, ctx: Context) -> None:
+        temporary = [Q("ALTER COLUMN {} DROP DEFAULT").format(I(c.name)) for c in ctx.pb.extra_columns
+                     if c.backfill is not None]
+        if not temporary:
+            return super().contract(ctx)
+        ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(temporary)),
+                     lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop temporary defaults")
 
     def _build(self, ctx: Context, name: str, cols: list[str], unique: bool) -> None:
         ctx.x.concurrently(

@@ -25,7 +25,8 @@ class VerifyPhase(Phase):
             raise Refused(f"parity check found {result.mismatches} of {result.rows} rows where "
                           f"{ctx.pb.shadow} differs from the mapping of {ctx.pb.column.name} "
                           f"(e.g. ids {result.sample}); the swap stays blocked",
-                          hint="run phase 3 (backfill) again, then phase 4")
+                          hint="orchestrator rollback 4; orchestrator rollback 3; then run 3 and 4 again: "
+                               "the backfill re-checks every row and mends the drifted ones")
         return {"parity": result.to_json()}
 
     def rollback(self, ctx: Context) -> None:

@@ -1,7 +1,8 @@
-"""workflow_type_enum_to_varchar contract 1 (add_shadow_column): nothing to remove
+"""workflow_type_enum_to_varchar contract 1 (add_shadow_column): DROP DEFAULT of extra columns whose backfill value served as a temporary default
 
 Contract step of phase 1 (add_shadow_column): ends the rollback window of that phase.
-  upgrade:   orchestrator contract 1: nothing to remove
+  upgrade:   orchestrator contract 1: DROP DEFAULT of extra columns whose backfill value served as a temporary
+             default
   downgrade: refused: a contract step removes what a rollback would need
   locks:     ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take SHARE
              UPDATE EXCLUSIVE, which does not block reads or writes
