@@ -105,6 +105,17 @@ class Orchestrator:
                 raise Failure("lost the connection holding the operator lock; stopped so that two operators "
                               "cannot overlap", hint="re-run the same command")
 
+    def _step(self, n: int, action: str, fn, while_status: str, error_status: str, done_status: str,
+              done=lambda result: {}, **start) -> object:
+        """The same three state writes around every expand, rollback and contract step."""
+        phase = self.phases[n - 1]
+        log.info(f"{action} starting", title=phase.title)
+        self.state.set(n, while_status, step=action, **start)
+        result = self._guarded(n, action, fn, on_error_status=error_status)
+        self.state.set(n, done_status, step=None, **done(result))
+        log.info(f"{action} done", title=phase.title)
+        return result
+
     def _guarded(self, n: int, action: str, fn, *, on_error_status: str) -> object:
         """Run one step: hooks around it, and a truthful state row whatever happens."""
         self._current = (n, action)
@@ -163,8 +174,6 @@ class Orchestrator:
                 phase.expand(ctx)
                 return "dry run"
             phase.before_expand(ctx)
-            log.info("phase starting", title=phase.title)
-            self.state.set(n, RUNNING, step="expand", started=True, env=self.pb.env)
 
             def go():
                 details = phase.expand(ctx)
@@ -172,9 +181,8 @@ class Orchestrator:
                 if problems:
                     raise Failure(f"phase {n} did not take effect: " + "; ".join(problems))
                 return details
-            details = self._guarded(n, "expand", go, on_error_status=FAILED)
-            self.state.set(n, APPLIED, details=details or {}, finished=True)
-            log.info("phase applied", title=phase.title)
+            self._step(n, "expand", go, RUNNING, FAILED, APPLIED, lambda details: {
+                "details": details or {}, "finished": True}, started=True, env=self.pb.env)
             return "applied"
 
     def rollback(self, n: int) -> str:
@@ -202,13 +210,10 @@ class Orchestrator:
             if self.dry_run:
                 phase.rollback(ctx)
                 return "dry run"
-            log.info("rollback starting", title=phase.title)
-            self.state.set(n, RUNNING, step="rollback")
-            self._guarded(n, "rollback", lambda: phase.rollback(ctx), on_error_status=RUNNING)
-            self.state.set(n, PENDING, step=None, replace_details=True)
+            self._step(n, "rollback", lambda: phase.rollback(ctx), RUNNING, RUNNING, PENDING,
+                       lambda _: {"replace_details": True})
             if all(r.status == PENDING for k, r in self.state.phases().items()):
                 self.state.forget()  # fully rolled back: the playbook may now be edited freely
-            log.info("phase rolled back", title=phase.title)
             return "rolled back"
 
     def contract(self, n: int | None = None) -> list[str]:
@@ -236,11 +241,7 @@ class Orchestrator:
             if self.dry_run:
                 phase.contract(ctx)
                 return "dry run"
-            log.info("contract starting", doc=phase.contract_doc)
-            self.state.set(n, APPLIED, step="contract")
-            self._guarded(n, "contract", lambda: phase.contract(ctx), on_error_status=APPLIED)
-            self.state.set(n, CONTRACTED, step=None)
-            log.info("phase contracted")
+            self._step(n, "contract", lambda: phase.contract(ctx), APPLIED, APPLIED, CONTRACTED)
             return "contracted"
 
     def verify(self) -> parity.ParityResult:

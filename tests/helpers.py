@@ -26,6 +26,11 @@ def reference_dict() -> dict:
 
 def make_playbook(names: SeedNames | None = None, **overrides) -> playbook.Playbook:
     """The reference playbook, retargeted at `names`, with top-level or dotted-key overrides."""
+    return playbook.parse(playbook_dict(names, **overrides))
+
+
+def playbook_dict(names: SeedNames | None = None, **overrides) -> dict:
+    """make_playbook's data, before validation (to write as a YAML file)."""
     data = copy.deepcopy(reference_dict())
     if names is not None:
         data["table"] = {"schema": names.schema, "name": names.table}
@@ -38,7 +43,7 @@ def make_playbook(names: SeedNames | None = None, **overrides) -> playbook.Playb
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    return playbook.parse(data)
+    return data
 
 
 def seed(dsn: str, names: SeedNames = SeedNames(), rows: int = 2000, *, enum_default: str | None = "plain") -> None:

@@ -7,7 +7,6 @@ behind with what a clean, uninterrupted run leaves behind. To keep that fast, th
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import subprocess
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-import yaml
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
@@ -26,7 +24,7 @@ from orchestrator import executor, server
 from orchestrator.demo import SeedNames, schema_snapshot
 from orchestrator.runner import Orchestrator
 
-from .helpers import ROOT, make_playbook, reference_dict, seed
+from .helpers import ROOT, make_playbook, playbook_dict, seed, write_playbook
 
 CRASH_ENVS = (executor.CRASH_AT_ENV, executor.CRASH_MODE_ENV)
 ROWS = 600
@@ -44,30 +42,8 @@ BACKWARD = [("rollback", "6"), ("rollback", "5"), ("rollback", "4"), ("rollback"
 
 # -- playbooks ------------------------------------------------------------------------------------------------
 
-def playbook_dict(names: SeedNames | None = None, **overrides) -> dict:
-    """The reference playbook as a dict, retargeted at `names`, with dotted-key overrides (like make_playbook)."""
-    data = copy.deepcopy(reference_dict())
-    if names is not None:
-        data["table"] = {"schema": names.schema, "name": names.table}
-        data["column"] = {**data["column"], "name": names.column, "enum_type": names.enum}
-        for row in data["seed_rows"]["rows"]:
-            row[names.column] = row.pop("workflow_type")
-    for key, value in overrides.items():
-        node = data
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return data
-
-
 def playbook_file(path: Path, names: SeedNames | None = None, **overrides) -> Path:
-    data = playbook_dict(names, **overrides)
-    if names is not None:  # the shadow/retired names follow the column
-        data["column"]["shadow"] = f"{names.column}_new"
-        data["column"]["retired"] = f"{names.column}_old"
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    return path
+    return write_playbook(playbook_dict(names, **overrides), path)
 
 
 def load_playbook(path: Path):
