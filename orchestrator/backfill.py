@@ -49,18 +49,18 @@ class Backfill:
 
     # -- progress row -----------------------------------------------------------------------------
     def _start(self) -> dict:
-        st = self.state.backfill()
+        st = self.state.backfill(self.ctx.m.key)
         if st is not None:
             return st
         end = self.x.query(self.keys.last_key_query())
         estimate = self.x.scalar(Q("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass({})")
                                  .format(L(self.x.render(self.ctx.table))))
-        self.x.conn.execute(Q("""INSERT INTO {} (playbook, cursor, end_key, rows_estimate, batch_size, started_at,
-                                                  updated_at) VALUES (%s, NULL, %s, %s, %s, now(), now())
-                                 ON CONFLICT (playbook) DO NOTHING""").format(self.state.t("backfill")),
-                            (self.state.playbook, json.dumps(list(end[0]) if end else None, default=str), estimate,
+        self.x.conn.execute(Q("""INSERT INTO {} (playbook, target, cursor, end_key, rows_estimate, batch_size,
+                                                  started_at, updated_at) VALUES (%s, %s, NULL, %s, %s, %s, now(), now())
+                                 ON CONFLICT (playbook, target) DO NOTHING""").format(self.state.t("backfills")),
+                            (self.state.playbook, self.ctx.m.key, json.dumps(list(end[0]) if end else None, default=str), estimate,
                              self.s.batch_size))
-        return self.state.backfill()
+        return self.state.backfill(self.ctx.m.key)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -69,7 +69,7 @@ class Backfill:
             return st
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
-        with Progress("backfill", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
+        with Progress(f"backfill {self.ctx.m.label}", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self.x.wait_while_paused()
                 self._throttle()
@@ -79,11 +79,13 @@ class Backfill:
                 progress.advance(scanned)
                 if self.ctx.hooks is not None:
                     self.ctx.hooks.progress(phase=3, phase_name="backfill", action="expand", status="running",
+                                            table=f"{self.ctx.m.table.schema_}.{self.ctx.m.table.name}",
+                                            column=self.ctx.m.column.name,
                                             rows_done=progress.done, rows_total=progress.total,
                                             rows_per_s=progress.rate(), eta_s=progress.eta())
-            self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s").format(
-                self.state.t("backfill")), (self.state.playbook,))
-        return self.state.backfill()
+            self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
+                self.state.t("backfills")), (self.state.playbook, self.ctx.m.key))
+        return self.state.backfill(self.ctx.m.key)
 
     def _batch(self, after: list | None, end: list, size: int) -> tuple[list, int, int]:
         """One key range in one transaction, with the cursor; returns (new cursor, rows scanned, next size)."""
@@ -109,9 +111,10 @@ class Backfill:
                     cur.execute(Q("""UPDATE {} SET cursor = %s, rows_done = rows_done + %s,
                                         rows_scanned = rows_scanned + %s, batches = batches + 1,
                                         batch_size = %s, last_batch_ms = %s, max_batch_ms = greatest(max_batch_ms, %s),
-                                        updated_at = now() WHERE playbook = %s""").format(self.state.t("backfill")),
+                                        updated_at = now() WHERE playbook = %s AND target = %s""").format(
+                                    self.state.t("backfills")),
                                 (json.dumps(upto, default=str), changed, scanned, sizes[0], ms, ms,
-                                 self.state.playbook))
+                                 self.state.playbook, self.ctx.m.key))
             except pgerr.QueryCanceled:
                 self._log_batch(after, upto, None, started, "QueryCanceled")
                 sizes[0] = max(self.s.min_batch_size, sizes[0] // 2)  # too big for statement_timeout: split

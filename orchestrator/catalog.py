@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .errors import BadInput
-from .playbook import Playbook, _key, _suffixed
+from .playbook import ColumnMigration, Playbook, _key, _suffixed
 from .sqlkit import I, L, Q, extra_type
 
 
@@ -41,6 +41,7 @@ class Facts:
     not_null: bool
     default_label: str | None
     indexes: list[IndexFact] = field(default_factory=list)
+    attnum: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -48,7 +49,15 @@ class Facts:
     @classmethod
     def from_json(cls, data: dict) -> Facts:
         return cls(pk=data["pk"], not_null=data["not_null"], default_label=data["default_label"],
-                   indexes=[IndexFact(**i) for i in data["indexes"]])
+                   indexes=[IndexFact(**i) for i in data["indexes"]], attnum=data.get("attnum"))
+
+
+def facts_to_json(pb: Playbook, facts: list[Facts]) -> dict:
+    return {"columns": {m.key: f.to_json() for m, f in zip(pb.migrations, facts)}}
+
+
+def facts_from_json(pb: Playbook, data: dict) -> list[Facts]:
+    return [Facts.from_json(data["columns"][m.key]) for m in pb.migrations]
 
 
 def table_oid(conn: psycopg.Connection, schema: str, table: str) -> int | None:
@@ -63,7 +72,7 @@ def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
 
 
 # The state schema's tables and a column each that only ours have: a same-named app table is not ours to write.
-STATE_TABLES = {"migrations": "fingerprint", "phases": "status", "backfill": "rows_done", "run_log": "statement"}
+STATE_TABLES = {"migrations": "fingerprint", "phases": "status", "backfills": "rows_done", "run_log": "statement"}
 
 
 def check_state_schema(conn: psycopg.Connection, schema: str) -> None:
@@ -200,27 +209,27 @@ def _json_value(v):
     return Jsonb(v) if isinstance(v, (dict, list)) else v
 
 
-def value_problems(conn: psycopg.Connection, pb: Playbook, oid: int, col_has_default: bool) -> list[str]:
+def value_problems(conn: psycopg.Connection, m: ColumnMigration, oid: int, col_has_default: bool) -> list[str]:
     """Extra column defaults and seed rows the server would reject: found now, not phases later."""
     problems = []
-    extras = {c.name: c for c in pb.extra_columns}
-    for i, c in enumerate(pb.extra_columns):
+    extras = {c.name: c for c in m.extra_columns}
+    for i, c in enumerate(m.extra_columns):
         for what, value in (("default", c.default), ("backfill", c.backfill)):
             if value is not None:
                 why = _rejected(conn, Q("SELECT {}::{}").format(L(value), extra_type(c)))
                 if why:
-                    problems.append(f"extra_columns.{i}.{what}: {c.name!r}: {why}")
-    if not pb.seed_rows.rows:
+                    problems.append(f"{m.where}extra_columns.{i}.{what}: {c.name!r}: {why}")
+    if not m.seed_rows.rows:
         return problems
     cols = {name: (not_null, required) for name, not_null, required in conn.execute(
         """SELECT attname, attnotnull, attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''
            FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped""", (oid,))}
-    required = {n for n, (_, req) in cols.items() if req and n != pb.column.name}
-    if not pb.target.nullable and not col_has_default:
-        required.add(pb.column.name)
-    table = I(pb.table.schema_, pb.table.name)
-    for i, row in enumerate(pb.seed_rows.rows):
-        where = f"seed_rows.rows[{i}]"
+    required = {n for n, (_, req) in cols.items() if req and n != m.column.name}
+    if not m.target.nullable and not col_has_default:
+        required.add(m.column.name)
+    table = I(m.table.schema_, m.table.name)
+    for i, row in enumerate(m.seed_rows.rows):
+        where = f"{m.where}seed_rows.rows[{i}]"
         for name in sorted(required - set(row)):
             problems.append(f"{where}: the NOT NULL column {name!r} has no value and no default")
         for name, value in row.items():
@@ -231,70 +240,142 @@ def value_problems(conn: psycopg.Connection, pb: Playbook, oid: int, col_has_def
             elif name not in cols:
                 why = "not a column of the table nor an extra column"
             elif value is None:
-                not_null = not pb.target.nullable if name == pb.column.name else cols[name][0]
+                not_null = not m.target.nullable if name == m.column.name else cols[name][0]
                 why = "NULL in a NOT NULL column" if not_null else None
-            elif name == pb.column.name:
+            elif name == m.column.name:
                 why = None  # a new value: checked against the target type by the playbook
             else:  # the server converts it as an INSERT would, with the column's type and length
                 why = _rejected(conn, Q("SELECT FROM jsonb_populate_record(NULL::{}, {})").format(
                     table, L(Jsonb({name: value}))))
             if why:
                 problems.append(f"{where}: {name!r}: {why}")
+    if not problems:
+        problems += _seed_constraint_problems(conn, m)
     return problems
 
 
-def inspect(conn: psycopg.Connection, pb: Playbook) -> Facts:
-    """Check the database matches the playbook before the first phase; raise BadInput listing every blocker."""
-    schema, table, col = pb.table.schema_, pb.table.name, pb.column.name
+def _seed_constraint_problems(conn: psycopg.Connection, m: ColumnMigration) -> list[str]:
+    """Each seed row tried as an INSERT that is always rolled back: CHECK, foreign keys and unique keys speak now.
+
+    The new columns do not exist yet, so the row is tried without them and with the migrated column holding
+    an enum label (the one its value maps back from, else any): those columns are checked above.
+    """
+    problems = []
+    table = I(m.table.schema_, m.table.name)
+    extras = {c.name for c in m.extra_columns}
+    label = next(iter(m.mapping))
+    for i, row in enumerate(m.seed_rows.rows):
+        trial = {k: v for k, v in row.items() if k not in extras}
+        if m.column.name in trial:
+            trial[m.column.name] = m.reverse.get(trial[m.column.name], label) if trial[m.column.name] is not None \
+                else None
+        cols = list(trial)
+        stmt = Q("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+            table, Q(", ").join(I(c) for c in cols), Q(", ").join(L(_json_value(trial[c])) for c in cols))
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("SET LOCAL lock_timeout = '2s'")
+                conn.execute("SET LOCAL statement_timeout = '10s'")
+                conn.execute(stmt)
+        except (pgerr.IntegrityError, pgerr.DataError) as err:
+            diag = err.diag
+            what = f"constraint {diag.constraint_name!r}" if diag.constraint_name else type(err).__name__
+            col = f" on column {diag.column_name!r}" if diag.column_name else ""
+            detail = " ".join((diag.message_detail or diag.message_primary or "").split())
+            key = ", ".join(f"{k}={row.get(k)!r}" for k in m.seed_rows.key)
+            problems.append(f"{m.where}seed_rows.rows[{i}] ({key}) violates {what}{col}: {detail}")
+    return problems
+
+
+def type_users(conn: psycopg.Connection, type_oid: int) -> list[tuple[str, str, str]]:
+    """(schema, table, column) of every table column of the type (or an array of it)."""
+    return [tuple(r) for r in conn.execute(
+        """SELECT n.nspname, c.relname, a.attname FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN pg_type t ON t.oid = a.atttypid
+           WHERE (t.oid = %s OR t.typelem = %s) AND a.attnum > 0 AND NOT a.attisdropped
+             AND c.relkind IN ('r', 'p', 'm', 'f')
+           ORDER BY 1, 2, 3""", (type_oid, type_oid)).fetchall()]
+
+
+def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
+    """Check the database matches the playbook before the first phase; raise BadInput listing every blocker.
+
+    One Facts per column the playbook migrates, in its order.
+    """
+    check_state_schema(conn, pb.settings.state_schema)
+    found = [_inspect_column(conn, pb, m) for m in pb.migrations]
+    type_oid = found[0][1]
+    listed = {(m.table.schema_, m.table.name, m.column.name) for m in pb.migrations}
+    if pb.settings.drop_enum_type:
+        schema, name = pb.enum_type
+        others = [u for u in type_users(conn, type_oid) if u not in listed]
+        if others:
+            where = ", ".join(f"{t}.{c}" if s == "public" else f"{s}.{t}.{c}" for s, t, c in others)
+            raise BadInput(f"columns: {where} also uses the enum type {schema}.{name}, which the playbook drops; "
+                           f"list it under 'columns' (or set settings.drop_enum_type: false to keep the type)")
+        blockers = []
+        for facts, m in zip(found, pb.migrations):
+            blockers += [d for d in type_dependents(conn, type_oid, facts[2], facts[0].attnum)
+                         if not d.startswith("column ")]  # columns: covered above, per column
+        blockers = sorted(set(blockers))
+        if blockers:
+            raise BadInput(f"enum type {schema}.{name}: " + "; ".join(
+                f"{d} uses the enum type (set settings.drop_enum_type: false to keep it)" for d in blockers))
+    return [f for f, _, _ in found]
+
+
+def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) -> tuple[Facts, int, int]:
+    """(facts, enum type oid, table oid) of one column, or BadInput naming the first thing that is wrong."""
+    schema, table, col = m.table.schema_, m.table.name, m.column.name
+    f = m.field
     where = f"table {schema}.{table}"
     if not schema_exists(conn, schema):
-        raise BadInput(f"table.schema: schema {schema!r} does not exist")
-    check_state_schema(conn, pb.settings.state_schema)
+        raise BadInput(f"{f('table.schema')}: schema {schema!r} does not exist")
     oid = table_oid(conn, schema, table)
     if oid is None:
-        raise BadInput(f"table.name: {where} does not exist")
+        raise BadInput(f"{f('table.name')}: {where} does not exist")
     pk = primary_key(conn, oid)
     if not pk:
-        raise BadInput(f"table.name: {where} has no primary key; batches need one")
+        raise BadInput(f"{f('table.name')}: {where} has no primary key; batches need one")
     info = column(conn, oid, col)
     if info is None:
-        raise BadInput(f"column.name: {where} has no column {col!r}")
+        raise BadInput(f"{f('column.name')}: {where} has no column {col!r}")
     if info["typtype"] != "e":
-        raise BadInput(f"column.name: {col!r} is of type {info['type']}, not an enum")
-    if (info["type_schema"], info["type_name"]) != (pb.enum_schema, pb.column.enum_type):
-        field_ = "column.enum_schema" if info["type_name"] == pb.column.enum_type else "column.enum_type"
+        raise BadInput(f"{f('column.name')}: {col!r} is of type {info['type']}, not an enum")
+    if (info["type_schema"], info["type_name"]) != (m.enum_schema, m.column.enum_type):
+        field_ = f("column.enum_schema") if info["type_name"] == m.column.enum_type else f("column.enum_type")
         raise BadInput(f"{field_}: {col!r} is of enum type {info['type_schema']}.{info['type_name']}, "
-                       f"not {pb.enum_schema}.{pb.column.enum_type}")
+                       f"not {m.enum_schema}.{m.column.enum_type}")
     labels = enum_labels(conn, info["type_oid"])
-    missing = [lb for lb in labels if lb not in pb.mapping]
+    missing = [lb for lb in labels if lb not in m.mapping]
     if missing:
-        raise BadInput(f"mapping: enum label {missing[0]!r} of {pb.column.enum_type} has no mapping")
-    unknown = [lb for lb in pb.mapping if lb not in labels]
+        raise BadInput(f"{f('mapping')}: enum label {missing[0]!r} of {m.column.enum_type} has no mapping")
+    unknown = [lb for lb in m.mapping if lb not in labels]
     if unknown:
-        raise BadInput(f"mapping.{_key(unknown[0])}: {unknown[0]!r} is not a label of enum {pb.column.enum_type}")
+        raise BadInput(f"{f('mapping')}.{_key(unknown[0])}: {unknown[0]!r} is not a label of enum "
+                       f"{m.column.enum_type}")
     existing = columns(conn, oid)
-    for name, field_ in ((pb.shadow, "column.shadow"), (pb.retired, "column.retired"),
-                         *((c.name, "extra_columns.name") for c in pb.extra_columns)):
+    for name, field_ in ((m.shadow, f("column.shadow")), (m.retired, f("column.retired")),
+                         *((c.name, f"{m.where}extra_columns.name") for c in m.extra_columns)):
         if name in existing:
             raise BadInput(f"{field_}: {where} already has a column {name!r}")
-    if not info["not_null"] and not pb.target.nullable:
-        raise BadInput(f"target.nullable: {col!r} allows NULL today, so the new column cannot be NOT NULL "
+    if not info["not_null"] and not m.target.nullable:
+        raise BadInput(f"{f('target.nullable')}: {m.label} allows NULL today, so the new column cannot be NOT NULL "
                        "(the app may write NULL); set target.nullable: true")
     label, problem = default_label(info["default"], labels)
-    values = value_problems(conn, pb, oid, pb.target.default is not None or label is not None)
+    values = value_problems(conn, m, oid, m.target.default is not None or label is not None)
     if values:
         raise BadInput("; ".join(values))
     indexes, blockers = column_indexes(conn, oid, info["attnum"])
-    if problem and pb.target.default is None:
+    if problem and m.target.default is None:
         blockers.append(problem + " (set target.default)")
     blockers += column_dependents(conn, oid, info["attnum"])
-    if pb.settings.drop_enum_type:
-        blockers += [f"{d} uses the enum type (set settings.drop_enum_type: false to keep it)"
-                     for d in type_dependents(conn, info["type_oid"], oid, info["attnum"])]
     for ix in indexes:
         for n in (ix.shadow_name, ix.retired_name):
             if relation_exists(conn, schema, n):
                 blockers.append(f"a relation named {n!r} already exists in schema {schema!r}")
     if blockers:
         raise BadInput(f"{where}.{col} cannot be migrated online: " + "; ".join(blockers))
-    return Facts(pk=pk, not_null=info["not_null"], default_label=label, indexes=indexes)
+    return Facts(pk=pk, not_null=info["not_null"], default_label=label, indexes=indexes,
+                 attnum=info["attnum"]), info["type_oid"], oid

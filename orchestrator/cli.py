@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import control, logs
 from . import playbook as playbook_mod
+from . import revisions as revisions_mod  # registers the Alembic listener: alembic_version follows each command
 from .db import redact, safe_dsn, secrets_of
 from .errors import BadInput, OrchestratorError, Refused
 from .runner import Orchestrator
@@ -177,8 +178,8 @@ def verify(ctx: typer.Context):
         result = orch.verify()
     finally:
         orch.close()
-    out.print(json.dumps(result.to_json()))
-    raise typer.Exit(1 if result.mismatches else 0)
+    out.print(json.dumps({table: r.to_json() for table, r in result.items()}))
+    raise typer.Exit(1 if any(r.mismatches for r in result.values()) else 0)
 
 
 @app.command()
@@ -192,11 +193,11 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     try:
         if watch:
             from rich.live import Live
-            with Live(_status_view(orch.status()), console=out, refresh_per_second=4) as live:
+            with Live(_status_view(_status_with_alembic(orch)), console=out, refresh_per_second=4) as live:
                 while True:
                     time.sleep(watch)
-                    live.update(_status_view(orch.status()))
-        st = orch.status()
+                    live.update(_status_view(_status_with_alembic(orch)))
+        st = _status_with_alembic(orch)
     except KeyboardInterrupt:
         return
     finally:
@@ -205,6 +206,12 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         print(json.dumps(st, default=str, indent=2))
         return
     out.print(_status_view(st))
+
+
+def _status_with_alembic(orch: Orchestrator) -> dict:
+    st = orch.status()
+    st["alembic"] = revisions_mod.alembic_status(orch.x.conn, orch.pb, orch.state.phases())
+    return st
 
 
 def _status_view(st: dict):
@@ -223,10 +230,11 @@ def _status_view(st: dict):
         if a["in_sync"] is False:
             line += f" (state says {a['expected'] or 'base'}; orchestrator revisions sync)"
         parts.append(line)
-    b = st["backfill"]
-    if b:
+    for b in st["backfill"]:
+        if "rows_done" not in b:
+            continue
         total = b["rows_estimate"] or 0
-        parts.append(f"backfill: {b['rows_done']:,} rows updated in {b['batches']} batches"
+        parts.append(f"backfill {b['table']}: {b['rows_done']:,} rows updated in {b['batches']} batches"
                   + (f" (table ~{total:,} rows)" if total else "")
                   + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
                   + (", finished" if b["finished_at"] else "")
@@ -415,7 +423,6 @@ def _revisions_dir(directory: Optional[str]) -> Path:
     """--dir, else script_location of $ALEMBIC_CONFIG / ./alembic.ini, else revisions/."""
     if directory:
         return Path(directory)
-    from . import revisions as revisions_mod
     cfg = revisions_mod.find_config()
     location = cfg.get_main_option("script_location") if cfg is not None else None
     return Path(location) if location else Path("revisions")
@@ -433,7 +440,6 @@ def revisions_generate(
 
     Example: orchestrator revisions generate --playbook playbooks/workflow_type_enum_to_varchar.yaml
     """
-    from . import revisions as revisions_mod
     res = revisions_mod.generate(playbook or ctx.obj.playbook_path, _revisions_dir(directory),
                                  branch_label=branch_label, depends_on=depends_on)
     for p in res.written:
@@ -452,7 +458,6 @@ def revisions_check(
 
     Example: orchestrator revisions check
     """
-    from . import revisions as revisions_mod
     problems = revisions_mod.check(_revisions_dir(directory), playbook or None)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
@@ -470,7 +475,6 @@ def revisions_sync(ctx: typer.Context,
 
     Example: orchestrator revisions sync
     """
-    from . import revisions as revisions_mod
     cfg = revisions_mod.find_config(config)
     if cfg is None:
         raise BadInput("no Alembic config found", hint="--config alembic.ini, or set ALEMBIC_CONFIG")

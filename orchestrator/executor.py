@@ -43,7 +43,7 @@ class Executor:
     on_statement: Callable[[str, float, str], None] | None = None  # run log hook: (sql, seconds, outcome)
     _conn: psycopg.Connection | None = None
     _tx_counter: int = 0
-    blocking_table: Any = None  # (schema, table) used to name blockers when the lock budget runs out
+    blocking_tables: list = field(default_factory=list)  # [(schema, table)]: whose lockers to name or cancel
     pause_file: Any = None  # Path: while it exists, no new DDL step starts (orchestrator pause / resume)
 
     # -- connection -------------------------------------------------------------------------------
@@ -86,13 +86,12 @@ class Executor:
         """Autovacuum yields to a lock waiter only after deadlock_timeout (1 s), far beyond our lock_timeout,
         so we would retry behind it until the budget runs out. Cancel it (it comes back later by itself),
         except when it prevents wraparound. Needs superuser or pg_signal_autovacuum_worker; else a no-op."""
-        if self.blocking_table is None or self._conn is None or self._conn.broken:
+        if not self.blocking_tables or self._conn is None or self._conn.broken:
             return
         q = Q("""SELECT a.pid, pg_cancel_backend(a.pid) FROM pg_stat_activity a
                  WHERE a.backend_type = 'autovacuum worker' AND a.query NOT LIKE '%%to prevent wraparound%%'
                    AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
-                               AND l.relation = to_regclass({}))""").format(
-            L(self.render(sql.Identifier(*self.blocking_table))))
+                               AND l.relation = ANY({}::regclass[]))""").format(self._tables_literal())
         try:
             cancelled = [pid for pid, ok in self._conn.execute(q).fetchall() if ok]
         except psycopg.Error:
@@ -116,8 +115,11 @@ class Executor:
             raise Failure(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}",
                           hint="re-run the same command; completed work is kept") from None
 
+    def _tables_literal(self) -> sql.Composable:
+        return L([self.render(sql.Identifier(*t)) for t in self.blocking_tables])
+
     def describe_blockers(self) -> str:
-        if self.blocking_table is None:
+        if not self.blocking_tables:
             return "no blocker identified"
         # Sessions holding a lock on the table, and (what CREATE/DROP INDEX CONCURRENTLY waits for) sessions
         # of this database holding a snapshot for more than a second, oldest transaction first.
@@ -125,10 +127,9 @@ class Executor:
                  WHERE a.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'orchestrator:%%'
                    AND a.datname = current_database()
                    AND (EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
-                                AND l.relation = to_regclass({}))
+                                AND l.relation = ANY({}::regclass[]))
                         OR (a.backend_xmin IS NOT NULL AND a.xact_start < now() - interval '1 second'))
-                 ORDER BY a.xact_start NULLS LAST LIMIT 3""").format(
-            L(self.render(sql.Identifier(*self.blocking_table))))
+                 ORDER BY a.xact_start NULLS LAST LIMIT 3""").format(self._tables_literal())
         try:
             rows = self.conn.execute(q).fetchall()
         except psycopg.Error:

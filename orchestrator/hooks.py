@@ -53,7 +53,9 @@ class Hooks:
 
     def _variables(self, event: str, details: dict) -> dict[str, str]:
         out = {"ORCH_EVENT": event.removeprefix("on_"), "ORCH_PLAYBOOK": self.pb.name,
-               "ORCH_TABLE": f"{self.pb.table.schema_}.{self.pb.table.name}", "ORCH_COLUMN": self.pb.column.name,
+               # Every table and column of the playbook (comma-separated); backfill progress names its own.
+               "ORCH_TABLE": ",".join(f"{m.table.schema_}.{m.table.name}" for m in self.pb.migrations),
+               "ORCH_COLUMN": ",".join(m.column.name for m in self.pb.migrations),
                "ORCH_ENV": self.pb.env or "", "ORCH_DATABASE": self.database}
         for key, value in details.items():
             out[f"ORCH_{key.upper()}"] = "" if value is None else str(value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,9 +177,40 @@ class Settings(Strict):
         return self
 
 
-SEMANTIC_FIELDS = ("name", "kind", "table", "column", "target", "mapping", "rollback", "extra_columns",
-                   "seed_rows", "settings")
+SEMANTIC_FIELDS = ("name", "kind", "enum", "columns", "table", "column", "target", "mapping", "rollback",
+                   "extra_columns", "seed_rows", "settings")
 SEMANTIC_SETTINGS = ("drop_enum_type", "translate_old_writes", "state_schema")
+
+
+class EnumRef(Strict):
+    """The enum type a playbook retires, and every column using it is listed under `columns`."""
+
+    name: str
+    schema_: str = Field("public", alias="schema")
+
+    @field_validator("name", "schema_")
+    @classmethod
+    def _ident(cls, v: str, info) -> str:
+        return _identifier(v, f"enum.{info.field_name.rstrip('_')}")
+
+
+class ColumnEntry(Strict):
+    """One column using the enum type: `columns: [{table, column, ...}]`; unset fields take the playbook's."""
+
+    table: str
+    schema_: str | None = Field(None, alias="schema")  # defaults to the enum's schema
+    column: str
+    shadow: str | None = None
+    retired: str | None = None
+    target: TargetSpec | None = None
+    mapping: dict[str, str] | None = None
+    extra_columns: list[ExtraColumn] = Field(default_factory=list)
+    seed_rows: SeedRows = Field(default_factory=SeedRows)
+
+    @field_validator("table", "schema_", "column", "shadow", "retired")
+    @classmethod
+    def _ident(cls, v: str | None, info) -> str | None:
+        return None if v is None else _identifier(v, f"columns.{info.field_name.rstrip('_')}")
 
 
 class Hooks(Strict):
@@ -208,74 +241,25 @@ class Environment(Strict):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
-class Playbook(Strict):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str = ""
-    kind: Literal["enum_to_varchar"] = "enum_to_varchar"
+@dataclass(frozen=True)
+class ColumnMigration:
+    """The unit of work: one enum column of one table, with everything the phases need to migrate it.
+
+    `where` prefixes field names in messages: "" for a playbook written with `table`/`column`,
+    "columns[1]." for an entry of `columns`.
+    """
+
     table: TableSpec
     column: ColumnSpec
     target: TargetSpec
-    mapping: dict[str, str] = Field(min_length=1)
-    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
-    extra_columns: list[ExtraColumn] = Field(default_factory=list)
-    seed_rows: SeedRows = Field(default_factory=SeedRows)
-    settings: Settings = Field(default_factory=Settings)
-    hooks: Hooks = Field(default_factory=Hooks)
-    environments: dict[str, Environment] = Field(default_factory=dict)
-    alembic: AlembicSpec = Field(default_factory=AlembicSpec)
-    env: str | None = None  # set by load(..., env=): which environment's overrides are in effect
+    mapping: dict[str, str]
+    rollback: RollbackSpec
+    extra_columns: tuple[ExtraColumn, ...] = ()
+    seed_rows: SeedRows = SeedRows()
+    where: str = ""
+    own_mapping: bool = False  # the entry has a mapping of its own (messages name its field)
+    own_target: bool = False
 
-    @model_validator(mode="after")
-    def _mapping(self) -> Playbook:
-        labels = set(self.mapping)
-        seen: dict[str, str] = {}
-        for label, value in self.mapping.items():
-            if not label:
-                raise ValueError("mapping: an enum label must not be empty")
-            if not value:
-                raise ValueError(f"mapping.{_key(label)}: the new value must not be empty")
-            if value in seen:
-                raise ValueError(f"mapping.{_key(label)}: duplicate target {value!r} "
-                                 f"(also mapped from {seen[value]!r})")
-            seen[value] = label
-            if value in labels and value != label:
-                raise ValueError(f"mapping.{_key(label)}: target {value!r} collides with the enum label {value!r}")
-            if self.target.length is not None and len(value) > self.target.length:
-                raise ValueError(
-                    f"mapping.{_key(label)}: {value!r} has {len(value)} characters, "
-                    f"longer than target varchar({self.target.length})")
-        rb = self.rollback
-        if rb.unmapped == "fallback" and rb.fallback_label is None:
-            raise ValueError("rollback.fallback_label is required when rollback.unmapped is 'fallback'")
-        if rb.fallback_label is not None and rb.fallback_label not in labels:
-            raise ValueError(f"rollback.fallback_label: {rb.fallback_label!r} is not an enum label of the mapping")
-        for value, label in rb.reverse_mapping.items():
-            if label not in labels:
-                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: {label!r} is not an enum label "
-                                 f"of the mapping")
-            if value in seen:
-                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: already the target of "
-                                 f"mapping.{_key(seen[value])}")
-            if value in labels:  # after the swap an old label is a stale write, translated by the mapping
-                raise ValueError(f"rollback.reverse_mapping.{_key(value)}: {value!r} is an enum label; "
-                                 f"only new values can be mapped back")
-        if self.target.default is not None and self.target.length is not None \
-                and len(self.target.default) > self.target.length:
-            raise ValueError("target.default is longer than the target type")
-        names = [self.column.name, self.shadow, self.retired, *(c.name for c in self.extra_columns)]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"column names must be distinct: {dupes[0]!r} is used twice")
-        for i, row in enumerate(self.seed_rows.rows):
-            for key in self.seed_rows.key:
-                if key not in row:
-                    raise ValueError(f"seed_rows.rows[{i}]: the key column {key!r} is missing")
-            value = row.get(self.column.name)
-            if isinstance(value, str) and self.target.length is not None and len(value) > self.target.length:
-                raise ValueError(f"seed_rows.rows[{i}].{_key(self.column.name)}: longer than the target type")
-        return self
-
-    # Derived names, so the rest of the code never guesses them.
     @property
     def shadow(self) -> str:
         return self.column.shadow or _suffixed(self.column.name, "_new")
@@ -289,9 +273,127 @@ class Playbook(Strict):
         return self.column.enum_schema or self.table.schema_
 
     @property
+    def label(self) -> str:
+        """table.column as people write it (schema-qualified outside public)."""
+        t = self.table.name if self.table.schema_ == "public" else f"{self.table.schema_}.{self.table.name}"
+        return f"{t}.{self.column.name}"
+
+    @property
+    def key(self) -> str:
+        """Stable key of this unit in the state tables."""
+        return json.dumps([self.table.schema_, self.table.name, self.column.name])
+
+    @property
     def reverse(self) -> dict[str, str]:
         """new value -> enum label, for keeping the old column in sync after the swap."""
         return {**{v: k for k, v in self.mapping.items()}, **self.rollback.reverse_mapping}
+
+    def field(self, name: str) -> str:
+        """The playbook field a message should point at, e.g. 'column.shadow' -> 'columns[1].shadow'."""
+        if not self.where:
+            return name
+        if name.startswith("mapping"):
+            return self.where + name if self.own_mapping else name
+        if name.startswith("target"):
+            return self.where + name if self.own_target else name
+        return _LIST_FORM_FIELDS.get(name, self.where + name).replace("@", self.where)
+
+
+# Where a one-column playbook's field lives in an entry of `columns` (@ = the entry).
+_LIST_FORM_FIELDS = {"table.name": "@table", "table.schema": "@schema", "column.name": "@column",
+                     "column.shadow": "@shadow", "column.retired": "@retired", "column.enum_type": "enum.name",
+                     "column.enum_schema": "enum.schema"}
+
+
+class Playbook(Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    kind: Literal["enum_to_varchar"] = "enum_to_varchar"
+    # Either every column of an enum type (`enum` + `columns`), or one column (`table` + `column`).
+    enum: EnumRef | None = None
+    columns: list[ColumnEntry] | None = None
+    table: TableSpec | None = None
+    column: ColumnSpec | None = None
+    target: TargetSpec = Field(default_factory=TargetSpec)
+    mapping: dict[str, str] = Field(min_length=1)
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)
+    extra_columns: list[ExtraColumn] = Field(default_factory=list)
+    seed_rows: SeedRows = Field(default_factory=SeedRows)
+    settings: Settings = Field(default_factory=Settings)
+    hooks: Hooks = Field(default_factory=Hooks)
+    environments: dict[str, Environment] = Field(default_factory=dict)
+    alembic: AlembicSpec = Field(default_factory=AlembicSpec)
+    env: str | None = None  # set by load(..., env=): which environment's overrides are in effect
+
+    @model_validator(mode="after")
+    def _validate(self) -> Playbook:
+        if self.columns is None:
+            if self.table is None or self.column is None:
+                missing = "table" if self.table is None else "column"
+                raise ValueError(f"playbook field '{missing}': required (or list every column of the enum type "
+                                 f"under 'enum' and 'columns')")
+            if self.enum is not None:
+                raise ValueError("playbook field 'enum': goes with 'columns'; with 'table' and 'column' name the "
+                                 "type in column.enum_type")
+        else:
+            if self.table is not None or self.column is not None:
+                raise ValueError("playbook fields 'table'/'column' and 'columns' exclude each other: list every "
+                                 "column under 'columns'")
+            if self.enum is None:
+                raise ValueError("playbook field 'enum': required with 'columns' (the enum type they use)")
+            if not self.columns:
+                raise ValueError("playbook field 'columns': list at least one column")
+            if self.extra_columns or self.seed_rows.rows:
+                raise ValueError("playbook fields 'extra_columns' and 'seed_rows' belong to an entry of 'columns' "
+                                 "(the table they go to)")
+        rb = self.rollback
+        if rb.unmapped == "fallback" and rb.fallback_label is None:
+            raise ValueError("rollback.fallback_label is required when rollback.unmapped is 'fallback'")
+        seen_units: set[tuple[str, str, str]] = set()
+        for m in self.migrations:
+            ident = (m.table.schema_, m.table.name, m.column.name)
+            if ident in seen_units:
+                raise ValueError(f"{m.where or 'columns'}: {m.label} is listed twice")
+            seen_units.add(ident)
+            _check_unit(m)
+        tables: dict[tuple[str, str], list[str]] = {}
+        for m in self.migrations:
+            tables.setdefault((m.table.schema_, m.table.name), []).extend(
+                [m.column.name, m.shadow, m.retired, *(c.name for c in m.extra_columns)])
+        for names in tables.values():
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"column names must be distinct: {dupes[0]!r} is used twice")
+        return self
+
+    @cached_property
+    def migrations(self) -> list[ColumnMigration]:
+        """The columns this playbook migrates, in the order the phases visit them."""
+        if self.columns is None:
+            return [ColumnMigration(table=self.table, column=self.column, target=self.target, mapping=self.mapping,
+                                    rollback=self.rollback, extra_columns=tuple(self.extra_columns),
+                                    seed_rows=self.seed_rows)]
+        out = []
+        for i, e in enumerate(self.columns):
+            out.append(ColumnMigration(
+                table=TableSpec(schema=e.schema_ or self.enum.schema_, name=e.table),
+                column=ColumnSpec(name=e.column, enum_type=self.enum.name, enum_schema=self.enum.schema_,
+                                  shadow=e.shadow, retired=e.retired),
+                target=e.target or self.target, mapping=e.mapping if e.mapping is not None else self.mapping,
+                rollback=self.rollback, extra_columns=tuple(e.extra_columns), seed_rows=e.seed_rows,
+                where=f"columns[{i}].", own_mapping=e.mapping is not None, own_target=e.target is not None))
+        return out
+
+    @property
+    def enum_type(self) -> tuple[str, str]:
+        """(schema, name) of the enum type."""
+        m = self.migrations[0]
+        return m.enum_schema, m.column.enum_type
+
+    @property
+    def tables(self) -> list[tuple[str, str]]:
+        """(schema, table) of every table touched, each once, in playbook order."""
+        return list(dict.fromkeys((m.table.schema_, m.table.name) for m in self.migrations))
 
     def fingerprint(self) -> str:
         """Stable hash of what the playbook asks for; stored at the first run to detect edits between phases.
@@ -300,9 +402,51 @@ class Playbook(Strict):
         phases. Settings that change the result (drop_enum_type, translate_old_writes, state_schema) count.
         """
         # An explicit list, so a new optional field (with its default) never invalidates running migrations.
-        body = self.model_dump(mode="json", by_alias=True, include=set(SEMANTIC_FIELDS))
+        body = self.model_dump(mode="json", by_alias=True, include=set(SEMANTIC_FIELDS), exclude_none=True)
         body["settings"] = {k: body["settings"][k] for k in SEMANTIC_SETTINGS}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_unit(m: ColumnMigration) -> None:
+    """A column's mapping, rollback mapping and seed rows agree with each other and its target type."""
+    labels = set(m.mapping)
+    if not labels:
+        raise ValueError(f"{m.field('mapping')}: must map at least one label")
+    length = m.target.length
+    seen: dict[str, str] = {}
+    for label, value in m.mapping.items():
+        where = f"{m.field('mapping')}.{_key(label)}"
+        if not label:
+            raise ValueError(f"{m.field('mapping')}: an enum label must not be empty")
+        if not value:
+            raise ValueError(f"{where}: the new value must not be empty")
+        if value in seen:
+            raise ValueError(f"{where}: duplicate target {value!r} (also mapped from {seen[value]!r})")
+        seen[value] = label
+        if value in labels and value != label:
+            raise ValueError(f"{where}: target {value!r} collides with the enum label {value!r}")
+        if length is not None and len(value) > length:
+            raise ValueError(f"{where}: {value!r} has {len(value)} characters, longer than target varchar({length})")
+    rb = m.rollback
+    if rb.fallback_label is not None and rb.fallback_label not in labels:
+        raise ValueError(f"rollback.fallback_label: {rb.fallback_label!r} is not an enum label of the mapping")
+    for value, label in rb.reverse_mapping.items():
+        where = f"rollback.reverse_mapping.{_key(value)}"
+        if label not in labels:
+            raise ValueError(f"{where}: {label!r} is not an enum label of the mapping")
+        if value in seen:
+            raise ValueError(f"{where}: already the target of {m.field('mapping')}.{_key(seen[value])}")
+        if value in labels:  # after the swap an old label is a stale write, translated by the mapping
+            raise ValueError(f"{where}: {value!r} is an enum label; only new values can be mapped back")
+    if m.target.default is not None and length is not None and len(m.target.default) > length:
+        raise ValueError(f"{m.field('target.default')} is longer than the target type")
+    for i, row in enumerate(m.seed_rows.rows):
+        for key in m.seed_rows.key:
+            if key not in row:
+                raise ValueError(f"{m.where}seed_rows.rows[{i}]: the key column {key!r} is missing")
+        value = row.get(m.column.name)
+        if isinstance(value, str) and length is not None and len(value) > length:
+            raise ValueError(f"{m.where}seed_rows.rows[{i}].{_key(m.column.name)}: longer than the target type")
 
 
 def _suffixed(name: str, suffix: str) -> str:

@@ -13,7 +13,7 @@ from .playbook import Playbook
 from .sqlkit import I
 
 STATE_TABLES = {"migrations": ("SELECT", "INSERT", "DELETE"), "phases": ("SELECT", "INSERT", "UPDATE", "DELETE"),
-                "backfill": ("SELECT", "INSERT", "UPDATE", "DELETE"), "run_log": ("INSERT",)}
+                "backfills": ("SELECT", "INSERT", "UPDATE", "DELETE"), "run_log": ("INSERT",)}
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER")
 
 
@@ -22,7 +22,28 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
     if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
         return ["a writable server (this one is a read-only standby)"]
     missing: list[str] = []
-    schema, name = pb.table.schema_, pb.table.name
+    for schema, name in pb.tables:
+        missing += _table_privileges(conn, schema, name)
+    enum_schema, enum_name = pb.enum_type
+    enum = conn.execute("""SELECT pg_has_role(t.typowner, 'USAGE'), t.typowner::regrole::text,
+                                  has_type_privilege(t.oid, 'USAGE')
+                           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                           WHERE n.nspname = %s AND t.typname = %s""",
+                        (enum_schema, enum_name)).fetchone()
+    if enum is not None:  # gone after the contract
+        is_owner, owner, usage = enum
+        type_name = f"{enum_schema}.{enum_name}"
+        if not usage:
+            missing.append(f"USAGE on type {type_name}")
+        if pb.settings.drop_enum_type and not is_owner:
+            missing.append(f"ownership of type {type_name} (owned by {owner}; the contract drops it)")
+
+    missing += _state_schema(conn, pb.settings.state_schema)
+    return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
+
+
+def _table_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
+    missing: list[str] = []
     table = f"{schema}.{name}"  # as people write it; the queries take it as a regclass literal
     regclass = I(schema, name).as_string(conn)
 
@@ -45,20 +66,6 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
         if not conn.execute("SELECT has_language_privilege('plpgsql', 'USAGE')").fetchone()[0]:
             missing.append("USAGE on language plpgsql (for the trigger functions)")
 
-    enum = conn.execute("""SELECT pg_has_role(t.typowner, 'USAGE'), t.typowner::regrole::text,
-                                  has_type_privilege(t.oid, 'USAGE')
-                           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-                           WHERE n.nspname = %s AND t.typname = %s""",
-                        (pb.enum_schema, pb.column.enum_type)).fetchone()
-    if enum is not None:  # gone after the contract
-        is_owner, owner, usage = enum
-        type_name = f"{pb.enum_schema}.{pb.column.enum_type}"
-        if not usage:
-            missing.append(f"USAGE on type {type_name}")
-        if pb.settings.drop_enum_type and not is_owner:
-            missing.append(f"ownership of type {type_name} (owned by {owner}; the contract drops it)")
-
-    missing += _state_schema(conn, pb.settings.state_schema)
     return missing
 
 

@@ -44,6 +44,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .errors import BadInput, OrchestratorError
 from .kinds import phases_for
 from .playbook import Playbook, load
+from .runner import COMMAND_LISTENERS, Orchestrator
 from .state import APPLIED, CONTRACTED, PhaseRow, State
 
 log = logging.getLogger("orchestrator.revisions")
@@ -502,8 +503,6 @@ def _apply(playbook: str, playbook_name: str, fingerprint: str, action: str, pha
     pb = _load_checked(root / playbook, playbook_name, fingerprint, what)
     dsn = libpq_dsn(op.get_bind().engine.url)
 
-    from .runner import Orchestrator
-
     token = _IN_ALEMBIC.set(True)
     try:
         # Commit Alembic's transaction and leave its connection idle in autocommit: it must hold no lock while
@@ -796,3 +795,12 @@ def alembic_status(conn: psycopg.Connection, pb: Playbook, phases: dict[int, Pha
     out.update(revision=current, message=steps[current].message if current else None,
                in_sync=len(ours) <= 1 and current == expected)
     return out
+
+
+def _after_command(orch: Orchestrator) -> None:
+    """The runner finished a command: Alembic's version table follows the state it wrote (a no-op inside
+    `alembic upgrade`, which records the step itself)."""
+    sync_alembic_version(orch.dsn, orch.pb, orch.state.phases(), conn=orch.x.conn)
+
+
+COMMAND_LISTENERS.append(_after_command)

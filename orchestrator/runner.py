@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from . import catalog, parity, preflight, revisions
+from . import catalog, parity, preflight
 from .backfill import summary as backfill_summary
-from .catalog import Facts
+from .catalog import Facts, facts_from_json, facts_to_json
 from .errors import BadInput, Failure, OrchestratorError, Refused
 from .control import pause_path
 from .db import safe_dsn
@@ -24,6 +24,10 @@ from .playbook import Playbook
 from .state import APPLIED, CONTRACTED, FAILED, PENDING, RUNNING, OperatorLock, State
 
 log = structlog.get_logger()
+
+# Called with the orchestrator after every command that succeeded, still under the operator lock. The Alembic
+# layer registers one (orchestrator.revisions) to keep alembic_version in step: the runner knows nothing of it.
+COMMAND_LISTENERS: list[Callable[["Orchestrator"], None]] = []
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Orchestrator:
         self.pb, self.dsn, self.dry_run = pb, dsn, dry_run
         self.phases = phases_for(pb.kind)
         self.x = Executor(dsn, pb.settings, dry_run=dry_run)
-        self.x.blocking_table = (pb.table.schema_, pb.table.name)
+        self.x.blocking_tables = pb.tables
         self.x.pause_file = pause_path(pb)
         self.hooks = Hooks(pb, safe_dsn(dsn))
         self.state = State(self.x, pb.settings.state_schema, pb.name)
@@ -55,31 +59,34 @@ class Orchestrator:
             raise BadInput(f"phase {n} does not exist; {self.pb.name} has phases 1..{len(self.phases)}")
         return self.phases[n - 1]
 
-    def facts(self, *, register: bool) -> Facts:
-        """The original shape: stored at the first run, inspected (and validated) before it."""
+    def facts(self, *, register: bool) -> list[Facts]:
+        """The original shape of each column: stored at the first run, inspected (and validated) before it."""
         record = self.state.migration()
         if record is None:
             facts = catalog.inspect(self.x.conn, self.pb)
             if register:
                 self.state.ensure()
-                self.state.register(self.pb.fingerprint(), facts.to_json(), [p.name for p in self.phases])
+                self.state.register(self.pb.fingerprint(), facts_to_json(self.pb, facts),
+                                    [p.name for p in self.phases])
             return facts
         fingerprint, stored = record
         if fingerprint != self.pb.fingerprint():
             raise Refused(f"playbook {self.pb.name!r} was edited after its first phase ran (stored fingerprint "
                           f"{fingerprint}, file {self.pb.fingerprint()})",
                           hint="restore the playbook as it was, or roll back every phase before editing it")
-        return Facts.from_json(stored)
+        return facts_from_json(self.pb, stored)
 
-    def context(self, facts: Facts) -> Context:
-        return Context(self.pb, facts, self.x, self.state, hooks=self.hooks)
+    def contexts(self, facts: list[Facts]) -> list[Context]:
+        """One context per column of the playbook, in its order."""
+        return [Context(self.pb, m, f, self.x, self.state, hooks=self.hooks)
+                for m, f in zip(self.pb.migrations, facts)]
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         if self.dry_run:
             yield
             return
-        with OperatorLock(self.dsn, self.pb.table.schema_, self.pb.table.name) as lock:
+        with OperatorLock(self.dsn, self.pb.tables) as lock:
             # Every command that changes something starts here: refuse now, naming the missing privilege,
             # rather than half-way through a phase.
             preflight.check(self.x.conn, self.pb)
@@ -90,9 +97,9 @@ class Orchestrator:
             finally:
                 self.x.on_statement = None
                 self._lock = None
-            # Reached only when the command succeeded, still under the operator lock: Alembic's version table
-            # follows the state just written (a no-op inside `alembic upgrade`, which records the step itself).
-            revisions.sync_alembic_version(self.dsn, self.pb, self.state.phases(), conn=self.x.conn)
+            # Reached only when the command succeeded, still under the operator lock.
+            for listener in COMMAND_LISTENERS:
+                listener(self)
 
     def _log_statement(self, statement: str, seconds: float, outcome: str) -> None:
         # Written on the lock's connection: it survives the rollback of a failed DDL transaction.
@@ -169,15 +176,15 @@ class Orchestrator:
             if rows and rows[n].status == APPLIED:
                 log.info("already applied; nothing to do")
                 return "already applied"
-            ctx = self.context(facts)
+            ctxs = self.contexts(facts)
             if self.dry_run:
-                phase.expand(ctx)
+                phase.expand_all(ctxs)
                 return "dry run"
-            phase.before_expand(ctx)
+            phase.before_expand_all(ctxs)
 
             def go():
-                details = phase.expand(ctx)
-                problems = phase.check(ctx)
+                details = phase.expand_all(ctxs)
+                problems = phase.check_all(ctxs)
                 if problems:
                     raise Failure(f"phase {n} did not take effect: " + "; ".join(problems))
                 return details
@@ -206,11 +213,11 @@ class Orchestrator:
                     self.state.forget()  # a run stopped between the last rollback and forgetting the record
                 log.info("phase not applied; nothing to roll back")
                 return "nothing to do"
-            ctx = self.context(facts)
+            ctxs = self.contexts(facts)
             if self.dry_run:
-                phase.rollback(ctx)
+                phase.rollback_all(ctxs)
                 return "dry run"
-            self._step(n, "rollback", lambda: phase.rollback(ctx), RUNNING, RUNNING, PENDING,
+            self._step(n, "rollback", lambda: phase.rollback_all(ctxs), RUNNING, RUNNING, PENDING,
                        lambda _: {"replace_details": True})
             if all(r.status == PENDING for k, r in self.state.phases().items()):
                 self.state.forget()  # fully rolled back: the playbook may now be edited freely
@@ -237,40 +244,42 @@ class Orchestrator:
                                   hint=f"orchestrator contract {k}")
             if rows[n].status == CONTRACTED:
                 return "already contracted"
-            ctx = self.context(facts)
+            ctxs = self.contexts(facts)
             if self.dry_run:
-                phase.contract(ctx)
+                phase.contract_all(ctxs)
                 return "dry run"
-            self._step(n, "contract", lambda: phase.contract(ctx), APPLIED, APPLIED, CONTRACTED)
+            self._step(n, "contract", lambda: phase.contract_all(ctxs), APPLIED, APPLIED, CONTRACTED)
             return "contracted"
 
-    def verify(self) -> parity.ParityResult:
-        facts = self.facts(register=False)
-        ctx = self.context(facts)
-        swapped = ctx.has("column", self.pb.retired)
-        if not ctx.has("column", self.pb.shadow) and not swapped:
-            raise Refused("nothing to verify: the shadow column does not exist yet", hint="orchestrator run 1")
-        return parity.check(ctx, swapped=swapped)
+    def verify(self) -> dict[str, parity.ParityResult]:
+        """Parity of every column now, by table.column."""
+        out = {}
+        for ctx in self.contexts(self.facts(register=False)):
+            swapped = ctx.has("column", ctx.m.retired)
+            if not ctx.has("column", ctx.m.shadow) and not swapped:
+                raise Refused(f"nothing to verify: the shadow column of {ctx.m.label} does not exist yet",
+                              hint="orchestrator run 1")
+            out[ctx.m.label] = parity.check(ctx, swapped=swapped)
+        return out
 
     def plan(self) -> list[PhasePlan]:
         """Every phase's SQL, as `run`, `contract` and `rollback` would execute it; changes nothing."""
         if not self.dry_run:
             raise ValueError("plan needs a dry-run orchestrator")
-        facts = self.facts(register=False)
-        ctx = self.context(facts)
+        ctxs = self.contexts(self.facts(register=False))
         out = []
         for phase in self.phases:
             steps = {}
             for action in ("expand", "contract", "rollback"):
                 self.x.recorded = []
-                getattr(phase, action)(ctx)
+                getattr(phase, f"{action}_all")(ctxs)
                 steps[action] = self.x.recorded
             out.append(PhasePlan(phase, **steps))
         return out
 
     def status(self) -> dict:
         rows = self.state.phases()
-        lock = OperatorLock(self.dsn, self.pb.table.schema_, self.pb.table.name)
+        lock = OperatorLock(self.dsn, self.pb.tables)
         busy = lock.is_held_elsewhere(self.x.conn)
         phases = []
         for p in self.phases:
@@ -284,9 +293,11 @@ class Orchestrator:
                            "finished_at": r.finished_at if r else None, "run_by": r.run_by if r else None,
                            "host": r.host if r else None, "env": r.env if r else None,
                            "error": r.error if r else None})
+        progress = self.state.backfills()
+        backfills = [{"table": m.label, **(backfill_summary(progress[m.key]) if m.key in progress else {})}
+                     for m in self.pb.migrations]
         return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
-                "backfill": backfill_summary(self.state.backfill()),
-                "alembic": revisions.alembic_status(self.x.conn, self.pb, rows)}
+                "tables": [m.label for m in self.pb.migrations], "backfill": backfills}
 
 
 def _shown(row) -> str:

@@ -67,11 +67,11 @@ class State:
                    started_at timestamptz, finished_at timestamptz, run_by text, host text, env text, error text,
                    details jsonb NOT NULL DEFAULT '{{}}', PRIMARY KEY (playbook, phase))""").format(self.t("phases")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
-                   playbook text PRIMARY KEY, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+                   playbook text NOT NULL, target text NOT NULL, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
                    rows_scanned bigint NOT NULL DEFAULT 0,
                    rows_estimate bigint, batches int NOT NULL DEFAULT 0, batch_size int,
                    last_batch_ms real, max_batch_ms real, started_at timestamptz, updated_at timestamptz,
-                   finished_at timestamptz)""").format(self.t("backfill")),
+                   finished_at timestamptz, PRIMARY KEY (playbook, target))""").format(self.t("backfills")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
                    id bigserial PRIMARY KEY, playbook text NOT NULL, phase int, action text,
                    at timestamptz NOT NULL DEFAULT clock_timestamp(), seconds real, lock_wait_ms real, outcome text,
@@ -85,7 +85,7 @@ class State:
             # exists, and a role granted use of an existing state schema need not have it.
             have_schema = self.conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)",
                                             (self.schema,)).fetchone()[0]
-            for s, table in zip(stmts, (None, "migrations", "phases", "backfill", "run_log")):
+            for s, table in zip(stmts, (None, "migrations", "phases", "backfills", "run_log")):
                 if table is None and have_schema:
                     continue
                 if table is not None and self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
@@ -114,7 +114,7 @@ class State:
     def forget(self) -> None:
         """Drop the record of a migration that is fully rolled back, so the playbook may be edited."""
         with self.conn.transaction():
-            for t in ("migrations", "phases", "backfill"):
+            for t in ("migrations", "phases", "backfills"):
                 self.conn.execute(Q("DELETE FROM {} WHERE playbook = %s").format(self.t(t)), (self.playbook,))
 
     # -- phases -----------------------------------------------------------------------------------
@@ -146,12 +146,22 @@ class State:
         return row.details if row else {}
 
     # -- backfill progress ------------------------------------------------------------------------
-    def backfill(self) -> dict | None:
+    def backfill(self, target: str) -> dict | None:
+        """The backfill progress of one column (ColumnMigration.key)."""
         if not self.exists():
             return None
         cur = self.conn.cursor(row_factory=psycopg.rows.dict_row)
-        return cur.execute(Q("SELECT * FROM {} WHERE playbook = %s").format(self.t("backfill")),
-                           (self.playbook,)).fetchone()
+        return cur.execute(Q("SELECT * FROM {} WHERE playbook = %s AND target = %s").format(self.t("backfills")),
+                           (self.playbook, target)).fetchone()
+
+    def backfills(self) -> dict[str, dict]:
+        """Every column's backfill progress, by ColumnMigration.key."""
+        if not self.exists():
+            return {}
+        cur = self.conn.cursor(row_factory=psycopg.rows.dict_row)
+        rows = cur.execute(Q("SELECT * FROM {} WHERE playbook = %s").format(self.t("backfills")),
+                           (self.playbook,)).fetchall()
+        return {r["target"]: r for r in rows}
 
     def log_statement(self, phase: int | None, action: str | None, statement: str, seconds: float,
                       outcome: str) -> None:
@@ -189,43 +199,64 @@ def lock_key(schema: str, table: str) -> int:
 
 
 class OperatorLock:
-    """A session-level advisory lock on its own connection, so reconnects of the work connection keep it."""
+    """Session-level advisory locks, one per table of the playbook, on a connection of their own (so reconnects
+    of the work connection keep them). Taken in a fixed order; all or none."""
 
-    def __init__(self, dsn: str, schema: str, table: str):
-        self.dsn, self.key, self.where = dsn, lock_key(schema, table), f"{schema}.{table}"
+    def __init__(self, dsn: str, tables: list[tuple[str, str]]):
+        self.dsn = dsn
+        self.keys = sorted({lock_key(schema, table): f"{schema}.{table}" for schema, table in tables}.items())
+        self.where = ", ".join(w for _, w in sorted(self.keys, key=lambda kv: kv[1]))
         self.conn: psycopg.Connection | None = None
+        self._held: list[int] = []
 
     def __enter__(self) -> OperatorLock:
         self.conn = db.connect(self.dsn, role="lock")
-        for _ in range(20):
-            if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
-                return self
-            holder = self.holder(self.conn)
-            if holder != "holder unknown":
-                break
-            time.sleep(0.05)  # released between the two queries (a holder exiting): try again
-        self.conn.close()
-        raise Refused(f"another orchestrator is already migrating {self.where}: {holder}",
-                      hint="wait for it to finish (orchestrator status), or stop it")
+        for key, where in self.keys:
+            holder = "holder unknown"
+            for _ in range(20):
+                if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                    self._held.append(key)
+                    break
+                holder = self._holder(self.conn, key)
+                if holder != "holder unknown":
+                    break
+                time.sleep(0.05)  # released between the two queries (a holder exiting): try again
+            else:
+                holder = "holder unknown"
+            if key not in self._held:
+                self.__exit__()
+                raise Refused(f"another orchestrator is already migrating {where}: {holder}",
+                              hint="wait for it to finish (orchestrator status), or stop it")
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.conn is not None and not self.conn.closed:
             # Unlock explicitly: closing only asks the server to end the session, and the next command's
             # lock attempt could otherwise still find this session holding the lock.
-            try:
-                self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
-            except psycopg.Error:
-                pass  # a lost connection has released the lock already
+            for key in self._held:
+                try:
+                    self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except psycopg.Error:
+                    break  # a lost connection has released the locks already
             self.conn.close()
+        self._held = []
 
     def holder(self, conn: psycopg.Connection) -> str:
+        for key, _ in self.keys:
+            found = self._holder(conn, key)
+            if found != "holder unknown":
+                return found
+        return "holder unknown"
+
+    @staticmethod
+    def _holder(conn: psycopg.Connection, key: int) -> str:
         row = conn.execute("""SELECT a.pid, a.application_name, a.client_addr, a.backend_start
                               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                               WHERE l.locktype = 'advisory' AND l.granted
                                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                                 AND l.classid = ((%s::bigint >> 32) & 4294967295)::oid
                                 AND l.objid = (%s::bigint & 4294967295)::oid AND l.objsubid = 1""",
-                           (self.key, self.key)).fetchone()
+                           (key, key)).fetchone()
         if row is None:
             return "holder unknown"
         pid, app, addr, since = row

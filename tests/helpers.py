@@ -17,21 +17,28 @@ from orchestrator.demo import SeedNames, create_seed_schema, insert_rows, schema
 from orchestrator.runner import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "playbooks" / "workflow_type_enum_to_varchar.yaml"
+REFERENCE = ROOT / "playbooks" / "workflow_type_enum_to_varchar.yaml"  # Chatter's real schema, both tables
+SIMPLE = ROOT / "tests" / "playbooks" / "simple_table.yaml"  # the one-table fixture, for odd shapes
 
 
 def reference_dict() -> dict:
+    """The reference playbook: both columns of Chatter's enum type."""
     return yaml.safe_load(REFERENCE.read_text())
 
 
+def simple_dict() -> dict:
+    """The one-table fixture's playbook (demo.create_seed_schema), the same migration written for one column."""
+    return yaml.safe_load(SIMPLE.read_text())
+
+
 def make_playbook(names: SeedNames | None = None, **overrides) -> playbook.Playbook:
-    """The reference playbook, retargeted at `names`, with top-level or dotted-key overrides."""
+    """The one-table fixture's playbook, retargeted at `names`, with top-level or dotted-key overrides."""
     return playbook.parse(playbook_dict(names, **overrides))
 
 
 def playbook_dict(names: SeedNames | None = None, **overrides) -> dict:
     """make_playbook's data, before validation (to write as a YAML file)."""
-    data = copy.deepcopy(reference_dict())
+    data = copy.deepcopy(simple_dict())
     if names is not None:
         data["table"] = {"schema": names.schema, "name": names.table}
         data["column"] = {"name": names.column, "enum_type": names.enum}

@@ -18,7 +18,7 @@ from orchestrator import control
 from orchestrator.errors import Failure, Refused
 from orchestrator.traffic import AppTraffic
 
-from .helpers import ROOT, make_playbook, orchestrator, query, reference_dict, seed, write_playbook
+from .helpers import ROOT, make_playbook, orchestrator, query, simple_dict, seed, write_playbook
 
 SLOW_BATCHES = {"settings.batch_size": 200, "settings.min_batch_size": 200, "settings.max_batch_size": 200,
                 "settings.batch_pause_ms": 15}
@@ -69,7 +69,7 @@ def wait_for(predicate, timeout=30.0):
 def test_sigkill_mid_backfill_resumes_without_redoing_or_skipping_rows(dsn, tmp_path):
     rows = 20_000
     seed(dsn, rows=rows)
-    data = reference_dict()
+    data = simple_dict()
     data["settings"].update(batch_size=200, min_batch_size=200, max_batch_size=200, batch_pause_ms=15)
     path = write_playbook(data, tmp_path / "pb.yaml")
     orch = ready_for_backfill(dsn, make_playbook(**SLOW_BATCHES))
@@ -111,7 +111,7 @@ def test_killed_connection_is_retried_and_the_backfill_completes(dsn):
 
 def test_a_row_lock_makes_one_batch_wait_at_most_lock_timeout_then_retry(dsn, tmp_path):
     seed(dsn, rows=6000)
-    data = reference_dict()
+    data = simple_dict()
     data["settings"].update(batch_size=500, min_batch_size=500, max_batch_size=500, lock_timeout_ms=50,
                             retries=100, retry_wait_initial_ms=20, retry_wait_max_ms=100)
     path = write_playbook(data, tmp_path / "pb.yaml")

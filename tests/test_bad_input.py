@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator.demo import SeedNames, create_seed_schema, insert_rows, schema_snapshot, snapshot_diff
 
-REFERENCE = Path(__file__).resolve().parents[1] / "playbooks" / "workflow_type_enum_to_varchar.yaml"
+REFERENCE = Path(__file__).resolve().parent / "playbooks" / "simple_table.yaml"  # the one-table fixture
 REFERENCE_TEXT = REFERENCE.read_text(encoding="utf-8")
 PASSWORD = "s3cr3t-pw"
 SEED_ROWS = 300

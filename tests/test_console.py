@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator import lint
 from orchestrator.executor import Recorded
 
-from .helpers import ROOT, cli, make_playbook, orchestrator, query, reference_dict, seed, snapshot, write_playbook
+from .helpers import ROOT, cli, make_playbook, orchestrator, query, simple_dict, seed, snapshot, write_playbook
 
 
 def test_squawk_is_installed_with_the_package():
@@ -101,7 +101,7 @@ def hook_script(tmp_path: Path, exit_code: int = 0) -> Path:
 def test_hooks_receive_the_documented_variables(dsn, tmp_path):
     seed(dsn, rows=3000)
     ok = hook_script(tmp_path)
-    data = reference_dict()
+    data = simple_dict()
     data["hooks"] = {"on_start": [str(ok)], "on_success": [str(ok)], "on_failure": [str(ok)],
                      "on_progress": [str(ok)], "progress_every_s": 1}
     data["settings"].update(batch_size=100, min_batch_size=100, max_batch_size=100, batch_pause_ms=40)
@@ -130,7 +130,7 @@ def test_hooks_receive_the_documented_variables(dsn, tmp_path):
 def test_a_failing_hook_is_logged_and_only_stops_the_run_when_asked(dsn, tmp_path):
     seed(dsn, rows=100)
     bad = hook_script(tmp_path, exit_code=7)
-    data = reference_dict()
+    data = simple_dict()
     data["hooks"] = {"on_start": [str(bad)]}
     path = write_playbook(data, tmp_path / "pb.yaml")
     r = cli("--json-logs", "run", "1", dsn=dsn, playbook_path=path, env={"HOOK_DIR": str(tmp_path)})
@@ -145,7 +145,7 @@ def test_a_failing_hook_is_logged_and_only_stops_the_run_when_asked(dsn, tmp_pat
 
 def test_environments_select_settings_and_status_shows_them(dsn, tmp_path):
     seed(dsn, rows=500)
-    data = reference_dict()
+    data = simple_dict()
     data["environments"] = {"staging": {"settings": {"batch_size": 100, "min_batch_size": 50}},
                             "production": {"settings": {"lock_timeout_ms": 20}}}
     path = write_playbook(data, tmp_path / "pb.yaml")
@@ -196,7 +196,7 @@ def test_contract_needs_confirmation_without_a_terminal(dsn):
 
 def test_progress_bar_with_eta_on_a_terminal(dsn, tmp_path):
     seed(dsn, rows=60_000)
-    data = reference_dict()
+    data = simple_dict()
     data["settings"].update(batch_size=2000, min_batch_size=2000, max_batch_size=2000, batch_pause_ms=30)
     path = write_playbook(data, tmp_path / "pb.yaml")
     for n in (1, 2):

@@ -79,7 +79,8 @@ def parity_problems(chain: Chain, command: tuple, dsn: str) -> list[str]:
         result = orch.verify()
     finally:
         orch.close()
-    return [f"parity: {result.mismatches} mismatches, e.g. {result.sample}"] if result.mismatches else []
+    return [f"parity of {table}: {r.mismatches} mismatches, e.g. {r.sample}" for table, r in result.items()
+            if r.mismatches]
 
 
 def interrupt_and_recover(chain: Chain, command: tuple, at: str, mode: str = "kill", light: bool = False) -> list[str]:

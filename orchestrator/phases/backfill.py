@@ -24,8 +24,16 @@ class BackfillPhase(Phase):
         st = engine.run()
         return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
 
+    def expand_all(self, ctxs: list[Context]) -> dict:
+        tables = {c.m.label: self.expand(c) for c in ctxs}
+        if ctxs[0].x.dry_run:
+            return {}
+        return {"rows_done": sum(t["rows_done"] for t in tables.values()),
+                "batches": sum(t["batches"] for t in tables.values()),
+                "max_batch_ms": max((t["max_batch_ms"] or 0 for t in tables.values()), default=0), "tables": tables}
+
     def rollback(self, ctx: Context) -> None:
         ctx.x.note("-- forget the backfill cursor")
         if ctx.state is not None and not ctx.x.dry_run:
-            ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s").format(ctx.state.t("backfill")),
-                               (ctx.state.playbook,))
+            ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = %s").format(
+                ctx.state.t("backfills")), (ctx.state.playbook, ctx.m.key))

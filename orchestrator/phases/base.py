@@ -9,14 +9,17 @@ from psycopg import sql
 
 from ..catalog import Facts
 from ..executor import Executor
-from ..playbook import Playbook, _suffixed
+from ..playbook import ColumnMigration, Playbook, _suffixed
 from ..sqlkit import I, Q, case_map, column_type, join, row_of
 from ..state import State
 
 
 @dataclass
 class Context:
+    """One column's migration (`m`, with its stored `facts`) and the machinery to run its statements."""
+
     pb: Playbook
+    m: ColumnMigration
     facts: Facts
     x: Executor
     state: State | None  # None only for `plan` against no database
@@ -25,56 +28,56 @@ class Context:
     # Names, derived once so every phase agrees on them.
     @property
     def table(self) -> sql.Identifier:
-        return I(self.pb.table.schema_, self.pb.table.name)
+        return I(self.m.table.schema_, self.m.table.name)
 
     @property
     def table_name(self) -> tuple[str, str]:
-        return self.pb.table.schema_, self.pb.table.name
+        return self.m.table.schema_, self.m.table.name
 
     @property
     def col(self) -> sql.Identifier:
-        return I(self.pb.column.name)
+        return I(self.m.column.name)
 
     @property
     def shadow(self) -> sql.Identifier:
-        return I(self.pb.shadow)
+        return I(self.m.shadow)
 
     @property
     def retired(self) -> sql.Identifier:
-        return I(self.pb.retired)
+        return I(self.m.retired)
 
     @property
     def enum_type(self) -> sql.Identifier:
-        return I(self.pb.enum_schema, self.pb.column.enum_type)
+        return I(self.m.enum_schema, self.m.column.enum_type)
 
     @property
     def target_type(self) -> sql.Composable:
-        return column_type(self.pb.target.type, self.pb.target.length)
+        return column_type(self.m.target.type, self.m.target.length)
 
     def fn(self, suffix: str) -> sql.Identifier:
-        return I(self.pb.table.schema_, _suffixed(f"_ec_{self.pb.table.name}_{self.pb.column.name}", suffix))
+        return I(self.m.table.schema_, _suffixed(f"_ec_{self.m.table.name}_{self.m.column.name}", suffix))
 
     def trigger_name(self, suffix: str) -> str:
-        return _suffixed(f"_ec_{self.pb.column.name}", suffix)
+        return _suffixed(f"_ec_{self.m.column.name}", suffix)
 
     def trigger(self, suffix: str) -> sql.Identifier:
         return I(self.trigger_name(suffix))
 
     def index(self, name: str) -> sql.Identifier:
-        return I(self.pb.table.schema_, name)
+        return I(self.m.table.schema_, name)
 
     def extra_index_name(self, column: str) -> str:
-        return _suffixed(f"ix_{self.pb.table.name}", f"_{column}") if len(
-            f"ix_{self.pb.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
+        return _suffixed(f"ix_{self.m.table.name}", f"_{column}") if len(
+            f"ix_{self.m.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
 
     # Expressions
     def forward(self, expr: sql.Composable) -> sql.Composable:
         """map(old label) -> new value."""
-        return case_map(expr, self.pb.mapping.items())  # compared as the enum: cheaper than via text
+        return case_map(expr, self.m.mapping.items())  # compared as the enum: cheaper than via text
 
     def backward(self, expr: sql.Composable) -> sql.Composable:
         """new value -> enum label (NULL when the value has no label)."""
-        return case_map(expr, self.pb.reverse.items(), result_type=self.enum_type)
+        return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
 
     @property
     def pk_row(self) -> sql.Composable:
@@ -85,10 +88,10 @@ class Context:
         return join(I(c) for c in self.facts.pk)
 
     def new_default(self) -> str | None:
-        if self.pb.target.default is not None:
-            return self.pb.target.default
+        if self.m.target.default is not None:
+            return self.m.target.default
         if self.facts.default_label is not None:
-            return self.pb.mapping[self.facts.default_label]
+            return self.m.mapping[self.facts.default_label]
         return None
 
     def exists_query(self, kind: str, name: str) -> sql.Composable:
@@ -146,3 +149,25 @@ class Phase:
 
     def before_expand(self, ctx: Context) -> None:
         """Raise Refused when a precondition the state table cannot see does not hold."""
+
+    # A phase spans every column of the playbook. By default each column is handled on its own, in playbook
+    # order (rollbacks in reverse order); a phase that must treat them together (the swap) overrides these.
+    def expand_all(self, ctxs: list[Context]) -> dict | None:
+        details = {c.m.label: self.expand(c) for c in ctxs}
+        details = {k: v for k, v in details.items() if v}
+        return {"tables": details} if details else None
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        for c in reversed(ctxs):
+            self.rollback(c)
+
+    def contract_all(self, ctxs: list[Context]) -> None:
+        for c in ctxs:
+            self.contract(c)
+
+    def check_all(self, ctxs: list[Context]) -> list[str]:
+        return [f"{c.m.label}: {p}" for c in ctxs for p in self.check(c)]
+
+    def before_expand_all(self, ctxs: list[Context]) -> None:
+        for c in ctxs:
+            self.before_expand(c)

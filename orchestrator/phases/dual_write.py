@@ -24,7 +24,7 @@ def forward_function(ctx: Context) -> sql.Composable:
 
 def reverse_function(ctx: Context) -> sql.Composable:
     body = []
-    translate = [(k, v) for k, v in ctx.pb.mapping.items() if k != v]
+    translate = [(k, v) for k, v in ctx.m.mapping.items() if k != v]
     if ctx.pb.settings.translate_old_writes and translate:
         # A stale app instance still writing old labels after the swap gets them translated, not stored raw.
         body.append(Q("NEW.{0} := {1};").format(

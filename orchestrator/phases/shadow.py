@@ -20,7 +20,7 @@ class AddShadowColumn(Phase):
 
     def expand(self, ctx: Context) -> None:
         adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]
-        for c in ctx.pb.extra_columns:
+        for c in ctx.m.extra_columns:
             clause = Q("ADD COLUMN IF NOT EXISTS {} {}").format(I(c.name), extra_type(c))
             # A backfill value is a temporary default: existing rows read it at once (no rewrite, no batch),
             # old-app inserts get it without trigger work; the contract drops it.
@@ -31,19 +31,19 @@ class AddShadowColumn(Phase):
                 clause = Q("{} NOT NULL").format(clause)
             adds.append(clause)
         # On a re-run the columns exist: skip the ALTER, which would take ACCESS EXCLUSIVE even as a no-op.
-        present = [ctx.exists_query("column", n) for n in [ctx.pb.shadow, *(c.name for c in ctx.pb.extra_columns)]]
+        present = [ctx.exists_query("column", n) for n in [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)]]
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(adds)),
                      skip_if=Q("SELECT ({})").format(Q(") AND (").join(present)),
                      lock="ACCESS EXCLUSIVE (catalog only, no rewrite)", what="add columns")
         for ix in ctx.facts.indexes:
-            cols = [ctx.pb.shadow if c == ctx.pb.column.name else c for c in ix.columns]
+            cols = [ctx.m.shadow if c == ctx.m.column.name else c for c in ix.columns]
             self._build(ctx, ix.shadow_name, cols, ix.unique)
-        for c in ctx.pb.extra_columns:
+        for c in ctx.m.extra_columns:
             if c.index:
                 self._build(ctx, ctx.extra_index_name(c.name), [c.name], False)
 
     def contract(self, ctx: Context) -> None:
-        temporary = [Q("ALTER COLUMN {} DROP DEFAULT").format(I(c.name)) for c in ctx.pb.extra_columns
+        temporary = [Q("ALTER COLUMN {} DROP DEFAULT").format(I(c.name)) for c in ctx.m.extra_columns
                      if c.backfill is not None]
         if not temporary:
             return super().contract(ctx)
@@ -61,12 +61,12 @@ class AddShadowColumn(Phase):
     def rollback(self, ctx: Context) -> None:
         self._refuse_losing_app_values(ctx)
         names = [ix.shadow_name for ix in ctx.facts.indexes]
-        names += [ctx.extra_index_name(c.name) for c in ctx.pb.extra_columns if c.index]
+        names += [ctx.extra_index_name(c.name) for c in ctx.m.extra_columns if c.index]
         for name in names:
             ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
                                lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
         drops = [Q("DROP COLUMN IF EXISTS {}").format(ctx.shadow)]
-        drops += [Q("DROP COLUMN IF EXISTS {}").format(I(c.name)) for c in ctx.pb.extra_columns]
+        drops += [Q("DROP COLUMN IF EXISTS {}").format(I(c.name)) for c in ctx.m.extra_columns]
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(drops)),
                      lock="ACCESS EXCLUSIVE (catalog only)", what="drop columns")
 
@@ -74,7 +74,7 @@ class AddShadowColumn(Phase):
         """Extra columns are the new app's to fill; values other than the default/backfill are its data."""
         if ctx.x.dry_run:
             return
-        for c in ctx.pb.extra_columns:
+        for c in ctx.m.extra_columns:
             if not ctx.has("column", c.name):
                 continue
             ours = [typed_literal(v, extra_type(c)) for v in (c.default, c.backfill) if v is not None]
@@ -88,7 +88,7 @@ class AddShadowColumn(Phase):
                               hint="copy those values elsewhere first, or keep the migration and contract it")
 
     def check(self, ctx: Context) -> list[str]:
-        problems = [f"column {n!r} missing" for n in [ctx.pb.shadow, *(c.name for c in ctx.pb.extra_columns)]
+        problems = [f"column {n!r} missing" for n in [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)]
                     if not ctx.has("column", n)]
         problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
                      if not ctx.has("valid_index", ix.shadow_name)]

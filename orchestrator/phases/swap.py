@@ -17,6 +17,20 @@ from .base import Context, Phase
 from .dual_write import create_triggers
 
 
+def lock_tables(ctxs: list[Context]) -> sql.Composable:
+    """LOCK every table of the playbook, in one fixed (sorted) order, as the first statement of the swap."""
+    names = sorted({ctx.m.table.schema_ + "\x00" + ctx.m.table.name: ctx.table for ctx in ctxs}.items())
+    return Q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(Q(", ").join(t for _, t in names))
+
+
+def all_of(queries) -> sql.Composable:
+    return Q("SELECT ({})").format(Q(") AND (").join(list(queries)))
+
+
+def any_of(queries) -> sql.Composable:
+    return Q("SELECT ({})").format(Q(") OR (").join(list(queries)))
+
+
 class SwapColumns(Phase):
     name = "swap"
     title = "swap the columns"
@@ -32,49 +46,57 @@ class SwapColumns(Phase):
 
     # -- names ------------------------------------------------------------------------------------
     def new_check(self, ctx: Context) -> str:
-        return _suffixed(f"_ec_{ctx.pb.shadow}", "_nn")
+        return _suffixed(f"_ec_{ctx.m.shadow}", "_nn")
 
     def old_check(self, ctx: Context) -> str:
-        return _suffixed(f"_ec_{ctx.pb.retired}", "_nn")
+        return _suffixed(f"_ec_{ctx.m.retired}", "_nn")
 
     def swapped(self, ctx: Context) -> sql.Composable:
-        return ctx.exists_query("column", ctx.pb.retired)
+        return ctx.exists_query("column", ctx.m.retired)
 
     # -- expand -----------------------------------------------------------------------------------
     def before_expand(self, ctx: Context) -> None:
-        if ctx.x.dry_run or ctx.has("column", ctx.pb.retired):
+        if ctx.x.dry_run or ctx.has("column", ctx.m.retired):
             return
         conn = ctx.x.conn
         oid = catalog.table_oid(conn, *ctx.table_name)
-        info = catalog.column(conn, oid, ctx.pb.column.name)
+        info = catalog.column(conn, oid, ctx.m.column.name)
         blockers = catalog.column_dependents(conn, oid, info["attnum"])
         if blockers:
-            raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.pb.column.name!r}: "
+            raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.m.column.name!r}: "
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
 
-    def expand(self, ctx: Context) -> None:
+    def expand_all(self, ctxs: list[Context]) -> None:
+        for ctx in ctxs:
+            self._prepare_not_null(ctx)
+        # Every table in one short transaction: no statement ever sees one column swapped and another not
+        # (a join between them keeps working), locks taken in a fixed order so two runs cannot deadlock.
+        ctxs[0].x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._swap_statements(ctx)),
+                         skip_if=all_of(self.swapped(ctx) for ctx in ctxs),
+                         lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns")
+
+    def _prepare_not_null(self, ctx: Context) -> None:
         x, t = ctx.x, ctx.table
-        if not ctx.pb.target.nullable:
-            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
-                t, I(self.new_check(ctx)), ctx.shadow),
-                skip_if=Q("SELECT ({}) OR ({})").format(ctx.exists_query("constraint", self.new_check(ctx)),
-                                                      self.swapped(ctx)),
-                lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check")
-            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.new_check(ctx))),
-                     skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
-                     what="validate NOT NULL check")
-        x.atomic(*self._swap_statements(ctx), skip_if=self.swapped(ctx),
-                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="swap columns")
+        if ctx.m.target.nullable:
+            return
+        x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
+            t, I(self.new_check(ctx)), ctx.shadow),
+            skip_if=Q("SELECT ({}) OR ({})").format(ctx.exists_query("constraint", self.new_check(ctx)),
+                                                  self.swapped(ctx)),
+            lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check")
+        x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.new_check(ctx))),
+                 skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
+                 what="validate NOT NULL check")
 
     def _swap_statements(self, ctx: Context) -> list[sql.Composable]:
         t, f = ctx.table, ctx.facts
         prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
         if f.not_null:
             prep.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.col))  # rows the old enum cannot hold
-        if not ctx.pb.target.nullable:
+        if not ctx.m.target.nullable:
             prep.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow))  # uses the valid CHECK: no scan
         stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep))]
-        if not ctx.pb.target.nullable:
+        if not ctx.m.target.nullable:
             # A statement of its own: in the same ALTER TABLE the CHECK would go first and SET NOT NULL would
             # scan the whole table under ACCESS EXCLUSIVE.
             stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.new_check(ctx))))
@@ -90,23 +112,29 @@ class SwapColumns(Phase):
         return stmts + create_triggers(ctx, ctx.fn("_rev"), ctx.col)
 
     # -- rollback ---------------------------------------------------------------------------------
-    def rollback(self, ctx: Context) -> None:
-        x, t, f = ctx.x, ctx.table, ctx.facts
-        if not x.dry_run and not ctx.has("column", ctx.pb.retired):
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        x = ctxs[0].x
+        if not x.dry_run and not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
             # Swap never happened: only the online NOT NULL preparation may be left.
-            x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, I(self.new_check(ctx))),
-                     lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
+            for ctx in ctxs:
+                x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.new_check(ctx))),
+                         lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
             return
-        self._resolve_unmapped(ctx)
-        if f.not_null:
-            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
-                t, I(self.old_check(ctx)), ctx.retired),
-                skip_if=ctx.exists_query("constraint", self.old_check(ctx)),
-                lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check on the enum column")
-            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.old_check(ctx))),
-                     lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column")
-        x.atomic(*self._unswap_statements(ctx), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="swap columns back")
+        for ctx in ctxs:
+            self._resolve_unmapped(ctx)
+        for ctx in ctxs:
+            if ctx.facts.not_null:
+                x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
+                    ctx.table, I(self.old_check(ctx)), ctx.retired),
+                    skip_if=Q("SELECT ({}) OR NOT ({})").format(
+                        ctx.exists_query("constraint", self.old_check(ctx)), self.swapped(ctx)),
+                    lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check on the enum column")
+                x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.old_check(ctx))),
+                         skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
+                         lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column")
+        x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
+                 skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
+                 lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composable]:
         from .dual_write import drop_triggers
@@ -121,7 +149,7 @@ class SwapColumns(Phase):
         if f.default_label is not None:
             restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(
                 ctx.col, typed_literal(f.default_label, ctx.enum_type)))
-        if not ctx.pb.target.nullable:
+        if not ctx.m.target.nullable:
             restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
         if restore:
             stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restore)))
@@ -139,17 +167,17 @@ class SwapColumns(Phase):
         if not ctx.facts.not_null:  # NULL was a legal old value: it needs no label
             no_label = Q("{} AND {} IS NOT NULL").format(no_label, ctx.col)
         if x.dry_run:
-            x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.pb.rollback.unmapped!r}")
+            x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.m.rollback.unmapped!r}")
             return
         n, ids = ctx.sample_ids(no_label)
         if not n:
             return
-        if ctx.pb.rollback.unmapped == "refuse":
-            raise Refused(f"rollback of the swap would lose {n} values of {ctx.pb.column.name!r} that have no label "
-                          f"in enum {ctx.pb.column.enum_type} (e.g. ids {ids}); nothing was changed",
+        if ctx.m.rollback.unmapped == "refuse":
+            raise Refused(f"rollback of the swap would lose {n} values of {ctx.m.column.name!r} that have no label "
+                          f"in enum {ctx.m.column.enum_type} (e.g. ids {ids}); nothing was changed",
                           hint="change those rows, add them to rollback.reverse_mapping, or set "
                                "rollback.unmapped: fallback in the playbook")
-        fallback = ctx.pb.mapping[ctx.pb.rollback.fallback_label]
+        fallback = ctx.m.mapping[ctx.m.rollback.fallback_label]
         batch = ctx.pb.settings.batch_size
         pk = ctx.pk_row
         # no_label again outside the subquery: a row an app write changed meanwhile is re-checked, not clobbered
@@ -160,16 +188,17 @@ class SwapColumns(Phase):
             pass
 
     # -- contract ---------------------------------------------------------------------------------
-    def contract(self, ctx: Context) -> None:
-        x = ctx.x
-        for ix in ctx.facts.indexes:
-            x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(ix.retired_name)),
-                           lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {ix.retired_name}")
-        x.atomic(Q("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ctx.table, ctx.retired),
-                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop the retired column")
-        if ctx.pb.settings.drop_enum_type:
-            x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctx.enum_type), lock="ACCESS EXCLUSIVE on the type only",
+    def contract_all(self, ctxs: list[Context]) -> None:
+        x = ctxs[0].x
+        for ctx in ctxs:
+            for ix in ctx.facts.indexes:
+                x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(ix.retired_name)),
+                               lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {ix.retired_name}")
+            x.atomic(Q("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ctx.table, ctx.retired),
+                     lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"drop the retired column of {ctx.m.label}")
+        if ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
+            x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctxs[0].enum_type), lock="ACCESS EXCLUSIVE on the type only",
                      what="drop the enum type")
 
     def check(self, ctx: Context) -> list[str]:
-        return [] if ctx.has("column", ctx.pb.retired) else [f"column {ctx.pb.retired!r} missing after the swap"]
+        return [] if ctx.has("column", ctx.m.retired) else [f"column {ctx.m.retired!r} missing after the swap"]

@@ -18,16 +18,25 @@ class VerifyPhase(Phase):
         if ctx.x.dry_run:
             cond, _ = parity.conditions(ctx, swapped=False)
             ctx.x.note(f"SELECT count(*) FILTER (WHERE {ctx.x.render(cond)}) FROM {ctx.x.render(ctx.table)} "
-                       "WHERE pk in (next key range)  -- per chunk", lock="ACCESS SHARE")
+                       "WHERE ctid in (next heap-block range)  -- per chunk; key ranges before PostgreSQL 14",
+                       lock="ACCESS SHARE")
             return {}
         result = parity.check(ctx, swapped=False)
         if result.mismatches:
-            raise Refused(f"parity check found {result.mismatches} of {result.rows} rows where "
-                          f"{ctx.pb.shadow} differs from the mapping of {ctx.pb.column.name} "
+            raise Refused(f"parity check found {result.mismatches} of {result.rows} rows of {ctx.m.table.name} where "
+                          f"{ctx.m.shadow} differs from the mapping of {ctx.m.column.name} "
                           f"(e.g. ids {result.sample}); the swap stays blocked",
                           hint="orchestrator rollback 4; orchestrator rollback 3; then run 3 and 4 again: "
                                "the backfill re-checks every row and mends the drifted ones")
         return {"parity": result.to_json()}
+
+    def expand_all(self, ctxs: list[Context]) -> dict:
+        tables = {c.m.label: self.expand(c) for c in ctxs}
+        if ctxs[0].x.dry_run:
+            return {}
+        total = {"rows": sum(t["parity"]["rows"] for t in tables.values()),
+                 "mismatches": sum(t["parity"]["mismatches"] for t in tables.values())}
+        return {"parity": total, "tables": tables}
 
     def rollback(self, ctx: Context) -> None:
         ctx.x.note("-- forget the verification result")
