@@ -39,7 +39,7 @@ def execute(dsn, stmt, params=None):
 def backfill_row(dsn) -> dict | None:
     with psycopg.connect(dsn) as conn:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        return cur.execute("SELECT * FROM _orchestrator.backfill").fetchone()
+        return cur.execute("SELECT * FROM _orchestrator.backfills").fetchone()
 
 
 def mismatches(dsn) -> int:

@@ -87,7 +87,7 @@ def test_dry_run_changes_nothing(dsn):
         assert r.returncode in (0, 3), r.stderr
     assert state_snapshot(dsn) == before
     assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type_new IS NULL") == backfill_before
-    assert query(dsn, "SELECT count(*) FROM _orchestrator.backfill") == [(0,)]
+    assert query(dsn, "SELECT count(*) FROM _orchestrator.backfills") == [(0,)]
 
 
 def hook_script(tmp_path: Path, exit_code: int = 0) -> Path:

@@ -108,10 +108,10 @@ def test_accepted_mappings_are_sound(data):
         assert all(len(v) <= pb.target.length for v in values)
     for label, value in pb.mapping.items():
         assert value == label or value not in labels  # never another label's name
-        assert pb.reverse[value] == label  # the reverse inverts the mapping exactly
+        assert pb.migrations[0].reverse[value] == label  # the reverse inverts the mapping exactly
     for value, label in pb.rollback.reverse_mapping.items():
         assert value not in labels and value not in values
-        assert label in labels and pb.reverse[value] == label
+        assert label in labels and pb.migrations[0].reverse[value] == label
     if pb.rollback.unmapped == "fallback":
         assert pb.rollback.fallback_label in labels
     everything = [*labels, *values, *pb.rollback.reverse_mapping, *pb.rollback.reverse_mapping.values()]

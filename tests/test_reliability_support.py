@@ -133,7 +133,7 @@ def state_summary(dsn: str) -> dict:
         phases = conn.execute("SELECT phase, status, step, error, details->'inserted' FROM _orchestrator.phases "
                               "ORDER BY phase").fetchall()
         backfill = conn.execute("SELECT rows_done, finished_at IS NOT NULL, cursor = end_key "
-                                "FROM _orchestrator.backfill").fetchall()
+                                "FROM _orchestrator.backfills").fetchall()
         migrations = conn.execute("SELECT playbook, fingerprint FROM _orchestrator.migrations").fetchall()
     return {"phases": phases, "backfill": backfill, "migrations": migrations}
 
