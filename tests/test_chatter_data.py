@@ -1,8 +1,9 @@
-"""Chatter's real schema (orchestrator/sql/chatter_schema.sql), its bulk rows and single-row helpers,
-on a real server."""
+"""Chatter's real schema (orchestrator/sql/chatter_schema.sql), its bulk rows, single-row helpers and the
+Chatter mode of the traffic simulator, on a real server."""
 
 import json
 import re
+import time
 from pathlib import Path
 
 import psycopg
@@ -14,8 +15,8 @@ from orchestrator.chatter import (
     CATEGORIES, ENUM, LABELS, OWNERS, SPECS, SYSTEM_USER, TEMPLATES,
     create_chatter_schema, insert_chatter_rows, insert_spec, insert_template, spec_values, template_values,
 )
-from orchestrator.demo import schema_snapshot
-from orchestrator.traffic import new_ulid
+from orchestrator.demo import REFERENCE_MAPPING, SeedNames, schema_snapshot
+from orchestrator.traffic import CHATTER_READ_KINDS, CHATTER_WRITE_KINDS, AppTraffic, new_ulid
 
 ODD_SCHEMA = 'Chatter "Data"'
 ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")  # Crockford base32, like a ULID
@@ -268,3 +269,80 @@ def test_insert_helpers_use_the_callers_transaction(dsn):
         insert_template(c, new_ulid(), "plain")
         c.rollback()
         assert c.execute("SELECT count(*) FROM workflow_templates").fetchone() == (0,)
+
+
+# --- traffic in Chatter mode ------------------------------------------------------
+
+
+def _values(conn, table: str, ids) -> dict[str, str]:
+    return dict(conn.execute(sql.SQL("SELECT id, workflow_type::text FROM {} WHERE id = ANY(%s)").format(
+        sql.Identifier(table)), [list(ids)]).fetchall())
+
+
+def test_chatter_traffic_zero_errors_and_exact_written(dsn, conn):
+    create_chatter_schema(conn)
+    insert_chatter_rows(conn, 4_000)
+    traffic = AppTraffic(dsn, writers=2, readers=1, seed=5, chatter=True).start()
+    time.sleep(2.0)
+    report = traffic.stop()
+
+    assert report.errors == [], report.errors[:5]
+    # workflow_type has no default in Chatter's schema: no insert relying on it
+    assert set(report.by_kind()) == (set(CHATTER_WRITE_KINDS) - {"insert_default"}) | set(CHATTER_READ_KINDS)
+    assert report.written and report.written_specs
+    assert set(report.written.values()) | set(report.written_specs.values()) == set(LABELS)
+    assert _values(conn, TEMPLATES, report.written) == report.written
+    assert _values(conn, SPECS, report.written_specs) == report.written_specs
+    # seed rows were updated in both tables (not only the app's own inserts)
+    seeded = {r[0] for r in conn.execute("SELECT id FROM workflow_templates WHERE owner_id = ANY(%s) "
+                                         "AND name NOT LIKE 'App template %%'", [list(OWNERS)])}
+    assert set(report.written) & seeded
+    # app rows are full, valid rows: counted and owned by the app users, some derived from a template
+    new_t = _count(conn, "SELECT count(*) FROM workflow_templates WHERE name LIKE 'App template %'")
+    new_s = _count(conn, "SELECT count(*) FROM template_specs WHERE name LIKE 'App spec %'")
+    assert new_t == report.by_kind()["insert"] and new_s == report.by_kind()["insert_spec"]
+    assert _count(conn, "SELECT count(*) FROM workflow_templates WHERE name LIKE 'App template %' "
+                        "AND base_template_id IS NOT NULL") > 0
+    assert _count(conn, "SELECT count(*) FROM workflow_templates WHERE updated_at > created_at") > 0
+
+
+def test_chatter_traffic_switches_to_new_app_after_both_columns_change(dsn, conn):
+    """A crude stand-in for the swap of BOTH tables in one transaction, under traffic; triggers map
+    labels still written by in-flight old-app statements."""
+    create_chatter_schema(conn)
+    insert_chatter_rows(conn, 2_000)
+    cases = sql.SQL(" ").join(
+        sql.SQL("WHEN {} THEN {}").format(sql.Literal(o), sql.Literal(n)) for o, n in REFERENCE_MAPPING.items())
+    traffic = AppTraffic(dsn, seed=6, chatter=True).start()
+    time.sleep(0.4)
+    with conn.transaction():
+        conn.execute(sql.SQL(
+            "CREATE FUNCTION map_old() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
+            "NEW.workflow_type := CASE NEW.workflow_type {} ELSE NEW.workflow_type END; RETURN NEW; END$$"
+        ).format(cases))
+        for table in (TEMPLATES, SPECS):
+            t = sql.Identifier(table)
+            extra = sql.SQL(", ADD COLUMN is_dynamic boolean NOT NULL DEFAULT false, "
+                            "ADD COLUMN execution_pattern varchar(100)") if table == TEMPLATES else sql.SQL("")
+            conn.execute(sql.SQL(
+                "ALTER TABLE {} ALTER COLUMN workflow_type TYPE varchar(50) USING CASE workflow_type::text {} END{}"
+            ).format(t, cases, extra))
+            conn.execute(sql.SQL("CREATE TRIGGER map_old BEFORE INSERT OR UPDATE ON {} "
+                                 "FOR EACH ROW EXECUTE FUNCTION map_old()").format(t))
+    traffic.use_new_app()
+    time.sleep(0.8)
+    report = traffic.stop()
+
+    assert report.errors == [], report.errors[:5]
+    new_values = set(REFERENCE_MAPPING.values()) | {"medical_chat"}
+    assert set(report.written.values()) & new_values and set(report.written_specs.values()) & new_values
+    for table, written in ((TEMPLATES, report.written), (SPECS, report.written_specs)):
+        expected = {rid: REFERENCE_MAPPING.get(v, v) for rid, v in written.items()}
+        assert _values(conn, table, expected) == expected
+    assert _count(conn, "SELECT count(*) FROM workflow_templates WHERE execution_pattern = 'chat'") > 0
+    assert "join" in report.by_kind()
+
+
+def test_chatter_mode_needs_the_chatter_table():
+    with pytest.raises(ValueError, match="chatter mode"):
+        AppTraffic("postgresql://unused", SeedNames(table="other"), chatter=True)
