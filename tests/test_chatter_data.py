@@ -316,6 +316,9 @@ def test_chatter_traffic_switches_to_new_app_after_both_columns_change(dsn, conn
     traffic = AppTraffic(dsn, seed=6, chatter=True).start()
     time.sleep(0.4)
     with conn.transaction():
+        # Lock both tables up front, in the order the app's JOIN probe takes them (template_specs, then
+        # workflow_templates): ALTERing workflow_templates first and then template_specs deadlocks with it.
+        conn.execute("LOCK TABLE template_specs, workflow_templates IN ACCESS EXCLUSIVE MODE")
         conn.execute(sql.SQL(
             "CREATE FUNCTION map_old() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
             "NEW.workflow_type := CASE NEW.workflow_type {} ELSE NEW.workflow_type END; RETURN NEW; END$$"
