@@ -4,6 +4,11 @@ Tests run it through every migration phase and demand zero failed statements;
 benchmarks and rehearsals read its latency samples.  ``TrafficReport.written``
 records, per id, the last column value this traffic committed, so callers can
 check every app-written row after each phase or rollback.
+
+``AppTraffic(..., chatter=True)`` models Chatter's app on its real schema
+(``orchestrator/chatter.py``): full-row inserts into both ``workflow_templates``
+and ``template_specs``, column updates in both, and a cross-table JOIN probe on
+the enum column; ``TrafficReport.written_specs`` records template_specs.
 """
 from __future__ import annotations
 
@@ -18,11 +23,18 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from . import chatter as _chatter
 from .demo import REFERENCE_MAPPING, SeedNames
 
 WRITE_KINDS = ("insert", "insert_default", "update_col", "update_other")
 READ_KINDS = ("select_id", "count")
 _WRITE_WEIGHTS = {"insert": 3, "insert_default": 1, "update_col": 3, "update_other": 2}
+# Chatter mode: both tables written, both read, plus the cross-table JOIN on the enum column
+CHATTER_WRITE_KINDS = ("insert", "insert_default", "insert_spec", "update_col", "update_spec_col",
+                       "update_other", "update_spec_other")
+CHATTER_READ_KINDS = ("select_id", "select_spec_id", "count", "join")
+_CHATTER_WRITE_WEIGHTS = {"insert": 3, "insert_default": 1, "insert_spec": 2, "update_col": 3,
+                          "update_spec_col": 2, "update_other": 2, "update_spec_other": 1}
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _OWNERS = tuple(f"01APPOWNER{i:016d}" for i in range(5))
 _SWITCH_TIMEOUT_S = 10.0
@@ -50,6 +62,8 @@ class StatementSample:
 class TrafficReport:
     samples: list[StatementSample]
     written: dict[str, str]  # id -> last committed column value written by this traffic
+    # Chatter mode: the same for template_specs.workflow_type (empty otherwise)
+    written_specs: dict[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[StatementSample]:
@@ -104,6 +118,8 @@ class _Worker:
     own_ids: list[str] = field(default_factory=list)  # ids only this writer writes the column of
     samples: list[StatementSample] = field(default_factory=list)
     written: dict[str, str] = field(default_factory=dict)
+    own_spec_ids: list[str] = field(default_factory=list)  # Chatter mode: template_specs ids
+    written_specs: dict[str, str] = field(default_factory=dict)
     seen_generation: int = 0
     conn: psycopg.Connection | None = None
     thread: threading.Thread | None = None
@@ -121,9 +137,14 @@ class AppTraffic:
         new_only_values: tuple[str, ...] = ("medical_chat",),
         pause_s: float = 0.002,
         seed: int = 0,
+        chatter: bool = False,
     ):
+        if chatter and (names.table, names.column) != (_chatter.TEMPLATES, _chatter.COLUMN):
+            raise ValueError(f"chatter mode runs on {_chatter.TEMPLATES}.{_chatter.COLUMN}, "
+                             f"not {names.table}.{names.column}")
         self.dsn = dsn
         self.names = names
+        self.chatter = chatter
         self.mapping = dict(REFERENCE_MAPPING if mapping is None else mapping)
         self.new_only_values = tuple(new_only_values)
         self.pause_s = pause_s
@@ -133,6 +154,7 @@ class AppTraffic:
         self._vocab = _Vocab(0, "old", tuple(names.labels))
         self._has_default = False
         self._shared_ids: list[str] = []  # any row id: targets for reads / updated_at touches
+        self._shared_spec_ids: list[str] = []  # the same for template_specs (Chatter mode)
         self._workers = [
             _Worker(i, "writer", random.Random(seed * 1009 + i)) for i in range(writers)
         ] + [_Worker(writers + i, "reader", random.Random(seed * 1009 + writers + i)) for i in range(readers)]
@@ -153,6 +175,17 @@ class AppTraffic:
             # LIMIT keeps it "small" even on a 5M-row table (index scan, stops early)
             "count": sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE {} = %s LIMIT 100) AS s").format(t, c),
         }
+        if chatter:
+            s = sql.Identifier(names.schema, _chatter.SPECS)
+            self._sql.update({
+                "update_col": sql.SQL("UPDATE {} SET {} = %s, updated_at = now() WHERE id = %s").format(t, c),
+                "update_spec_col": sql.SQL("UPDATE {} SET {} = %s, updated_at = now() WHERE id = %s").format(s, c),
+                "update_spec_other": sql.SQL("UPDATE {} SET updated_at = now() WHERE id = %s").format(s),
+                "select_spec_id": sql.SQL("SELECT id, {}, updated_at FROM {} WHERE id = %s").format(c, s),
+                # must work whatever phase each table is in: both columns enum, or both varchar
+                "join": sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} s JOIN {} t ON s.{} = t.{} "
+                                "WHERE s.id = %s LIMIT 10) AS x").format(s, t, c, c),
+            })
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -160,12 +193,17 @@ class AppTraffic:
         with self._connect() as conn:
             self._has_default = bool(self._column_has_default(conn, self.names.column))
             sample = self._sample_ids(conn)
+            spec_sample = self._sample_ids(conn, table=_chatter.SPECS) if self.chatter else []
         self._shared_ids.extend(sample)
+        self._shared_spec_ids.extend(spec_sample)
         # Seed rows are split between writers by hash so no two threads ever write the
         # same id's column: then "last committed write" per id is well defined.
         for rid in sample:
             if self._n_writers:
                 self._workers[zlib.crc32(rid.encode()) % self._n_writers].own_ids.append(rid)
+        for rid in spec_sample:
+            if self._n_writers:
+                self._workers[zlib.crc32(rid.encode()) % self._n_writers].own_spec_ids.append(rid)
         self._t0 = time.monotonic()
         for w in self._workers:
             w.thread = threading.Thread(target=self._run, args=(w,), name=f"app-traffic-{w.role}-{w.index}", daemon=True)
@@ -189,9 +227,11 @@ class AppTraffic:
                 w.thread.join(timeout=15)
         samples = sorted((s for w in self._workers for s in w.samples), key=lambda s: s.t)
         written: dict[str, str] = {}
+        written_specs: dict[str, str] = {}
         for w in self._workers:
             written.update(w.written)  # disjoint by construction (id ownership)
-        self.report = TrafficReport(samples=samples, written=written)
+            written_specs.update(w.written_specs)
+        self.report = TrafficReport(samples=samples, written=written, written_specs=written_specs)
         return self.report
 
     def __enter__(self) -> "AppTraffic":
@@ -243,14 +283,15 @@ class AppTraffic:
         ).fetchone()
         return None if row is None else row[0]
 
-    def _sample_ids(self, conn: psycopg.Connection, want: int = 2000) -> list[str]:
+    def _sample_ids(self, conn: psycopg.Connection, want: int = 2000, table: str | None = None) -> list[str]:
         """A cheap spread of existing ids: block sampling sized from reltuples."""
+        table = table or self.names.table
         reltuples = conn.execute(
             sql.SQL("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                     "WHERE n.nspname = %s AND c.relname = %s"),
-            [self.names.schema, self.names.table],
+            [self.names.schema, table],
         ).fetchone()[0]
-        t = self.names.table_ident
+        t = sql.Identifier(self.names.schema, table)
         ids: list[str] = []
         if reltuples and reltuples > want:
             pct = min(100.0, 100.0 * 2 * want / reltuples)
@@ -283,6 +324,8 @@ class AppTraffic:
             w.conn.close()
 
     def _step(self, w: _Worker, vocab: _Vocab) -> None:
+        if self.chatter:
+            return self._step_chatter(w, vocab)
         if w.role == "reader":
             kind = w.rng.choice(READ_KINDS)
         else:
@@ -336,3 +379,80 @@ class AppTraffic:
         if kind in ("insert", "insert_default"):
             w.own_ids.append(rid)
             self._shared_ids.append(rid)
+
+    def _step_chatter(self, w: _Worker, vocab: _Vocab) -> None:
+        """One statement of Chatter's app: full rows, both tables (see chatter.template_values)."""
+        if w.role == "reader":
+            kind = w.rng.choice(CHATTER_READ_KINDS)
+        else:
+            kinds = [k for k in CHATTER_WRITE_KINDS if k != "insert_default" or self._has_default]
+            kind = w.rng.choices(kinds, weights=[_CHATTER_WRITE_WEIGHTS[k] for k in kinds])[0]
+            if kind == "update_col" and not w.own_ids:
+                kind = "insert"
+            if kind == "update_spec_col" and not w.own_spec_ids:
+                kind = "insert_spec"
+        if kind in ("select_id", "update_other") and not self._shared_ids:
+            kind = "count" if w.role == "reader" else "insert"
+        if kind in ("select_spec_id", "join", "update_spec_other") and not self._shared_spec_ids:
+            kind = "count" if w.role == "reader" else "insert_spec"
+
+        value = w.rng.choice(vocab.values)
+        schema, col = self.names.schema, self.names.column
+        rid = ""
+        if kind in ("insert", "insert_default", "insert_spec"):
+            rid = new_ulid()
+            owner = w.rng.choice(_chatter.OWNERS)
+            if kind == "insert_spec":
+                values = _chatter.spec_values(rid, value, owner)
+                query = _chatter.insert_sql(schema, _chatter.SPECS, tuple(values))
+            else:
+                extra = {"execution_pattern": "chat"} if vocab.execution_pattern else {}
+                if self._shared_ids and w.rng.random() < 0.1:  # derived from an existing template
+                    extra["base_template_id"] = w.rng.choice(self._shared_ids)
+                values = _chatter.template_values(rid, value, owner, **extra)
+                returning = None
+                if kind == "insert_default":
+                    del values[col]
+                    returning = col
+                query = _chatter.insert_sql(schema, self.names.table, tuple(values), returning)
+            params = _chatter.insert_params(values)
+        elif kind in ("update_col", "update_spec_col"):
+            rid = w.rng.choice(w.own_ids if kind == "update_col" else w.own_spec_ids)
+            query, params = self._sql[kind], [value, rid]
+        elif kind in ("update_other", "select_id"):
+            rid = w.rng.choice(self._shared_ids)
+            query, params = self._sql[kind], [rid]
+        elif kind in ("update_spec_other", "select_spec_id", "join"):
+            rid = w.rng.choice(self._shared_spec_ids)
+            query, params = self._sql[kind], [rid]
+        else:  # count
+            query, params = self._sql["count"], [value]
+
+        assert w.conn is not None
+        t = time.monotonic()
+        error = None
+        try:
+            cur = w.conn.execute(query, params)
+            row = cur.fetchone() if cur.description else None
+        except Exception as exc:
+            error = _one_line(exc)
+        w.samples.append(StatementSample(t - self._t0, kind, (time.monotonic() - t) * 1000, error))
+        if error is not None:
+            return
+        # Autocommit: a statement that returned without error is committed.
+        if kind == "insert":
+            w.written[rid] = value
+        elif kind == "insert_default":
+            w.written[rid] = row[0]  # whatever the column default produced
+        elif kind == "insert_spec":
+            w.written_specs[rid] = value
+        elif kind == "update_col" and cur.rowcount == 1:
+            w.written[rid] = value
+        elif kind == "update_spec_col" and cur.rowcount == 1:
+            w.written_specs[rid] = value
+        if kind in ("insert", "insert_default"):
+            w.own_ids.append(rid)
+            self._shared_ids.append(rid)
+        elif kind == "insert_spec":
+            w.own_spec_ids.append(rid)
+            self._shared_spec_ids.append(rid)
