@@ -278,39 +278,59 @@ def describe_table(conn: psycopg.Connection, schema: str, table: str) -> list[tu
 
 
 def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None) -> None:
-    """Seed schema + sample rows, then every phase and the contract, printing as it goes."""
+    """Chatter's schema (or, for a one-column playbook, the simplified table) with sample rows, then every
+    phase and the contract, printing as it goes and showing every migrated table before and after."""
     from rich.console import Console
     from rich.table import Table
 
+    from . import chatter
     from .runner import Orchestrator
 
     console = console or Console()
-    names = SeedNames(schema=pb.table.schema_, table=pb.table.name, column=pb.column.name,
-                      enum=pb.column.enum_type, labels=tuple(pb.mapping))
+    schema = pb.migrations[0].table.schema_
+    enum_schema, enum_name = pb.enum_type
 
     def show(title: str) -> None:
         with psycopg.connect(dsn) as conn:
-            t = Table(title=title)
-            for c in ("column", "type", "not null", "default"):
-                t.add_column(c)
-            for name, type_, nn, default in describe_table(conn, names.schema, names.table):
-                t.add_row(name, type_, "yes" if nn else "", default)
-            console.print(t)
-            counts = conn.execute(sql.SQL("SELECT {}::text, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
-                sql.Identifier(names.column), names.table_ident), prepare=False).fetchall()
-            console.print("values: " + ", ".join(f"{v}={n:,}" for v, n in counts))
-            for name, definition in conn.execute(
-                    "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
-                    "ORDER BY 1", (names.schema, names.table)):
-                console.print(f"index {name}: {definition}", markup=False, highlight=False, soft_wrap=True)
+            for m in pb.migrations:
+                t = Table(title=f"{title}: {m.table.schema_}.{m.table.name}")
+                for c in ("column", "type", "not null", "default"):
+                    t.add_column(c)
+                for name, type_, nn, default in describe_table(conn, m.table.schema_, m.table.name):
+                    t.add_row(name, type_, "yes" if nn else "", default)
+                console.print(t)
+                counts = conn.execute(sql.SQL("SELECT {}::text, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
+                    sql.Identifier(m.column.name), sql.Identifier(m.table.schema_, m.table.name)),
+                    prepare=False).fetchall()
+                console.print(f"{m.label} values: " + ", ".join(f"{v}={n:,}" for v, n in counts))
+                for name, definition in conn.execute(
+                        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
+                        "ORDER BY 1", (m.table.schema_, m.table.name)):
+                    console.print(f"index {name}: {definition}", markup=False, highlight=False, soft_wrap=True)
             enum = conn.execute("SELECT EXISTS (SELECT FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-                                "WHERE n.nspname = %s AND t.typname = %s)", (names.schema, names.enum)).fetchone()[0]
-            console.print(f"enum type {names.enum}: {'present' if enum else 'dropped'}")
+                                "WHERE n.nspname = %s AND t.typname = %s)", (enum_schema, enum_name)).fetchone()[0]
+            console.print(f"enum type {enum_name}: {'present' if enum else 'dropped'}")
+            builtins = [m for m in pb.migrations if m.seed_rows.rows]
+            for m in builtins:
+                keys = [str(r[m.seed_rows.key[0]]) for r in m.seed_rows.rows]
+                found = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}::text = ANY(%s)").format(
+                    sql.Identifier(m.table.schema_, m.table.name), sql.Identifier(m.seed_rows.key[0])),
+                    (keys,)).fetchone()[0]
+                console.print(f"built-in rows in {m.table.name}: {found} of {len(keys)}")
 
     with psycopg.connect(dsn) as conn:
-        create_seed_schema(conn, names, enum_default=names.labels[0])
-        insert_rows(conn, rows, names)
-    console.print(f"created {names.schema}.{names.table} with {rows:,} rows")
+        if is_chatter(pb):
+            chatter.create_chatter_schema(conn, schema)
+            chatter.insert_chatter_rows(conn, rows, schema=schema)
+            console.print(f"created Chatter's schema in {schema} with {rows:,} workflow_templates and "
+                          f"{max(1, rows // 4):,} template_specs rows")
+        else:
+            m = pb.migrations[0]
+            names = SeedNames(schema=m.table.schema_, table=m.table.name, column=m.column.name,
+                              enum=m.column.enum_type, labels=tuple(m.mapping))
+            create_seed_schema(conn, names, enum_default=names.labels[0])
+            insert_rows(conn, rows, names)
+            console.print(f"created {names.schema}.{names.table} with {rows:,} rows")
     show("before")
     if setup_only:
         return
@@ -327,3 +347,8 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
     finally:
         orch.close()
     show("after")
+
+
+def is_chatter(pb) -> bool:
+    """Whether a playbook migrates Chatter's tables (the demo, rehearsal and benchmarks then build its schema)."""
+    return pb.columns is not None and {t for _, t in pb.tables} <= {"workflow_templates", "template_specs"}
