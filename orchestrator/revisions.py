@@ -12,7 +12,8 @@ Two ledgers, kept equal:
   * the orchestrator's state table (`_orchestrator.phases`) is the source of truth;
   * Alembic's version table follows it. A revision run by Alembic runs its phase through the orchestrator
     (idempotent: a phase the CLI already ran is only recorded). A phase run by the CLI moves the version
-    table right away (`sync_alembic_version`, called by the runner), and env.py reconciles every generated
+    table right away (`sync_alembic_version`, which this module registers in `runner.COMMAND_LISTENERS` at
+    import: the runner itself knows nothing of Alembic), and env.py reconciles every generated
     chain with the state before Alembic reads its version table (`reconcile`), so `alembic upgrade +1` after
     `orchestrator run 1` runs phase 2 even where the runner could not sync.
 
@@ -490,7 +491,7 @@ def _apply(playbook: str, playbook_name: str, fingerprint: str, action: str, pha
     what = f"{playbook_name} {'phase' if action == EXPAND else 'contract'} {phase}"
     if action == CONTRACT and not up:
         raise CommandError(f"{what} cannot be downgraded: a contract step removes what the rollback would need "
-                           f"(the retired column, the trigger, the enum type). Downgrade only below the first "
+                           f"(the retired columns, the triggers, the enum type). Downgrade only below the first "
                            f"contract revision, before contracting.")
     mctx = op.get_context()
     if mctx.as_sql:

@@ -1,11 +1,15 @@
 """Alembic-native playbooks (issue 5): every phase is a revision in revisions/, on a real server.
 
-`alembic upgrade head` reaches the final schema, step-by-step downgrades restore the original one exactly, the
-CLI and Alembic can be mixed freely, the files follow the playbook, and the chain sits beside an app's history.
+Runs on Chatter's real schema (orchestrator.chatter: users, workflow_templates and template_specs, both using the
+enum `workflowtype`) with the reference playbook, which migrates both columns. `alembic upgrade head` reaches the
+final schema of both tables, step-by-step downgrades restore the original one exactly, the CLI and Alembic can be
+mixed freely, the files follow the playbook, and the chain sits beside an app's history. The simplified one-table
+fixture only serves the test of the one-column playbook shape.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +24,7 @@ from alembic.util import CommandError
 from psycopg import sql
 from typer.testing import CliRunner
 
+from orchestrator import chatter, runner
 from orchestrator import revisions as ec
 from orchestrator.cli import app
 from orchestrator.demo import REFERENCE_MAPPING, SeedNames, create_seed_schema, insert_rows, schema_snapshot, \
@@ -35,14 +40,28 @@ PB = load(PLAYBOOK)
 STEPS = ec.chain(PB)
 EXPAND = [s.revision for s in STEPS if s.action == "expand"]
 CONTRACT = [s.revision for s in STEPS if s.action == "contract"]
-ROWS = 400
-SEED_IDS = [r["id"] for r in PB.seed_rows.rows]
+SIMPLE_PLAYBOOK = ROOT / "tests" / "playbooks" / "simple_table.yaml"
+TABLES = [chatter.TEMPLATES, chatter.SPECS]
+ROWS = 400                      # workflow_templates rows; template_specs gets ROWS // 4
+SPEC_ROWS = ROWS // 4
+SEEDS = {m.table.name: [r["id"] for r in m.seed_rows.rows] for m in PB.migrations if m.seed_rows.rows}
+SEED_IDS = SEEDS[chatter.TEMPLATES]
 ORCHESTRATOR_BIN = Path(sys.executable).with_name("orchestrator")
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def seeded(dsn):
+    """Chatter's real schema with ROWS templates and SPEC_ROWS specs, every label on both tables."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        chatter.create_chatter_schema(conn)
+        chatter.insert_chatter_rows(conn, ROWS, SPEC_ROWS)
+    return dsn
+
+
+@pytest.fixture
+def simple_seeded(dsn):
+    """The simplified one-table fixture, for the one-column playbook shape."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         create_seed_schema(conn, SeedNames(), enum_default="plain")
         insert_rows(conn, ROWS)
@@ -64,8 +83,8 @@ def version_rows(dsn: str) -> list[str] | None:
         return sorted(r[0] for r in conn.execute("SELECT version_num FROM alembic_version"))
 
 
-def statuses(dsn: str) -> list[str]:
-    orch = Orchestrator(PB, dsn)
+def statuses(dsn: str, pb=PB) -> list[str]:
+    orch = Orchestrator(pb, dsn)
     try:
         return [p["status"] for p in orch.status()["phases"]]
     finally:
@@ -83,10 +102,11 @@ def snapshot(dsn: str) -> dict:
     return snap
 
 
-def values(dsn: str) -> dict[str, str]:
+def values(dsn: str, tables: list[str] = TABLES) -> dict[str, dict[str, str]]:
+    """table -> {id: workflow_type as text}, for every migrated table."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return dict(conn.execute(sql.SQL("SELECT id, {}::text FROM {}").format(
-            sql.Identifier("workflow_type"), sql.Identifier("public", "workflow_templates"))).fetchall())
+        return {t: dict(conn.execute(sql.SQL("SELECT id, {}::text FROM {}").format(
+            sql.Identifier("workflow_type"), sql.Identifier("public", t))).fetchall()) for t in tables}
 
 
 def alembic_cli(dsn: str, *args: str, ini: Path = INI) -> subprocess.CompletedProcess:
@@ -104,6 +124,12 @@ def orchestrator_cli(dsn: str, *args: str) -> subprocess.CompletedProcess:
 def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
+
+
+def orchestrator_cli_json(dsn: str, *args: str) -> str:
+    proc = orchestrator_cli(dsn, *args)
+    ok(proc)
+    return proc.stdout
 
 
 def columns(snap: dict, table: str = "workflow_templates") -> dict[str, dict]:
@@ -139,27 +165,49 @@ def test_history_lists_the_phases_with_readable_messages():
 def test_upgrade_head_reaches_the_final_schema(seeded):
     dsn = seeded
     before = values(dsn)
+    assert {t: len(v) for t, v in before.items()} == {chatter.TEMPLATES: ROWS, chatter.SPECS: SPEC_ROWS}
+    assert {t: set(v.values()) for t, v in before.items()} == {t: set(chatter.LABELS) for t in TABLES}
     command.upgrade(config(dsn), "head")
 
     assert version_rows(dsn) == [CONTRACT[-1]]
     assert statuses(dsn) == [CONTRACTED] * 6
     snap = snapshot(dsn)
-    cols = columns(snap)
-    assert cols["workflow_type"]["type"] == "character varying(50)" and cols["workflow_type"]["not_null"]
-    assert "workflow_type_new" not in cols and "workflow_type_old" not in cols
-    assert cols["is_dynamic"]["type"] == "boolean" and cols["is_dynamic"]["not_null"]
-    assert cols["execution_pattern"]["type"] == "character varying(100)"
-    assert snap["enums"] == []
+    for table in TABLES:                      # both columns of the enum type: varchar(50) NOT NULL, no leftovers
+        cols = columns(snap, table)
+        assert cols["workflow_type"]["type"] == "character varying(50)" and cols["workflow_type"]["not_null"], table
+        assert "workflow_type_new" not in cols and "workflow_type_old" not in cols, table
+        assert [i["name"] for i in snap["indexes"] if i["table"] == table and "workflow_type" in i["definition"]
+                ] == [f"ix_{table}_workflow_type"], table
+    tmpl = columns(snap, chatter.TEMPLATES)   # the extra columns go to workflow_templates only
+    assert tmpl["is_dynamic"]["type"] == "boolean" and tmpl["is_dynamic"]["not_null"]
+    assert tmpl["execution_pattern"]["type"] == "character varying(100)"
+    assert "is_dynamic" not in columns(snap, chatter.SPECS) and "execution_pattern" not in columns(snap, chatter.SPECS)
+    assert [e["name"] for e in snap["enums"]] == [chatter.CATEGORY_ENUM]  # workflowtype dropped, the other kept
     assert not any(t["name"].startswith("_ec_") for t in snap["triggers"])
+    assert not any(f["name"].startswith("_ec_") for f in snap["functions"])
+
     after = values(dsn)
-    assert {k: after[k] for k in before} == {k: REFERENCE_MAPPING[v] for k, v in before.items()}
-    assert set(SEED_IDS) <= set(after) and len(after) == ROWS + len(SEED_IDS)
+    for table in TABLES:                      # every row of both tables mapped
+        assert {k: after[table][k] for k in before[table]} == {
+            k: REFERENCE_MAPPING[v] for k, v in before[table].items()}, table
+    assert set(after[chatter.TEMPLATES]) == set(before[chatter.TEMPLATES]) | set(SEED_IDS)
+    assert set(after[chatter.SPECS]) == set(before[chatter.SPECS])  # no seed rows for template_specs
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the built-in templates, owned by the system user
+        builtins = conn.execute(sql.SQL(
+            "SELECT id, {}, owner_id, is_builtin, execution_pattern, is_dynamic FROM {} WHERE id = ANY(%s) "
+            "ORDER BY id").format(sql.Identifier("workflow_type"), sql.Identifier("public", chatter.TEMPLATES)),
+            (SEED_IDS,)).fetchall()
+        assert builtins == sorted((r["id"], r["workflow_type"], chatter.SYSTEM_USER, True, "chat", False)
+                                  for m in PB.migrations for r in m.seed_rows.rows)
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM 'chat'").format(
+            sql.Identifier("public", chatter.TEMPLATES), sql.Identifier("execution_pattern"))).fetchone()[0] == 0
 
     # head again: nothing to do; a contract revision refuses to go down, clearly, and changes nothing
     command.upgrade(config(dsn), "head")
     with pytest.raises(CommandError, match="contract 6 cannot be downgraded"):
         command.downgrade(config(dsn), "-1")
     assert version_rows(dsn) == [CONTRACT[-1]] and statuses(dsn) == [CONTRACTED] * 6
+    assert snapshot(dsn) == snap
 
 
 def test_downgrade_step_by_step_restores_the_original_schema(seeded):
@@ -167,7 +215,12 @@ def test_downgrade_step_by_step_restores_the_original_schema(seeded):
     before, before_values = snapshot(dsn), values(dsn)
     command.upgrade(config(dsn), EXPAND[-1])
     assert version_rows(dsn) == [EXPAND[-1]] and statuses(dsn) == [APPLIED] * 6
-    assert snapshot(dsn) != before
+    mid = snapshot(dsn)
+    for table in TABLES:  # swapped on both tables, the enum column kept as the retired one for the rollback
+        cols = columns(mid, table)
+        assert cols["workflow_type"]["type"] == "character varying(50)", table
+        assert cols["workflow_type_old"]["type"] == "workflowtype", table
+    assert set(SEED_IDS) <= set(values(dsn)[chatter.TEMPLATES])
 
     for n in range(6, 0, -1):
         command.downgrade(config(dsn), "-1")
@@ -176,6 +229,7 @@ def test_downgrade_step_by_step_restores_the_original_schema(seeded):
 
     after = snapshot(dsn)
     assert after == before, "\n".join(snapshot_diff(before, after))
+    assert {t["name"] for t in after["tables"]} >= {chatter.USERS, *TABLES}
     assert values(dsn) == before_values
 
 
@@ -222,8 +276,12 @@ def test_mixing_cli_and_alembic_stays_consistent(seeded):
     ok(alembic_cli(dsn, "upgrade", EXPAND[2]))                    # phases 2 and 3 through Alembic
     ok(orchestrator_cli(dsn, "run", "4"))                         # phase 4 through the CLI
     assert statuses(dsn) == [APPLIED] * 4 + [PENDING] * 2
-    st = ok(orchestrator_cli(dsn, "status", "--json"))
-    assert '"status": "applied"' in st
+    st = json.loads(orchestrator_cli_json(dsn, "status", "--json"))
+    assert [p["status"] for p in st["phases"]] == [APPLIED] * 4 + [PENDING] * 2
+    assert st["tables"] == [f"{t}.workflow_type" for t in TABLES]
+    assert st["alembic"]["revision"] == st["alembic"]["expected"] == EXPAND[3]  # the CLI adds Alembic's view
+    assert st["alembic"]["in_sync"] is True and st["alembic"]["message"] == STEPS[3].message
+    assert version_rows(dsn) == [EXPAND[3]]
 
     ok(alembic_cli(dsn, "downgrade", "base"))                     # 4 (CLI's) .. 1, all through Alembic
     assert statuses(dsn) == [PENDING] * 6
@@ -252,6 +310,37 @@ def test_the_cli_moves_the_alembic_version_table(seeded):
     assert version_rows(dsn) == [EXPAND[0]]
     ok(orchestrator_cli(dsn, "rollback", "1"))
     assert version_rows(dsn) == []
+
+
+def test_importing_revisions_registers_the_runner_listener(seeded, monkeypatch):
+    """The runner knows nothing of Alembic: `import orchestrator.revisions` hooks the sync into every command,
+    and `runner.status()` carries no Alembic view (the CLI adds it)."""
+    assert ec._after_command in runner.COMMAND_LISTENERS
+    assert runner.COMMAND_LISTENERS.count(ec._after_command) == 1
+    dsn = seeded
+    monkeypatch.setenv("ALEMBIC_CONFIG", str(INI))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    command.stamp(config(dsn), "base")
+    orch = Orchestrator(PB, dsn)
+    try:
+        assert "alembic" not in orch.status()
+        for n in range(1, 4):                                   # the runner alone moves alembic_version
+            orch.run(n)
+            assert version_rows(dsn) == [EXPAND[n - 1]]
+        orch.rollback(3)
+        assert version_rows(dsn) == [EXPAND[1]]
+        st = ec.alembic_status(orch.x.conn, PB, orch.state.phases(), config(dsn))
+        assert (st["revision"], st["expected"], st["in_sync"]) == (EXPAND[1], EXPAND[1], True)
+
+        monkeypatch.setattr(runner, "COMMAND_LISTENERS", [])  # without the listener the ledgers drift apart
+        orch.run(3)
+        assert version_rows(dsn) == [EXPAND[1]]
+        st = ec.alembic_status(orch.x.conn, PB, orch.state.phases(), config(dsn))
+        assert (st["revision"], st["expected"], st["in_sync"]) == (EXPAND[1], EXPAND[2], False)
+    finally:
+        orch.close()
+    command.upgrade(config(dsn), "+1")  # env.py reconciles first: phase 3 is recorded, then phase 4 runs
+    assert version_rows(dsn) == [EXPAND[3]] and statuses(dsn) == [APPLIED] * 4 + [PENDING] * 2
 
 
 def test_sync_and_status_follow_the_state(seeded):
@@ -284,13 +373,13 @@ def test_sync_and_status_follow_the_state(seeded):
 
 
 # -- generate / check ----------------------------------------------------------------------------------------
-def _project(tmp_path: Path) -> tuple[Path, Path]:
+def _project(tmp_path: Path, playbook: Path = PLAYBOOK) -> tuple[Path, Path]:
     (tmp_path / "revisions").mkdir()
     for name in ("env.py", "script.py.mako"):
         shutil.copy(ROOT / "revisions" / name, tmp_path / "revisions" / name)
     (tmp_path / "playbooks").mkdir()
-    pb = tmp_path / "playbooks" / PLAYBOOK.name
-    shutil.copy(PLAYBOOK, pb)
+    pb = tmp_path / "playbooks" / playbook.name
+    shutil.copy(playbook, pb)
     return tmp_path / "revisions", pb
 
 
@@ -354,6 +443,37 @@ def test_a_revision_refuses_a_playbook_edited_after_generation(seeded, tmp_path)
     with pytest.raises(CommandError, match="edited after its revisions were generated"):
         command.upgrade(config(dsn, ini), "+1")
     assert statuses(dsn) == [PENDING] * 6
+
+
+def test_a_one_column_playbook_runs_through_alembic_too(simple_seeded, tmp_path):
+    """The old `table`/`column` shape on the simplified table: same chain, one table migrated and restored."""
+    dsn = simple_seeded
+    script, pb_path = _project(tmp_path, SIMPLE_PLAYBOOK)
+    ec.generate(pb_path, script)
+    assert ec.check(script) == []
+    pb = load(pb_path)
+    assert len(pb.migrations) == 1 and pb.tables == [("public", "workflow_templates")]
+    assert [s.revision for s in ec.chain(pb)] == [s.revision for s in STEPS]  # ids: playbook name and step only
+    ini = _ini(tmp_path)
+    before, before_values = snapshot(dsn), values(dsn, ["workflow_templates"])
+
+    command.upgrade(config(dsn, ini), EXPAND[-1])
+    assert statuses(dsn, pb) == [APPLIED] * 6 and version_rows(dsn) == [EXPAND[-1]]
+    assert columns(snapshot(dsn))["workflow_type"]["type"] == "character varying(50)"
+    command.downgrade(config(dsn, ini), "base")
+    assert statuses(dsn, pb) == [PENDING] * 6 and version_rows(dsn) == []
+    after = snapshot(dsn)
+    assert after == before, "\n".join(snapshot_diff(before, after))
+    assert values(dsn, ["workflow_templates"]) == before_values
+
+    command.upgrade(config(dsn, ini), "head")
+    assert statuses(dsn, pb) == [CONTRACTED] * 6 and version_rows(dsn) == [CONTRACT[-1]]
+    snap = snapshot(dsn)
+    assert columns(snap)["workflow_type"]["type"] == "character varying(50)" and snap["enums"] == []
+    final = values(dsn, ["workflow_templates"])["workflow_templates"]
+    assert {k: final[k] for k in before_values["workflow_templates"]} == {
+        k: REFERENCE_MAPPING[v] for k, v in before_values["workflow_templates"].items()}
+    assert {r["id"] for r in pb.seed_rows.rows} <= set(final)
 
 
 # -- beside an application's own history ---------------------------------------------------------------------

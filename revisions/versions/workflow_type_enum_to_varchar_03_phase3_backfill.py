@@ -27,7 +27,7 @@ depends_on = None
 GENERATED_BY = 'orchestrator revisions generate'
 PLAYBOOK = 'playbooks/workflow_type_enum_to_varchar.yaml'
 PLAYBOOK_NAME = 'workflow_type_enum_to_varchar'
-FINGERPRINT = '7d061c62bad8d339'
+FINGERPRINT = '5c68525f0ff91d02'
 ACTION = 'expand'
 PHASE = 3
 
