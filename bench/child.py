@@ -1,9 +1,10 @@
 """The orchestrator alone in its own process, so its peak memory is measured apart from the benchmark's.
 
 Usage (by bench/run.py): python bench/child.py '<json: {"dsn": ..., "playbook": {...}}>'
-Runs every phase and the contract, and prints one JSON line: per-phase seconds, the backfill state row,
-and the process's peak RSS: /proc/self/status VmHWM (KiB), the figure to use, and getrusage ru_maxrss, which
-Linux carries across exec (it starts at the size of the forked parent, so it overstates a small child).
+Runs every phase and the contract, and prints one JSON line: per-phase seconds, the backfill state (every
+column's row summed, and per table), and the process's peak RSS: /proc/self/status VmHWM (KiB), the figure
+to use, and getrusage ru_maxrss, which Linux carries across exec (it starts at the size of the forked
+parent, so it overstates a small child).
 Only the orchestrator is imported here: no traffic threads, no rich tables, no benchmark data.
 """
 
@@ -24,6 +25,23 @@ def _vm_hwm_kib() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _backfills(pb, rows: dict) -> dict:
+    """Every column's backfill state row, summed, with each column's own figures under "tables" (by label);
+    its seconds are the state row's finished_at - started_at (each table is backfilled in turn)."""
+    tables = {}
+    for m in pb.migrations:
+        row = rows.get(m.key)
+        if row is None:
+            continue
+        secs = (row["finished_at"] - row["started_at"]).total_seconds() if row["finished_at"] else None
+        tables[m.label] = {"rows_done": row["rows_done"], "batches": row["batches"],
+                           "max_batch_ms": row["max_batch_ms"], "batch_size": row["batch_size"], "seconds": secs}
+    return {"rows_done": sum(t["rows_done"] for t in tables.values()),
+            "batches": sum(t["batches"] for t in tables.values()),
+            "max_batch_ms": max((t["max_batch_ms"] or 0 for t in tables.values()), default=0),
+            "batch_size": [t["batch_size"] for t in tables.values()], "tables": tables}
 
 
 def main() -> None:
@@ -51,7 +69,7 @@ def main() -> None:
         for phase in orch.phases:
             timed(phase.name, lambda: orch.run(phase.number))
             if phase.name == "backfill":
-                backfill = orch.state.backfill()
+                backfill = _backfills(pb, orch.state.backfills())
         timed("contract", orch.contract)
     finally:
         orch.close()

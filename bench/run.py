@@ -9,6 +9,10 @@ Not a test: it prints figures and checks them against the goals, but always exit
 (exit 1 only when the benchmark itself breaks). Every section works on its own fresh database cloned
 from one generated template (CREATE DATABASE ... TEMPLATE), so every measurement sees identical data.
 
+The template is Chatter's real schema (orchestrator/chatter.py: users, workflow_templates with ten
+indexes, CHECKs and foreign keys, template_specs; the enum workflowtype used by both tables) with
+--rows workflow_templates rows and --rows/4 template_specs rows; the playbook migrates both columns.
+
 Sections
   downtime   app latency/errors during the naive one-statement ALTER vs the orchestrator's full run
   lockqueue  the same with a long reader transaction open when each DDL step starts
@@ -48,12 +52,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from orchestrator import logs, playbook, server  # noqa: E402
+from orchestrator import chatter, logs, parity, playbook, server  # noqa: E402
 from orchestrator import progress as _progress  # noqa: E402
 from orchestrator.backfill import update_statement  # noqa: E402
-from orchestrator.demo import SeedNames, create_seed_schema, insert_rows  # noqa: E402
 from orchestrator.runner import Orchestrator  # noqa: E402
 from orchestrator.sqlkit import case_map, extra_type, typed_literal  # noqa: E402
+from psycopg.types.json import Jsonb  # noqa: E402
 from orchestrator.traffic import AppTraffic, TrafficReport  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,6 +108,15 @@ def per_step(report: TrafficReport, steps: list[dict]) -> dict:
                         if k in ("count", "errors", "p99", "max", "max_kind", "seconds")} for s in steps}
 
 
+def seconds_between(a, b) -> float | None:
+    """finished_at - started_at of a backfill state row (datetimes, or their str() after a JSON round trip)."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, str):
+        a, b = dt.datetime.fromisoformat(a), dt.datetime.fromisoformat(b)
+    return (b - a).total_seconds()
+
+
 def r(x: float | None, n: int = 1) -> float | None:
     return None if x is None else round(x, n)
 
@@ -137,10 +150,10 @@ def machine_info() -> dict:
 # --------------------------------------------------------------------------------------------- blocker
 
 class Blocker:
-    """A reader holding ACCESS SHARE on the table in an open transaction for `hold_s` (or until released)."""
+    """A reader holding ACCESS SHARE on the tables in an open transaction for `hold_s` (or until released)."""
 
-    def __init__(self, dsn: str, table: sql.Composable, hold_s: float):
-        self.dsn, self.table, self.hold_s = dsn, table, hold_s
+    def __init__(self, dsn: str, tables: list[sql.Composable], hold_s: float):
+        self.dsn, self.tables, self.hold_s = dsn, tables, hold_s
         self.held, self._stop = threading.Event(), threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="bench-blocker", daemon=True)
@@ -148,7 +161,8 @@ class Blocker:
     def _run(self) -> None:
         try:
             with psycopg.connect(self.dsn, application_name="bench-blocker") as conn:  # not autocommit
-                conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 1").format(self.table)).fetchall()
+                for table in self.tables:  # in the app's JOIN probe order: template_specs first
+                    conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 1").format(table)).fetchall()
                 self.held.set()
                 self._stop.wait(self.hold_s)
                 conn.rollback()
@@ -185,11 +199,22 @@ class Bench:
         self.pb_data = data
         self.pb = playbook.parse(data, str(args.playbook))
         pb = self.pb
-        self.names = SeedNames(schema=pb.table.schema_, table=pb.table.name, column=pb.column.name,
-                               enum=pb.column.enum_type, labels=tuple(pb.mapping))
+        schemas = {s for s, _ in pb.tables}
+        names = {t for _, t in pb.tables}
+        if len(schemas) != 1 or chatter.TEMPLATES not in names or not names <= {chatter.TEMPLATES, chatter.SPECS} \
+                or pb.enum_type[1] != chatter.ENUM or any(m.column.name != chatter.COLUMN for m in pb.migrations):
+            raise SystemExit(f"the benchmark runs on Chatter's schema: the playbook must migrate "
+                             f"{chatter.TEMPLATES}.{chatter.COLUMN} (and {chatter.SPECS}.{chatter.COLUMN}) of enum "
+                             f"{chatter.ENUM}, in one schema; got {[m.label for m in pb.migrations]}")
+        self.schema = schemas.pop()
+        self.names = chatter.chatter_names(self.schema)  # workflow_templates.workflow_type: the traffic's table
+        self.mig = {m.table.name: m for m in pb.migrations}  # ColumnMigration by table name
         self.table = self.names.table_ident
+        # Every migrated table, in the order the app's JOIN probe and the swap lock them (sorted by name).
+        self.tables = [sql.Identifier(s, t) for s, t in sorted(pb.tables)]
         self.prefix = f"bench_{secrets.token_hex(3)}"
         self.templates: dict[int, str] = {}
+        self.table_rows: dict[int, dict[str, int]] = {}  # rows in each table of each template
         self.created: list[str] = []
         self.setup_s: dict[str, float] = {}
         self.srv = self._server()
@@ -223,10 +248,13 @@ class Bench:
         dsn = server.create_database(self.srv.dsn, name)
         self.created.append(name)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            create_seed_schema(conn, self.names, enum_default=self.names.labels[0])
-            insert_rows(conn, rows, self.names)
+            chatter.create_chatter_schema(conn, self.schema)
+            chatter.insert_chatter_rows(conn, rows, schema=self.schema)  # rows templates, rows // 4 specs
             # Every clone starts from the same clean state: hint bits set, frozen, statistics fresh.
-            conn.execute(sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(self.table))
+            conn.execute(sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(sql.SQL(", ").join(
+                [*self.tables, sql.Identifier(self.schema, chatter.USERS)])))
+            self.table_rows[rows] = {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(self.schema, t))).fetchone()[0] for _, t in self.pb.tables}
         self.setup_s[f"template_{rows}"] = round(time.monotonic() - t, 1)
         self.templates[rows] = name
         return name
@@ -263,7 +291,8 @@ class Bench:
 
     # -- app traffic and orchestrator -------------------------------------------------------------
     def traffic(self, dsn: str) -> AppTraffic:
-        return AppTraffic(dsn, self.names, writers=self.args.writers, readers=self.args.readers, seed=1).start()
+        return AppTraffic(dsn, self.names, writers=self.args.writers, readers=self.args.readers, seed=1,
+                          mapping=self.mig[chatter.TEMPLATES].mapping, chatter=True).start()
 
     def run_all(self, dsn: str, traffic: AppTraffic | None = None,
                 wrap: Callable[[Orchestrator], None] | None = None) -> list[dict]:
@@ -295,24 +324,42 @@ class Bench:
         finally:
             orch.close()
 
-    def naive_sql(self) -> sql.Composable:
-        """The seed's Alembic revision: one ALTER TABLE rewriting the table under ACCESS EXCLUSIVE."""
-        pb, col = self.pb, sql.Identifier(self.pb.column.name)
-        target = sql.SQL("varchar({})").format(sql.Literal(pb.target.length)) if pb.target.type == "varchar" \
-            else sql.SQL("text")
-        using = case_map(sql.SQL("{}::text").format(col), pb.mapping.items())
-        cmds = [sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(col),
-                sql.SQL("ALTER COLUMN {} TYPE {} USING ({})").format(col, target, using)]
-        default = pb.target.default or pb.mapping[self.names.labels[0]]
-        cmds.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, sql.Literal(default)))
-        for c in pb.extra_columns:
-            clause = sql.SQL("ADD COLUMN {} {}").format(sql.Identifier(c.name), extra_type(c))
-            if c.default is not None:
-                clause = sql.SQL("{} DEFAULT {}").format(clause, typed_literal(c.default, extra_type(c)))
-            if not c.nullable:
-                clause = sql.SQL("{} NOT NULL").format(clause)
-            cmds.append(clause)
-        return sql.SQL("ALTER TABLE {} {}").format(self.table, sql.SQL(", ").join(cmds))
+    def naive_statements(self) -> list[sql.Composable]:
+        """What the seed's Alembic revision does, in its one transaction: every column using the enum retyped
+        in place (ALTER COLUMN ... TYPE varchar(50) USING the mapping: a rewrite of each table and all of its
+        indexes under ACCESS EXCLUSIVE), the extra columns added, the built-in rows inserted, the type dropped.
+        Tables in the revision's order (workflow_templates first)."""
+        out: list[sql.Composable] = []
+        for m in self.pb.migrations:
+            col = sql.Identifier(m.column.name)
+            target = sql.SQL("varchar({})").format(sql.Literal(m.target.length)) if m.target.type == "varchar" \
+                else sql.SQL("text")
+            using = case_map(sql.SQL("{}::text").format(col), m.mapping.items())
+            cmds = [sql.SQL("ALTER COLUMN {} TYPE {} USING ({})").format(col, target, using)]
+            if m.target.default is not None:
+                cmds.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, sql.Literal(m.target.default)))
+            for c in m.extra_columns:
+                clause = sql.SQL("ADD COLUMN {} {}").format(sql.Identifier(c.name), extra_type(c))
+                if c.default is not None:
+                    clause = sql.SQL("{} DEFAULT {}").format(clause, typed_literal(c.default, extra_type(c)))
+                if not c.nullable:
+                    clause = sql.SQL("{} NOT NULL").format(clause)
+                cmds.append(clause)
+            out.append(sql.SQL("ALTER TABLE {} {}").format(sql.Identifier(m.table.schema_, m.table.name),
+                                                          sql.SQL(", ").join(cmds)))
+        for m in self.pb.migrations:
+            rows = m.seed_rows.rows
+            if rows:
+                cols = list(dict.fromkeys(c for row in rows for c in row))
+                out.append(sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
+                    sql.Identifier(m.table.schema_, m.table.name), sql.SQL(", ").join(map(sql.Identifier, cols)),
+                    sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(", ").join(
+                        sql.Literal(Jsonb(v) if isinstance(v, (dict, list)) else v)
+                        if c in row else sql.SQL("DEFAULT") for c, v in ((c, row.get(c)) for c in cols)))
+                        for row in rows)))
+        if self.pb.settings.drop_enum_type:
+            out.append(sql.SQL("DROP TYPE {}").format(sql.Identifier(*self.pb.enum_type)))
+        return out
 
     # ========================================================================================= sections
     def section_downtime(self) -> dict:
@@ -320,19 +367,37 @@ class Bench:
         out: dict[str, Any] = {}
         # (a) naive
         dsn = self.clone(self.n, "naive")
-        stmt = self.naive_sql()
+        stmts = self.naive_statements()
         traffic = self.traffic(dsn)
         time.sleep(a.warmup)
         t0 = now_rel(traffic)
+        attempts: list[dict] = []
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(stmt)
-            out["naive_sql"] = stmt.as_string(conn)
+            out["naive_sql"] = ";\n".join(st.as_string(conn) for st in stmts)
+            # The revision ALTERs workflow_templates, then template_specs; the app's JOIN probe locks them in
+            # the other order, so the revision can deadlock with it. As a deploy would, run it again then.
+            while True:
+                ta = now_rel(traffic)
+                try:
+                    with conn.transaction():
+                        for st in stmts:
+                            conn.execute(st)
+                    attempts.append({"start": round(ta, 3), "seconds": round(now_rel(traffic) - ta, 2), "error": None})
+                    break
+                except psycopg.errors.DeadlockDetected as err:
+                    attempts.append({"start": round(ta, 3), "seconds": round(now_rel(traffic) - ta, 2),
+                                     "error": " ".join(str(err).split())[:300]})
+                    if len(attempts) >= 5:
+                        raise
         t1 = now_rel(traffic)
         traffic.use_new_app()
         time.sleep(a.cooldown)
         rep = traffic.stop()
-        out["naive"] = {"migration_s": round(t1 - t0, 2), "baseline": window(rep, 1.0, t0),
-                        "during": window(rep, t0, t1)}
+        naive_during = window(rep, t0, t1)
+        naive_during["deadlock_errors"] = sum(1 for x in rep.samples if x.error and "Deadlock" in x.error
+                                             and x.t <= t1 and x.t + x.latency_ms / 1000 >= t0)
+        out["naive"] = {"migration_s": round(t1 - t0, 2), "attempts": attempts, "baseline": window(rep, 1.0, t0),
+                        "during": naive_during, "tables_rows": self.table_rows[self.n]}
         self.drop(dsn)
         # (b) orchestrator
         dsn = self.clone(self.n, "ours")
@@ -357,7 +422,7 @@ class Bench:
         dsn = self.clone(self.n, "lq_plain")
         traffic = self.traffic(dsn)
         time.sleep(a.warmup)
-        blocker = Blocker(dsn, self.table, a.blocker_seconds).start()
+        blocker = Blocker(dsn, self.tables, a.blocker_seconds).start()
         t0 = now_rel(traffic)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SET lock_timeout = 0")
@@ -383,7 +448,7 @@ class Bench:
                 def call(*stmts, lock: str, **kw):
                     if "EXCLUSIVE" not in lock:  # functions, plain reads: no table lock to queue for
                         return fn(*stmts, lock=lock, **kw)
-                    b = Blocker(dsn, self.table, a.blocker_seconds).start()
+                    b = Blocker(dsn, self.tables, a.blocker_seconds).start()
                     t = now_rel(traffic)
                     try:
                         return fn(*stmts, lock=lock, **kw)
@@ -452,6 +517,22 @@ class Bench:
         rates = [x["backfill"]["rows_done"] / x["seconds"]["backfill"] for x in ours]
         cpus = [x["server_cpu_s"]["backfill"] for x in ours]
         bf = ours[0]["backfill"]
+        labels = list(bf["tables"])
+        # Per table: each column's backfill state row (rows_done over finished_at - started_at) against its own
+        # UPDATE statement; every table is backfilled in turn, so these are the table's own rates.
+        per_table = {}
+        for label in labels:
+            o_rates = [x["backfill"]["tables"][label]["rows_done"] / max(x["backfill"]["tables"][label]["seconds"], 1e-3)
+                       for x in ours]
+            u_rates = [x["tables"][label]["rows_per_s"] for x in one]
+            per_table[label] = {
+                "rows": bf["tables"][label]["rows_done"],
+                "rows_per_s": round(statistics.median(o_rates)), "rounds_rows_per_s": [round(v) for v in o_rates],
+                "batches": [x["backfill"]["tables"][label]["batches"] for x in ours],
+                "max_batch_ms": r(max(x["backfill"]["tables"][label]["max_batch_ms"] or 0 for x in ours)),
+                "one_update_rows_per_s": round(statistics.median(u_rates)),
+                "one_update_rounds_rows_per_s": u_rates,
+                "ratio_vs_one_update": round(statistics.median(o_rates) / statistics.median(u_rates), 3)}
         out["orchestrator"] = {
             "rows": bf["rows_done"], "rows_per_s": round(statistics.median(rates)),
             "rounds_rows_per_s": [round(x) for x in rates], "seconds": [round(x["seconds"]["backfill"], 2) for x in ours],
@@ -463,6 +544,7 @@ class Bench:
                              "rounds_rows_per_s": [x["rows_per_s"] for x in one],
                              "seconds": [x["seconds"] for x in one], "server_cpu_s": [x["server_cpu_s"] for x in one],
                              "sql": one[0]["sql"]}
+        out["tables"] = per_table
         out["ratio_vs_one_update"] = round(out["orchestrator"]["rows_per_s"] / out["one_update"]["rows_per_s"], 3)
         if all(c is not None for c in cpus + out["one_update"]["server_cpu_s"]):
             # rows per server-CPU-second, ours / one UPDATE: what the ratio is once other load is taken out
@@ -492,38 +574,56 @@ class Bench:
             t0 = now_rel(traffic)
             orch.run(3)
             t1 = now_rel(traffic)
-            st = orch.state.backfill()
+            rows = orch.state.backfills()
         finally:
             orch.close()
         time.sleep(a.cooldown)
         rep = traffic.stop()
-        out["under_load"] = {"seconds": round(t1 - t0, 2), "rows_per_s": round(st["rows_done"] / (t1 - t0)),
-                             "batches": st["batches"], "max_batch_ms": r(st["max_batch_ms"]),
+        tables = {}
+        for m in self.pb.migrations:
+            row = rows[m.key]
+            secs = seconds_between(row["started_at"], row["finished_at"])
+            tables[m.label] = {"rows_done": row["rows_done"], "batches": row["batches"],
+                               "max_batch_ms": r(row["max_batch_ms"]), "seconds": r(secs, 2),
+                               "rows_per_s": round(row["rows_done"] / max(secs, 1e-3)) if secs is not None else None}
+        done = sum(t["rows_done"] for t in tables.values())
+        out["under_load"] = {"seconds": round(t1 - t0, 2), "rows_per_s": round(done / (t1 - t0)),
+                             "batches": sum(t["batches"] for t in tables.values()),
+                             "max_batch_ms": max(t["max_batch_ms"] or 0 for t in tables.values()), "tables": tables,
                              "before": window(rep, 1.0, t0), "during": window(rep, t0, t1)}
         self.drop(dsn)
         out["longest_batch_ms"] = max(out["orchestrator"]["max_batch_ms"], out["under_load"]["max_batch_ms"])
         return out
 
     def _one_update(self, dsn: str, autovacuum: bool = True) -> dict:
+        """Phases 1-2, then the backfill as one UPDATE statement per table (each its own transaction)."""
         self.run_phases(dsn, 2)
         if not autovacuum:
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(self.table))
+                for t in self.tables:
+                    conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(t))
         orch = Orchestrator(self.pb, dsn)
         try:
-            ctx = orch.context(orch.facts(register=False))
-            sets, needs = update_statement(ctx)
-            stmt = sql.SQL("UPDATE {} SET {} WHERE {}").format(ctx.table, sets, needs)
+            stmts = {}
+            for ctx in orch.contexts(orch.facts(register=False)):
+                sets, needs = update_statement(ctx)
+                stmts[ctx.m.label] = sql.SQL("UPDATE {} SET {} WHERE {}").format(ctx.table, sets, needs)
         finally:
             orch.close()
+        tables = {}
         with psycopg.connect(dsn, autocommit=True) as conn:
             pm = postmaster_pid(conn)
-            c0, t = server_cpu_s(pm), time.monotonic()
-            rows = conn.execute(stmt).rowcount
-            s = time.monotonic() - t
+            c0 = server_cpu_s(pm)
+            for label, stmt in stmts.items():
+                t = time.monotonic()
+                rows = conn.execute(stmt).rowcount
+                s = time.monotonic() - t
+                tables[label] = {"rows": rows, "seconds": round(s, 2), "rows_per_s": round(rows / s),
+                                 "sql": stmt.as_string(conn)}
             c1 = server_cpu_s(pm)
-            text = stmt.as_string(conn)
-        return {"rows": rows, "seconds": round(s, 2), "rows_per_s": round(rows / s), "sql": text,
+        rows, s = sum(t["rows"] for t in tables.values()), sum(t["seconds"] for t in tables.values())
+        return {"rows": rows, "seconds": round(s, 2), "rows_per_s": round(rows / max(s, 1e-3)),
+                "sql": ";\n".join(t["sql"] for t in tables.values()), "tables": tables,
                 "server_cpu_s": None if c0 is None or c1 is None else round(c1 - c0, 2)}
 
     # -- trigger overhead -------------------------------------------------------------------------
@@ -544,21 +644,44 @@ class Bench:
                 return str(c)
         return None
 
+    # The write mix of the Chatter traffic simulator (AppTraffic(chatter=True)), as pgbench scripts: full-row
+    # inserts into both tables (every NOT NULL column, an app owner for the foreign key), updates of the enum
+    # column (with updated_at, as the app does) and of updated_at alone, on ids drawn from bench_ids(_specs).
+    MIX = {"insert": 3, "update_col": 3, "update_other": 2,
+           "insert_spec": 2, "update_spec_col": 2, "update_spec_other": 1}
+
     def _scripts(self, conn: psycopg.Connection, folder: Path) -> dict[str, Path]:
-        t = self.table.as_string(conn)
-        col = sql.Identifier(self.pb.column.name).as_string(conn)
-        enum = self.names.enum_ident.as_string(conn)
-        labels = sql.Literal("{" + ",".join(self.names.labels) + "}").as_string(conn)
+        def q(x: sql.Composable) -> str:
+            return x.as_string(conn)
+
+        t = q(sql.Identifier(self.schema, chatter.TEMPLATES))
+        st = q(sql.Identifier(self.schema, chatter.SPECS))
+        col = q(sql.Identifier(chatter.COLUMN))
+        enum = q(sql.Identifier(*self.pb.enum_type))
+        labels = q(sql.Literal("{" + ",".join(self.names.labels) + "}"))
+        owner = q(sql.Literal(chatter.OWNERS[0]))
         nl = len(self.names.labels)
-        target = f"(SELECT id FROM bench_ids WHERE n = :n)"
+        pick = f"({labels}::{enum}[])"
+        new_id = "left(md5(:r::text || clock_timestamp()::text), 26)"
+        target, spec_target = "(SELECT id FROM bench_ids WHERE n = :n)", "(SELECT id FROM bench_spec_ids WHERE n = :n)"
         scripts = {
             "insert": f"\\set r random(1, 1000000000)\n"
-                      f"INSERT INTO {t} (id, owner_id, name, {col}) VALUES "
-                      f"(left(md5(:r::text || clock_timestamp()::text), 26), 'BENCHOWNER', 'bench ' || :r, "
-                      f"({labels}::{enum}[])[1 + :r % {nl}]);\n",
+                      f"INSERT INTO {t} (id, owner_id, name, description, {col}, category, default_params, is_builtin, "
+                      f"version, is_latest, is_public, rating_count, usage_count, total_tokens_used, total_cost, "
+                      f"config_hash) VALUES ({new_id}, {owner}, 'bench ' || :r, 'bench template', "
+                      f"{pick}[1 + :r % {nl}], 'general', '{{\"temperature\": 0.5}}', false, 1, true, false, 0, 0, 0, "
+                      f"0.0, md5(:r::text));\n",
             "update_col": f"\\set n random(1, :nids)\n\\set k random(1, {nl})\n"
-                          f"UPDATE {t} SET {col} = ({labels}::{enum}[])[:k] WHERE id = {target};\n",
+                          f"UPDATE {t} SET {col} = {pick}[:k], updated_at = now() WHERE id = {target};\n",
             "update_other": f"\\set n random(1, :nids)\nUPDATE {t} SET updated_at = now() WHERE id = {target};\n",
+            "insert_spec": f"\\set r random(1, 1000000000)\n"
+                           f"INSERT INTO {st} (id, owner_id, name, description, {col}, default_params, usage_count) "
+                           f"VALUES ({new_id}, {owner}, 'bench spec ' || :r, 'bench spec', {pick}[1 + :r % {nl}], "
+                           f"'{{\"max_tokens\": 512}}', 0);\n",
+            "update_spec_col": f"\\set n random(1, :nspecids)\n\\set k random(1, {nl})\n"
+                               f"UPDATE {st} SET {col} = {pick}[:k], updated_at = now() WHERE id = {spec_target};\n",
+            "update_spec_other": f"\\set n random(1, :nspecids)\n"
+                                 f"UPDATE {st} SET updated_at = now() WHERE id = {spec_target};\n",
         }
         paths = {}
         for k, text in scripts.items():
@@ -569,15 +692,22 @@ class Bench:
     def section_trigger(self) -> dict:
         a = self.args
         dsn = self.clone(self.n, "trigger")
-        self.run_phases(dsn, 1)  # the shadow column exists either way: the trigger is the only difference
+        self.run_phases(dsn, 1)  # the shadow columns exist either way: the triggers are the only difference
+        nrows = self.table_rows[self.n]
+        ids = {}
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE TABLE bench_ids AS SELECT row_number() OVER () AS n, id FROM {} "
-                                 "WHERE random() < %s").format(self.table), (min(1.0, 100_000 / self.n),))
-            conn.execute("ALTER TABLE bench_ids ADD PRIMARY KEY (n)")
-            conn.execute("ANALYZE bench_ids")
+            for name, table in (("bench_ids", chatter.TEMPLATES), ("bench_spec_ids", chatter.SPECS)):
+                conn.execute(sql.SQL("CREATE TABLE {} AS SELECT row_number() OVER () AS n, id FROM {} "
+                                     "WHERE random() < %s").format(sql.Identifier(name),
+                                                                   sql.Identifier(self.schema, table)),
+                             (min(1.0, 100_000 / max(nrows[table], 1)),))
+                conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (n)").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+                ids[name] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
             # No autovacuum run landing in one round but not the other: both sides see the same work.
-            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(self.table))
-            nids = conn.execute("SELECT count(*) FROM bench_ids").fetchone()[0]
+            for t in self.tables:
+                conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(t))
+            nids, nspecids = ids["bench_ids"], ids["bench_spec_ids"]
             folder = Path(tempfile.mkdtemp(prefix="bench-pgbench-"))
             scripts = self._scripts(conn, folder)
             pm = postmaster_pid(conn)
@@ -585,7 +715,7 @@ class Bench:
         if a.trigger_driver == "pgbench" and pgbench is None:
             raise SystemExit("no pgbench binary found")
         driver = "pgbench" if pgbench else "python"
-        weights = {"insert": 3, "update_col": 3, "update_other": 2}  # the traffic simulator's write mix
+        weights = dict(self.MIX)  # the Chatter traffic simulator's write mix
 
         def load() -> dict:
             cpu0 = server_cpu_s(pm) if pm else None
@@ -599,7 +729,8 @@ class Bench:
         def _load() -> dict:
             if pgbench:
                 cmd = [pgbench, "-n", "-c", str(a.writers), "-j", str(min(a.writers, os.cpu_count() or 1)),
-                       "-T", str(a.trigger_seconds), "-M", "prepared", "-D", f"nids={nids}"]
+                       "-T", str(a.trigger_seconds), "-M", "prepared", "-D", f"nids={nids}",
+                       "-D", f"nspecids={nspecids}"]
                 cmd += [x for k, w in weights.items() for x in ("-f", f"{scripts[k]}@{w}")]
                 p = subprocess.run(cmd + [dsn], capture_output=True, text=True, timeout=a.trigger_seconds + 120)
                 m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
@@ -608,10 +739,19 @@ class Bench:
                 lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
                 failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
                 done = re.search(r"number of transactions actually processed: (\d+)", p.stdout)
+                # Per script ("SQL script N: <path>" blocks): transactions and average latency of each kind.
+                kinds = {}
+                for block in re.split(r"\nSQL script \d+: ", p.stdout)[1:]:
+                    kind = Path(block.split("\n", 1)[0].strip()).stem
+                    n = re.search(r"- (\d+) transactions", block)
+                    lt = re.search(r"latency average = ([\d.]+) ms", block)
+                    kinds[kind] = {"transactions": int(n.group(1)) if n else None,
+                                   "latency_ms": float(lt.group(1)) if lt else None}
                 return {"tps": float(m.group(1)), "latency_ms": float(lat.group(1)) if lat else None,
-                        "failed": int(failed.group(1)) if failed else 0,
+                        "failed": int(failed.group(1)) if failed else 0, "kinds": kinds,
                         "transactions": int(done.group(1)) if done else int(float(m.group(1)) * a.trigger_seconds)}
-            return self._python_load(dsn, nids, weights, a.writers, a.trigger_seconds)
+            return self._python_load(dsn, {"bench_ids": nids, "bench_spec_ids": nspecids}, weights, a.writers,
+                                     a.trigger_seconds)
 
         orch = Orchestrator(self.pb, dsn)
         rounds: dict[str, list[dict]] = {"without": [], "with": []}
@@ -639,7 +779,20 @@ class Bench:
                "rounds": rounds, "tps_without": round(off, 1), "tps_with": round(on, 1),
                "overhead_pct_of_means": round((1 - on / off) * 100, 1),
                "overhead_pct": round((1 - statistics.median(pairs)) * 100, 1),
-               "pair_overheads_pct": [round((1 - x) * 100, 1) for x in pairs]}
+               "pair_overheads_pct": [round((1 - x) * 100, 1) for x in pairs],
+               "table_rows_before": nrows}
+        # Per statement kind (so per table): median of the rounds' average latency, without -> with.
+        by_kind = {}
+        for kind in weights:
+            lat = {mode: [x["kinds"][kind]["latency_ms"] for x in rounds[mode]
+                          if x.get("kinds", {}).get(kind, {}).get("latency_ms") is not None] for mode in rounds}
+            if lat["with"] and lat["without"]:
+                lo, hi = statistics.median(lat["without"]), statistics.median(lat["with"])
+                by_kind[kind] = {"table": chatter.SPECS if "spec" in kind else chatter.TEMPLATES,
+                                 "latency_ms_without": round(lo, 3), "latency_ms_with": round(hi, 3),
+                                 "latency_pct": round((hi / lo - 1) * 100, 1)}
+        if by_kind:
+            out["by_kind"] = by_kind
         if pm:
             c_off = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["without"])
             c_on = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["with"])
@@ -650,18 +803,20 @@ class Bench:
                        overhead_pct_equal_cpu=round((1 - c_off / c_on) * 100, 1))
         return out
 
-    def _python_load(self, dsn: str, nids: int, weights: dict, clients: int, seconds: float) -> dict:
+    def _python_load(self, dsn: str, nids: dict[str, int], weights: dict, clients: int, seconds: float) -> dict:
         """The pgbench mix from Python threads (when no pgbench binary is available)."""
         import random
-        t, col = self.table, sql.Identifier(self.pb.column.name)
+        t, st = sql.Identifier(self.schema, chatter.TEMPLATES), sql.Identifier(self.schema, chatter.SPECS)
+        col = sql.Identifier(chatter.COLUMN)
         labels = list(self.names.labels)
+        by_n = sql.SQL("(SELECT id FROM bench_ids WHERE n = %s)")
+        spec_by_n = sql.SQL("(SELECT id FROM bench_spec_ids WHERE n = %s)")
         stmts = {
-            "insert": sql.SQL("INSERT INTO {} (id, owner_id, name, {}) VALUES (left(md5(%s || clock_timestamp()::text),"
-                              " 26), 'BENCHOWNER', 'bench', %s)").format(t, col),
-            "update_col": sql.SQL("UPDATE {} SET {} = %s WHERE id = (SELECT id FROM bench_ids WHERE n = %s)")
-            .format(t, col),
-            "update_other": sql.SQL("UPDATE {} SET updated_at = now() WHERE id = (SELECT id FROM bench_ids "
-                                    "WHERE n = %s)").format(t),
+            "update_col": sql.SQL("UPDATE {} SET {} = %s, updated_at = now() WHERE id = {}").format(t, col, by_n),
+            "update_other": sql.SQL("UPDATE {} SET updated_at = now() WHERE id = {}").format(t, by_n),
+            "update_spec_col": sql.SQL("UPDATE {} SET {} = %s, updated_at = now() WHERE id = {}").format(st, col,
+                                                                                                    spec_by_n),
+            "update_spec_other": sql.SQL("UPDATE {} SET updated_at = now() WHERE id = {}").format(st, spec_by_n),
         }
         counts = [0] * clients
         stop = time.monotonic() + seconds
@@ -671,12 +826,19 @@ class Bench:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 while time.monotonic() < stop:
                     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
-                    if kind == "insert":
-                        conn.execute(stmts[kind], (str(rng.random()), rng.choice(labels)))
-                    elif kind == "update_col":
-                        conn.execute(stmts[kind], (rng.choice(labels), rng.randint(1, nids)))
+                    label = rng.choice(labels)
+                    if kind in ("insert", "insert_spec"):
+                        rid = secrets.token_hex(13)
+                        if kind == "insert":
+                            chatter.insert_template(conn, rid, label, schema=self.schema)
+                        else:
+                            chatter.insert_spec(conn, rid, label, schema=self.schema)
+                    elif kind in ("update_col", "update_spec_col"):
+                        n = rng.randint(1, nids["bench_ids" if kind == "update_col" else "bench_spec_ids"])
+                        conn.execute(stmts[kind], (label, n))
                     else:
-                        conn.execute(stmts[kind], (rng.randint(1, nids),))
+                        n = rng.randint(1, nids["bench_ids" if kind == "update_other" else "bench_spec_ids"])
+                        conn.execute(stmts[kind], (n,))
                     counts[i] += 1
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -690,43 +852,79 @@ class Bench:
     def section_verify(self) -> dict:
         a = self.args
         dsn = self.clone(self.n, "verify")
-        # Phases 1-2 and the shadow filled: the state phase 4 runs in. No autovacuum: a run starting after the
+        # Phases 1-2 and the shadows filled: the state phase 4 runs in. No autovacuum: a run starting after the
         # mass update (it would) lands in some rounds and not others, and its VACUUM turns count(*) into an
-        # index-only scan; measured here is the table as the backfill leaves it.
+        # index-only scan; measured here are the tables as the backfill leaves them.
         one = self._one_update(dsn, autovacuum=False)
         orch = Orchestrator(self.pb, dsn)
-        parity_s, count_s, serial_s, rows = [], [], [], 0
+        # Per table (by label): the parity check of its column (what orch.verify() and phase 4 run, one column at a
+        # time) and count(*) of the table, parallel and serial.
+        parity_s: dict[str, list[float]] = {}
+        count_s: dict[str, list[float]] = {}
+        serial_s: dict[str, list[float]] = {}
+        rows: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        plans: dict[str, list[str]] = {}
         try:
+            ctxs = orch.contexts(orch.facts(register=False))
             with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn, autocommit=True) as serial:
                 serial.execute("SET max_parallel_workers_per_gather = 0")
-                count_q = sql.SQL("SELECT count(*) FROM {}").format(self.table)
-                conn.execute(count_q).fetchone()  # warm-up: hint bits after the mass update, cache
-                plan = [r_[0] for r_ in conn.execute(sql.SQL("EXPLAIN ") + count_q).fetchall()]
+                count_q = {c.m.label: sql.SQL("SELECT count(*) FROM {}").format(c.table) for c in ctxs}
+                for label, q in count_q.items():
+                    conn.execute(q).fetchone()  # warm-up: hint bits after the mass update, cache
+                    plans[label] = [r_[0] for r_ in conn.execute(sql.SQL("EXPLAIN ") + q).fetchall()]
                 for _ in range(a.verify_rounds):  # interleaved, so drifting machine load hits all three
-                    t = time.monotonic()
-                    res = orch.verify()
-                    parity_s.append(time.monotonic() - t)
-                    rows = res.rows
-                    if res.mismatches:
-                        raise RuntimeError(f"parity check found {res.mismatches} mismatches")
-                    t = time.monotonic()
-                    n = conn.execute(count_q).fetchone()[0]
-                    count_s.append(time.monotonic() - t)
-                    t = time.monotonic()
-                    serial.execute(count_q).fetchone()
-                    serial_s.append(time.monotonic() - t)
+                    for ctx in ctxs:
+                        label = ctx.m.label
+                        t = time.monotonic()
+                        res = parity.check(ctx, swapped=False)
+                        parity_s.setdefault(label, []).append(time.monotonic() - t)
+                        rows[label] = res.rows
+                        if res.mismatches:
+                            raise RuntimeError(f"parity check of {label} found {res.mismatches} mismatches")
+                        t = time.monotonic()
+                        counts[label] = conn.execute(count_q[label]).fetchone()[0]
+                        count_s.setdefault(label, []).append(time.monotonic() - t)
+                        t = time.monotonic()
+                        serial.execute(count_q[label]).fetchone()
+                        serial_s.setdefault(label, []).append(time.monotonic() - t)
+            # And once through the public entry point, which must agree.
+            t = time.monotonic()
+            whole = orch.verify()
+            verify_s = time.monotonic() - t
+            bad = {k: v.mismatches for k, v in whole.items() if v.mismatches}
+            if bad or {k: v.rows for k, v in whole.items()} != rows:
+                raise RuntimeError(f"orch.verify() disagrees: mismatches {bad}, rows "
+                                   f"{ {k: v.rows for k, v in whole.items()} } vs {rows}")
         finally:
             orch.close()
         self.drop(dsn)
-        p, c, cs = statistics.median(parity_s), statistics.median(count_s), statistics.median(serial_s)
-        return {"rows": rows, "count_rows": n, "parity_s": round(p, 3), "count_s": round(c, 3),
-                "count_serial_s": round(cs, 3), "parity_rows_per_s": round(rows / p), "count_rows_per_s": round(n / c),
-                "count_serial_rows_per_s": round(n / cs), "ratio": round((rows / p) / (n / c), 3),
-                "ratio_vs_serial_count": round((rows / p) / (n / cs), 3),
-                "chunk_rows": self.pb.settings.verify_chunk_rows, "count_plan": plan,
-                "rounds": {"parity_s": [round(x, 3) for x in parity_s], "count_s": [round(x, 3) for x in count_s],
-                           "count_serial_s": [round(x, 3) for x in serial_s]},
-                "setup_one_update_s": one["seconds"]}
+        med = statistics.median
+        tables = {}
+        for label in rows:
+            p, c, cs = med(parity_s[label]), med(count_s[label]), med(serial_s[label])
+            tables[label] = {
+                "rows": rows[label], "count_rows": counts[label], "parity_s": round(p, 3), "count_s": round(c, 3),
+                "count_serial_s": round(cs, 3), "parity_rows_per_s": round(rows[label] / p),
+                "count_rows_per_s": round(counts[label] / c), "count_serial_rows_per_s": round(counts[label] / cs),
+                "ratio": round((rows[label] / p) / (counts[label] / c), 3),
+                "ratio_vs_serial_count": round((rows[label] / p) / (counts[label] / cs), 3), "count_plan": plans[label],
+                "rounds": {"parity_s": [round(x, 3) for x in parity_s[label]],
+                           "count_s": [round(x, 3) for x in count_s[label]],
+                           "count_serial_s": [round(x, 3) for x in serial_s[label]]}}
+        # Both tables: the sums of the per-round times (a round checks every column, like orch.verify()).
+        labels = list(rows)
+        per_round = {k: [sum(d[label][i] for label in labels) for i in range(a.verify_rounds)]
+                     for k, d in (("parity", parity_s), ("count", count_s), ("serial", serial_s))}
+        p, c, cs = med(per_round["parity"]), med(per_round["count"]), med(per_round["serial"])
+        n_rows, n_count = sum(rows.values()), sum(counts.values())
+        return {"rows": n_rows, "count_rows": n_count, "parity_s": round(p, 3), "count_s": round(c, 3),
+                "count_serial_s": round(cs, 3), "parity_rows_per_s": round(n_rows / p),
+                "count_rows_per_s": round(n_count / c), "count_serial_rows_per_s": round(n_count / cs),
+                "ratio": round((n_rows / p) / (n_count / c), 3),
+                "ratio_vs_serial_count": round((n_rows / p) / (n_count / cs), 3),
+                "orch_verify_s": round(verify_s, 3), "chunk_rows": self.pb.settings.verify_chunk_rows,
+                "tables": tables, "setup_one_update_s": one["seconds"]}
 
 
 # --------------------------------------------------------------------------------------------- goals
@@ -757,9 +955,11 @@ def goals(res: dict, pb) -> list[dict]:
             "seconds (contrast)", q["plain"]["during"]["max"] >= 1000)
     if "backfill" in res:
         b = res["backfill"]
-        add("backfill", "rows/s vs one UPDATE", f"{b['ratio_vs_one_update']}×", "≥ 0.8×",
-            b["ratio_vs_one_update"] >= 0.8,
-            f"per server CPU-second {b['cpu_ratio_vs_one_update']}×" if "cpu_ratio_vs_one_update" in b else "")
+        per_table = "; ".join(f"{k} {v['ratio_vs_one_update']}×" for k, v in b.get("tables", {}).items())
+        add("backfill", "rows/s vs one UPDATE per table", f"{b['ratio_vs_one_update']}×", "≥ 0.8×",
+            b["ratio_vs_one_update"] >= 0.8 and all(v["ratio_vs_one_update"] >= 0.8 for v in b.get("tables", {}).values()),
+            "; ".join(x for x in (per_table, f"per server CPU-second {b['cpu_ratio_vs_one_update']}×"
+                                  if "cpu_ratio_vs_one_update" in b else "") if x))
         add("backfill", "longest batch transaction", f"{b['longest_batch_ms']:.0f} ms", "≤ 200 ms",
             b["longest_batch_ms"] <= 200)
         add("backfill", "peak RSS N rows / 100k rows", f"{b['rss_ratio']}", "1 ± 0.2", abs(b["rss_ratio"] - 1) <= 0.2)
@@ -776,7 +976,8 @@ def goals(res: dict, pb) -> list[dict]:
     if "verify" in res:
         v = res["verify"]
         add("verify", "parity rows/s vs count(*)", f"{v['ratio']}×", "≥ 0.5×", v["ratio"] >= 0.5,
-            f"{v['ratio_vs_serial_count']}× of a count(*) without parallel workers")
+            f"{v['ratio_vs_serial_count']}× of a count(*) without parallel workers; "
+            + "; ".join(f"{k} {t['ratio']}×" for k, t in v.get("tables", {}).items()))
     return out
 
 
@@ -819,7 +1020,11 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
                       f"{w['max_kind']}" + (f" in {where}" if where else ""))
         console.print(t)
         if "downtime" in res:
-            console.print(f"longest stall naive / orchestrator: [bold]{res['downtime']['ratio_longest_stall']}×[/]")
+            nv = res["downtime"]["naive"]
+            tries = ", ".join(f"{x['seconds']} s" + (" (deadlock)" if x["error"] else "") for x in nv["attempts"])
+            console.print(f"longest stall naive / orchestrator: [bold]{res['downtime']['ratio_longest_stall']}×[/]; "
+                          f"naive revision attempts: {tries}; app statements ended by a deadlock: "
+                          f"{nv['during'].get('deadlock_errors', 0)}")
     if "backfill" in res:
         b = res["backfill"]
         t = Table(title="Backfill")
@@ -832,6 +1037,10 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
             ("one UPDATE statement, identical copy (median)", f"{one['rows_per_s']:,} rows/s "
                                                               f"(rounds {one['rounds_rows_per_s']})"),
             ("ratio orchestrator / one UPDATE", f"{b['ratio_vs_one_update']}×"),
+            *[(f"  {k}: orchestrator / one UPDATE", f"{v['rows_per_s']:,} / {v['one_update_rows_per_s']:,} rows/s "
+                                                     f"= {v['ratio_vs_one_update']}× ({v['rows']:,} rows, batches "
+                                                     f"{v['batches']}, longest {v['max_batch_ms']} ms)")
+              for k, v in b.get("tables", {}).items()],
             ("server CPU s: orchestrator / one UPDATE", f"{o['server_cpu_s']} / {one['server_cpu_s']}"
                                                         + (f" → {b['cpu_ratio_vs_one_update']}× rows per CPU-s"
                                                            if "cpu_ratio_vs_one_update" in b else "")),
@@ -841,6 +1050,8 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
               for k, v in b["rss"].items()],
             ("RSS ratio", f"{b['rss_ratio']}"),
             ("backfill under app load", f"{u['rows_per_s']:,} rows/s ({u['seconds']} s, {u['batches']} batches)"),
+            *[(f"  {k} under app load", f"{v['rows_per_s']:,} rows/s ({v['seconds']} s, {v['batches']} batches, "
+                                        f"longest {v['max_batch_ms']} ms)") for k, v in u.get("tables", {}).items()],
             ("app p99 before / during backfill", f"{fmt_ms(u['before']['p99'])} / {fmt_ms(u['during']['p99'])} ms"),
             ("app max before / during backfill", f"{fmt_ms(u['before']['max'])} / {fmt_ms(u['during']['max'])} ms"),
             ("app errors during backfill", str(u["during"]["errors"])),
@@ -857,6 +1068,14 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
             t.add_row(f"{k} trigger", ", ".join(f"{x['tps']:,.0f}" for x in tr["rounds"][k]),
                       f"{tr[f'tps_{k}']:,.0f}", str(tr.get(f"cpu_us_per_tx_{k}", "-")))
         console.print(t)
+        if tr.get("by_kind"):
+            t = Table(title="Average latency per statement kind (pgbench, median of rounds)")
+            for c in ("kind", "table", "without ms", "with ms", "change"):
+                t.add_column(c, justify="left" if c in ("kind", "table") else "right")
+            for k, v in tr["by_kind"].items():
+                t.add_row(k, v["table"], f"{v['latency_ms_without']:.3f}", f"{v['latency_ms_with']:.3f}",
+                          f"{v['latency_pct']:+.1f}%")
+            console.print(t)
         console.print(f"trigger overhead: throughput [bold]{tr['overhead_pct']}%[/] (median of back-to-back pairs "
                       f"{tr['pair_overheads_pct']}; of means {tr['overhead_pct_of_means']}%)"
                       + (f"; server CPU per transaction +{tr['cpu_overhead_pct']}% = throughput loss at equal "
@@ -871,6 +1090,11 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
         t.add_row("SELECT count(*)", f"{v['count_rows_per_s']:,}", str(v["count_s"]))
         t.add_row("SELECT count(*), no parallel workers", f"{v['count_serial_rows_per_s']:,}", str(v["count_serial_s"]))
         t.add_row("ratio parity / count(*) (/ serial count(*))", f"{v['ratio']}× ({v['ratio_vs_serial_count']}×)", "")
+        for k, x in v.get("tables", {}).items():
+            t.add_row(f"  {k}: parity / count(*) / serial count(*) ({x['rows']:,} rows)",
+                      f"{x['parity_rows_per_s']:,} / {x['count_rows_per_s']:,} / {x['count_serial_rows_per_s']:,}",
+                      f"{x['parity_s']} / {x['count_s']} / {x['count_serial_s']}")
+            t.add_row(f"  {k}: ratio", f"{x['ratio']}× ({x['ratio_vs_serial_count']}×)", "")
         console.print(t)
     g = Table(title="Goals")
     for c in ("section", "goal", "figure", "target", "met"):
@@ -885,7 +1109,8 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=2_000_000, help="rows in the seed table (default 2M)")
+    p.add_argument("--rows", type=int, default=2_000_000,
+                   help="workflow_templates rows (default 2M); template_specs gets rows // 4")
     p.add_argument("--writers", type=int, default=4, help="app writer connections (default 4)")
     p.add_argument("--readers", type=int, default=1, help="app reader connections (default 1)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -941,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.cleanup()
     meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["section_seconds"], meta["setup_seconds"], meta["section_loadavg"] = timings, bench.setup_s, loads
+    meta["table_rows"] = {str(k): v for k, v in bench.table_rows.items()}
+    meta["schema"] = "Chatter (orchestrator/chatter.py): " + ", ".join(m.label for m in bench.pb.migrations)
     goal_rows = goals(results, bench.pb)
     render(console, results, goal_rows, meta)
     out = Path(args.json)
