@@ -59,6 +59,26 @@ def seed(dsn: str, names: SeedNames = SeedNames(), rows: int = 2000, *, enum_def
         insert_rows(conn, rows, names)
 
 
+def seed_chatter(dsn: str, rows: int = 2000, specs: int | None = None) -> None:
+    """Chatter's real schema (both tables using the enum, users with the 'system' owner) and sample rows."""
+    from orchestrator import chatter
+    with psycopg.connect(dsn) as conn:
+        chatter.create_chatter_schema(conn)
+        chatter.insert_chatter_rows(conn, rows, specs)
+
+
+def real_playbook(**overrides) -> playbook.Playbook:
+    """The reference playbook (both columns of Chatter's enum type), with dotted-key overrides."""
+    data = copy.deepcopy(reference_dict())
+    for key, value in overrides.items():
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return playbook.parse(data)
+
+
 def snapshot(dsn: str, schema: str = "public") -> dict:
     with psycopg.connect(dsn) as conn:
         return schema_snapshot(conn, schema)

@@ -15,7 +15,8 @@ from pathlib import Path
 from orchestrator import lint
 from orchestrator.executor import Recorded
 
-from .helpers import ROOT, cli, make_playbook, orchestrator, query, simple_dict, seed, snapshot, write_playbook
+from .helpers import (ROOT, cli, make_playbook, orchestrator, query, real_playbook, seed, seed_chatter, simple_dict,
+                      snapshot, write_playbook)
 
 
 def test_squawk_is_installed_with_the_package():
@@ -29,7 +30,7 @@ def state_snapshot(dsn) -> dict:
 
 
 def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
-    seed(dsn, rows=100)
+    seed_chatter(dsn, rows=100)
     before = state_snapshot(dsn)
     r = cli("plan", dsn=dsn, env={"COLUMNS": "250"})
     assert r.returncode == 0, r.stderr
@@ -39,6 +40,8 @@ def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
     assert 'ADD COLUMN IF NOT EXISTS "workflow_type_new" varchar(50)' in text
     assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_workflow_templates_workflow_type_ecnew"' in text
     assert 'RENAME COLUMN "workflow_type_new" TO "workflow_type"' in text
+    assert 'ALTER TABLE "public"."template_specs" ADD COLUMN IF NOT EXISTS "workflow_type_new"' in text
+    assert 'LOCK TABLE "public"."template_specs", "public"."workflow_templates" IN ACCESS EXCLUSIVE MODE' in text
     assert "-- lock: ACCESS EXCLUSIVE (catalog only" in text and "-- lock: SHARE UPDATE EXCLUSIVE" in text
     assert "squawk prefer-text-field" in text and "accepted:" in text
     assert "UNSAFE" not in text
@@ -46,9 +49,9 @@ def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
 
 
 def test_no_phase_has_a_statement_squawk_finds_unsafe(dsn):
-    seed(dsn, rows=10)
+    seed_chatter(dsn, rows=10)
     from orchestrator.runner import Orchestrator
-    orch = Orchestrator(make_playbook(), dsn, dry_run=True)
+    orch = Orchestrator(real_playbook(), dsn, dry_run=True)
     try:
         plans = orch.plan()
     finally:
@@ -70,13 +73,13 @@ def test_lint_flags_a_new_unsafe_statement():
 
 
 def test_dry_run_changes_nothing(dsn):
-    seed(dsn, rows=200)
+    seed_chatter(dsn, rows=200)
     before = state_snapshot(dsn)
     r = cli("run", "1", "--dry-run", dsn=dsn)
     assert r.returncode == 0, r.stderr
     assert 'ADD COLUMN IF NOT EXISTS "workflow_type_new"' in r.stdout
     assert state_snapshot(dsn) == before
-    orch = orchestrator(make_playbook(), dsn)
+    orch = orchestrator(real_playbook(), dsn)
     orch.run(1)
     orch.run(2)
     orch.close()
@@ -183,8 +186,8 @@ def test_run_log_records_every_statement_of_a_full_migration(dsn):
 
 
 def test_contract_needs_confirmation_without_a_terminal(dsn):
-    seed(dsn, rows=100)
-    orch = orchestrator(make_playbook(), dsn)
+    seed_chatter(dsn, rows=100)
+    orch = orchestrator(real_playbook(), dsn)
     for n in range(1, 7):
         orch.run(n)
     orch.close()

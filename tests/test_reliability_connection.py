@@ -116,7 +116,7 @@ def test_connection_terminated_during_index_build_backfill_verify_and_swap(dsn, 
     killed["verify"] = through_lost_connection(dsn, pb_path, ("run", "4"), "count(*) FILTER")
     # The swap's statements take milliseconds: a report holding the table makes the first one wait, and it is
     # terminated while waiting for its lock.
-    killed["swap"] = through_lost_connection(dsn, pb_path, ("run", "5"), "DROP DEFAULT",
+    killed["swap"] = through_lost_connection(dsn, pb_path, ("run", "5"), "LOCK TABLE",
                                              blocker="SELECT count(*) FROM workflow_templates",
                                              position="RENAME COLUMN#1")
     assert all(killed.values()), killed
