@@ -2,20 +2,31 @@
 
 For every phase k of a playbook: run phases 1..k forward, then roll back k..1, and after each rollback
 check that the schema is what it was before that phase (after the last one: the original schema, by
-catalog comparison) and that no row was lost or changed (every original row and every row the simulated
-application wrote holds the value it should). Then run forward through the contract. The app keeps
-writing and reading the whole time; every statement's latency and error is recorded, and the report
-(`report.py`) shows per phase and per rollback how long it took and how long the app waited.
+catalog comparison) and that no row was lost or changed in ANY migrated table (every original row and every
+row the simulated application wrote holds the value it should; built-in rows present exactly when the seed
+phase is applied).
+
+The database: for a playbook on Chatter's tables (`demo.is_chatter`: both columns of the enum
+`workflowtype`, workflow_templates.workflow_type and template_specs.workflow_type) Chatter's real schema
+(`chatter.create_chatter_schema` + `insert_chatter_rows`) and the app in Chatter mode (`AppTraffic(...,
+chatter=True)`: full rows into both tables and a JOIN probe between them on the enum column, which must
+never fail); for a one-column playbook the simplified one-table fixture (`demo.create_seed_schema`).
+
+Then run forward through the contract. The app keeps writing and reading the whole time; every statement's
+latency and error is recorded, and the report (`report.py`) shows per phase and per rollback how long it took
+and how long the app waited.
 
 The app follows a real rollout: old vocabulary (enum labels) before the swap, the new app (varchar
 values, including values with no enum label such as `medical_chat`) right after it, and back to the old
 app before the swap is rolled back. Values with no label therefore exist when the swap is rolled back:
 
-* under `rollback.unmapped: refuse` the rollback must refuse and list those rows; the rehearsal checks
-  that it did and that nothing changed, then fixes the rows the way a DBA would (an UPDATE to the
-  fallback label's new value, recorded in the report) and rolls back again;
-* under `rollback.unmapped: fallback` the rollback rewrites them to the fallback label; the rehearsal
-  checks that every such row holds it.
+* under `rollback.unmapped: refuse` the rollback must refuse and list those rows (of the first table that
+  has some); the rehearsal checks that it did, that the ids it lists are rows of that table with no label
+  and that nothing changed, then fixes that table's rows the way a DBA would (an UPDATE to the fallback
+  label's new value, recorded in the report) and rolls back again: refused again for the next table that
+  has such rows, until none is left;
+* under `rollback.unmapped: fallback` the rollback rewrites them to the fallback label in every table; the
+  rehearsal checks that every such row holds it.
 
 The playbook's own policy is exercised first; the last cycle that rolls back the swap uses a copy of the
 playbook with the other policy (an extra cycle is added when needed), so every rehearsal shows both.
@@ -26,6 +37,7 @@ for the moment of the check (no statement is in flight, none is timed), never du
 
 from __future__ import annotations
 
+import ast
 import re
 import threading
 import time
@@ -39,9 +51,10 @@ import structlog
 from psycopg import sql
 
 from .db import safe_dsn
-from .demo import SeedNames, create_seed_schema, insert_rows, schema_snapshot, snapshot_diff
+from . import chatter
+from .demo import SeedNames, create_seed_schema, insert_rows, is_chatter, schema_snapshot, snapshot_diff
 from .errors import BadInput, OrchestratorError, Refused
-from .playbook import Playbook
+from .playbook import ColumnMigration, Playbook
 from .runner import Orchestrator
 from .state import State
 from .traffic import AppTraffic, StatementSample
@@ -104,20 +117,23 @@ class RehearsalTraffic(AppTraffic):
                 self._held = False
                 self._gate.notify_all()
 
-    def written_now(self) -> dict[str, str]:
+    def written_now(self, key: str = "written") -> dict[str, str]:
+        """id -> last value the app wrote, for one table: key "written" (workflow_templates, or the fixture
+        table) or "written_specs" (template_specs, Chatter mode)."""
         out: dict[str, str] = {}
         for w in self._workers:
-            out.update(dict(w.written))
+            out.update(dict(getattr(w, key)))
         return out
 
     def samples_now(self) -> list[StatementSample]:
         return [s for w in self._workers for s in list(w.samples)]
 
-    def override_written(self, rid: str, value: str) -> None:
+    def override_written(self, rid: str, value: str, key: str = "written") -> None:
         """Someone else (the DBA, a rollback's fallback) wrote this row last: expect `value` from now on."""
         for w in self._workers:
-            if rid in w.written:
-                w.written[rid] = value
+            written = getattr(w, key)
+            if rid in written:
+                written[rid] = value
                 return
 
 
@@ -193,7 +209,8 @@ class Step:
     t1: float = 0.0
     outcome: str = ""
     ok: bool = True
-    rows_checked: int | None = None
+    rows_checked: int | None = None  # over every migrated table
+    rows_by_table: dict[str, int] = field(default_factory=dict)  # table.column -> rows checked
     schema: str = ""  # "identical" | "differs" | ""
     note: str = ""
     retries: int = 0  # DDL attempts that failed (lock_timeout, ...) and were retried, from the run log
@@ -246,6 +263,10 @@ class RehearsalResult:
     fixes: list[dict] = field(default_factory=list)
     stopped: str | None = None  # why the rehearsal stopped before the end
     report_path: str | None = None
+    tables: list[str] = field(default_factory=list)  # table.column of every migrated column
+    rows_by_table: dict[str, int] = field(default_factory=dict)  # original rows per table.column
+    builtin_by_table: dict[str, int] = field(default_factory=dict)  # built-in (seed) rows per table.column
+    schema_source: str = ""  # what the rows and schema are: Chatter's schema, the fixture, an existing database
 
     @property
     def app_errors(self) -> list[StatementSample]:
@@ -273,9 +294,61 @@ class _Stop(Exception):
 # The rehearsal
 
 
+@dataclass
+class Unit:
+    """One migrated column as the rehearsal sees it: its table, where the app's writes to it are recorded,
+    its built-in (seed) rows and its original rows."""
+
+    m: ColumnMigration
+    written_key: str  # the traffic's record of app writes to this table: "written" | "written_specs"
+    seed_ids: list[str]
+    original: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.m.label
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.m.table.schema_, self.m.table.name)
+
+    @property
+    def col(self) -> sql.Identifier:
+        return sql.Identifier(self.m.column.name)
+
+    def has_label(self, value: str) -> bool:
+        """Whether a value can go back into the enum column (an old label, or a new value with one)."""
+        return value in self.m.mapping or value in self.m.reverse
+
+    def right_value(self, value: str, enum_state: bool) -> str | None:
+        """What the column must hold for a row whose last write was `value`, in the current column state."""
+        if enum_state:
+            if value in self.m.mapping:
+                return value
+            return self.m.reverse.get(value)  # None: no label, the row cannot be right
+        return self.m.mapping.get(value, value)  # old labels are translated (trigger or backfill)
+
+
 def seed_names(pb: Playbook) -> SeedNames:
-    return SeedNames(schema=pb.table.schema_, table=pb.table.name, column=pb.column.name,
-                     enum=pb.column.enum_type, labels=tuple(pb.mapping))
+    """The simplified fixture's names for a one-column playbook."""
+    m = pb.migrations[0]
+    return SeedNames(schema=m.table.schema_, table=m.table.name, column=m.column.name,
+                     enum=m.column.enum_type, labels=tuple(m.mapping))
+
+
+def chatter_problem(pb: Playbook) -> str | None:
+    """Why the rehearsal cannot run a Chatter playbook on Chatter's schema (None: it can)."""
+    tables = {t for _, t in pb.tables}
+    schemas = {s for s, _ in pb.tables}
+    if tables != {chatter.TEMPLATES, chatter.SPECS}:
+        return (f"Chatter's enum {chatter.ENUM} is used by {chatter.TEMPLATES} and {chatter.SPECS}: the playbook "
+                f"must list both columns (it lists {', '.join(m.label for m in pb.migrations)})")
+    if len(schemas) != 1:
+        return f"Chatter's tables live in one schema; the playbook names {sorted(schemas)}"
+    wrong = [m.label for m in pb.migrations if m.column.name != chatter.COLUMN or m.column.enum_type != chatter.ENUM]
+    if wrong:
+        return f"Chatter's tables migrate {chatter.COLUMN} of enum {chatter.ENUM}; the playbook names {wrong}"
+    return None
 
 
 def other_policy(pb: Playbook) -> Playbook:
@@ -284,11 +357,20 @@ def other_policy(pb: Playbook) -> Playbook:
         rb = pb.rollback.model_copy(update={"unmapped": "fallback", "fallback_label": fallback_label(pb)})
     else:
         rb = pb.rollback.model_copy(update={"unmapped": "refuse"})
-    return pb.model_copy(update={"rollback": rb})
+    out = pb.model_copy(update={"rollback": rb})
+    out.__dict__.pop("migrations", None)  # a cached_property: rebuild the units with the copy's policy
+    return out
 
 
 def fallback_label(pb: Playbook) -> str:
-    return pb.rollback.fallback_label or next(iter(pb.mapping))
+    return pb.rollback.fallback_label or next(iter(pb.migrations[0].mapping))
+
+
+def _count_by_value(values: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values.values():
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 class Rehearsal:
@@ -297,7 +379,23 @@ class Rehearsal:
                  dwell_s: float = 0.2, console=None, playbook_source: str = "", server_label: str = "",
                  traffic_seed: int = 0):
         self.pb, self.dsn = pb, dsn
-        self.names = seed_names(pb)
+        self.chatter = is_chatter(pb)
+        if self.chatter:
+            problem = chatter_problem(pb)
+            if problem:
+                raise BadInput(f"cannot rehearse {pb.name} on Chatter's schema: {problem}")
+            self.names = chatter.chatter_names(pb.migrations[0].table.schema_)
+            keys = {chatter.TEMPLATES: "written", chatter.SPECS: "written_specs"}
+        elif len(pb.migrations) == 1:
+            self.names = seed_names(pb)
+            keys = {}
+        else:
+            raise BadInput(f"cannot rehearse {pb.name}: the simulated app writes Chatter's two tables or one "
+                           f"table, not {', '.join(m.label for m in pb.migrations)}")
+        self.units = [Unit(m, keys.get(m.table.name, "written"),
+                           [str(r["id"]) for r in m.seed_rows.rows if m.seed_rows.key == ["id"] and "id" in r])
+                      for m in pb.migrations]
+        self.schemas = list(dict.fromkeys([s for s, _ in pb.tables] + [pb.enum_type[0]]))
         self.rows, self.writers, self.readers = rows, writers, readers
         self.cycles = list(cycles) if cycles else None
         self.both_policies, self.do_final, self.dwell_s = both_policies, final, dwell_s
@@ -306,14 +404,11 @@ class Rehearsal:
         self.result = RehearsalResult(
             playbook=pb.name, playbook_source=playbook_source or pb.name, policy=pb.rollback.unmapped,
             database=safe_dsn(dsn), server=server_label, rows=rows, writers=writers, readers=readers,
-            started_at=datetime.now(timezone.utc))
+            started_at=datetime.now(timezone.utc), tables=[u.label for u in self.units])
         self.traffic: RehearsalTraffic | None = None
         self.sampler: LockSampler | None = None
-        self.original: dict[str, str] = {}
         self.original_schema: dict = {}
-        self.original_seeds: set[str] = set()
-        self.seed_ids = [str(r[pb.seed_rows.key[0]]) for r in pb.seed_rows.rows
-                         if pb.seed_rows.key == ["id"] and "id" in r]
+        self.original_seeds: dict[str, set[str]] = {}
         self.swap_phase: int | None = None
         self.policies_done: set[str] = set()
         self.n_phases = 0
@@ -340,112 +435,146 @@ class Rehearsal:
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.dsn, autocommit=True, application_name="rehearsal")
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, dict]:
+        """Catalog snapshot of every schema the migration touches (its tables' and the enum type's)."""
         with self.connect() as conn:
-            return schema_snapshot(conn, self.names.schema)
+            return {s: schema_snapshot(conn, s) for s in self.schemas}
 
-    def table_exists(self) -> bool:
-        with self.connect() as conn:
-            return conn.execute(sql.SQL("SELECT to_regclass({}) IS NOT NULL").format(
-                sql.Literal(self.names.table_ident.as_string(conn)))).fetchone()[0]
+    def schema_diff(self, want: dict[str, dict], got: dict[str, dict]) -> list[str]:
+        out: list[str] = []
+        for s in self.schemas:
+            diff = snapshot_diff(want.get(s, {}), got.get(s, {}))
+            out += [f"{s}: {d}" for d in diff] if len(self.schemas) > 1 else diff
+        return out
 
-    def column_is_enum(self, conn: psycopg.Connection) -> bool:
+    def column_info(self, conn: psycopg.Connection, u: Unit, column: str) -> tuple[bool, str] | None:
+        """(is an enum, formatted type) of a live column of the unit's table; None when there is none."""
         row = conn.execute(sql.SQL("""
-            SELECT t.typtype = 'e' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-             WHERE a.attrelid = to_regclass({}) AND a.attname = {} AND NOT a.attisdropped""").format(
-            sql.Literal(self.names.table_ident.as_string(conn)), sql.Literal(self.names.column))).fetchone()
-        return bool(row and row[0])
+            SELECT t.typtype = 'e', format_type(a.atttypid, a.atttypmod)
+              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid
+             WHERE n.nspname = %s AND c.relname = %s AND a.attname = %s AND a.attnum > 0
+               AND NOT a.attisdropped"""), (u.m.table.schema_, u.m.table.name, column)).fetchone()
+        return (bool(row[0]), row[1]) if row else None
 
-    def column_type(self, conn: psycopg.Connection) -> str | None:
-        row = conn.execute(sql.SQL("""
-            SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-             WHERE a.attrelid = to_regclass({}) AND a.attname = {} AND NOT a.attisdropped""").format(
-            sql.Literal(self.names.table_ident.as_string(conn)), sql.Literal(self.names.column))).fetchone()
-        return row[0] if row else None
+    def column_is_enum(self, conn: psycopg.Connection, u: Unit) -> bool:
+        info = self.column_info(conn, u, u.m.column.name)
+        return bool(info and info[0])
 
-    def has_retired(self) -> bool:
+    def table_exists(self, u: Unit) -> bool:
         with self.connect() as conn:
             return bool(conn.execute(sql.SQL("""
-                SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({}) AND attname = {}
-                               AND NOT attisdropped)""").format(
-                sql.Literal(self.names.table_ident.as_string(conn)), sql.Literal(self.pb.retired))).fetchone()[0])
+                SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p'))"""),
+                (u.m.table.schema_, u.m.table.name)).fetchone()[0])
 
-    def values(self, conn: psycopg.Connection) -> dict[str, str]:
-        cur = conn.execute(sql.SQL("SELECT id::text, {}::text FROM {}").format(
-            sql.Identifier(self.names.column), self.names.table_ident))
+    def has_retired(self, u: Unit) -> bool:
+        with self.connect() as conn:
+            return self.column_info(conn, u, u.m.retired) is not None
+
+    def swapped_all(self) -> bool:
+        return all(self.has_retired(u) for u in self.units)
+
+    def swapped_any(self) -> bool:
+        return any(self.has_retired(u) for u in self.units)
+
+    def enum_exists(self) -> bool:
+        schema, name = self.pb.enum_type
+        with self.connect() as conn:
+            return bool(conn.execute(sql.SQL("""
+                SELECT EXISTS (SELECT FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                                WHERE n.nspname = %s AND t.typname = %s)"""), (schema, name)).fetchone()[0])
+
+    def values(self, conn: psycopg.Connection, u: Unit) -> dict[str, str]:
+        cur = conn.execute(sql.SQL("SELECT id::text, {}::text FROM {}").format(u.col, u.ident))
         return dict(cur.fetchall())
 
-    def seed_present(self) -> set[str]:
-        if not self.seed_ids:
-            return set()
+    def seed_present(self) -> dict[str, set[str]]:
+        """Per table.column: which of its built-in rows are there."""
+        out: dict[str, set[str]] = {}
         with self.connect() as conn:
-            rows = conn.execute(sql.SQL("SELECT id::text FROM {} WHERE id::text = ANY(%s)").format(
-                self.names.table_ident), (self.seed_ids,)).fetchall()
-        return {r[0] for r in rows}
+            for u in self.units:
+                if u.seed_ids:
+                    rows = conn.execute(sql.SQL("SELECT id::text FROM {} WHERE id::text = ANY(%s)").format(
+                        u.ident), (u.seed_ids,)).fetchall()
+                    out[u.label] = {r[0] for r in rows}
+        return out
 
-    def unlabeled(self, values: dict[str, str], enum_state: bool) -> dict[str, str]:
+    def unlabeled(self, u: Unit, values: dict[str, str], enum_state: bool) -> dict[str, str]:
         """Rows whose value has no enum label (only possible while the column is varchar)."""
         if enum_state:
             return {}
-        labels, reverse = set(self.pb.mapping), self.pb.reverse
-        return {i: v for i, v in values.items() if v not in reverse and v not in labels}
+        return {i: v for i, v in values.items() if not u.has_label(v)}
 
-    # -- expectations -----------------------------------------------------------------------------------
-    def expected(self, written: dict[str, str]) -> dict[str, str]:
-        return {**self.original, **written}
-
-    def right_value(self, value: str, enum_state: bool) -> str | None:
-        """What the column must hold for a row whose last write was `value`, in the current column state."""
-        if enum_state:
-            if value in self.pb.mapping:
-                return value
-            return self.pb.reverse.get(value)  # None: no label, the row cannot be right
-        return self.pb.mapping.get(value, value)  # old labels are translated (trigger or backfill)
-
-    def check_rows(self, step: Step, *, seed_expected: set[str] | None) -> bool:
-        """With the app held: every original and app-written row present with the right value."""
+    def unlabeled_now(self) -> dict[str, dict[str, str]]:
+        """With the app held: per table.column, the rows holding a value with no enum label."""
         assert self.traffic is not None
         with self.traffic.paused(), self.connect() as conn:
-            written = self.traffic.written_now()
-            enum_state = self.column_is_enum(conn)
-            actual = self.values(conn)
-        expected = self.expected(written)
-        lost, wrong = [], []
-        for rid, value in expected.items():
-            got = actual.get(rid)
-            if got is None:
-                lost.append(rid)
-            elif got != self.right_value(value, enum_state):
-                wrong.append((rid, value, got))
-        extra = set(actual) - set(expected)
-        unexpected = sorted(extra - set(self.seed_ids))
-        step.rows_checked = len(expected)
-        state = "enum labels" if enum_state else "new values"
+            return {u.label: self.unlabeled(u, self.values(conn, u), self.column_is_enum(conn, u))
+                    for u in self.units}
+
+    def still_unlabeled(self, u: Unit, before: dict[str, str]) -> list[str]:
+        """Rows of `before` the app has not rewritten with a value that has a label since: they certainly
+        still have none (after the app went back to the old version, nothing else writes them)."""
+        assert self.traffic is not None
+        written = self.traffic.written_now(u.written_key)
+        return sorted(rid for rid, v in before.items() if not u.has_label(written.get(rid, v)))
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def check_rows(self, step: Step, *, seed_expected: dict[str, set[str]] | None) -> bool:
+        """With the app held: in every table, every original and app-written row present with the right
+        value; with `seed_expected`, no other row but exactly the expected built-in rows."""
+        assert self.traffic is not None
+        seen: list[tuple[Unit, dict[str, str], bool, dict[str, str]]] = []
+        with self.traffic.paused(), self.connect() as conn:
+            for u in self.units:
+                seen.append((u, self.traffic.written_now(u.written_key), self.column_is_enum(conn, u),
+                             self.values(conn, u)))
+        prefix = f"{step.cycle}: {step.action} {step.phase}"
         ok = True
-        ok &= self.check(f"{step.cycle}: {step.action} {step.phase}: no row lost", not lost,
-                         f"{len(lost)} of {len(expected):,} rows missing, e.g. {lost[:5]}" if lost else
-                         f"{len(expected):,} rows present ({len(self.original):,} original, "
-                         f"{len(written):,} written by the app)", step).passed
-        ok &= self.check(f"{step.cycle}: {step.action} {step.phase}: every row holds the right value", not wrong,
-                         (f"{len(wrong)} rows wrong ({state}), e.g. "
-                          + "; ".join(f"{r}: wrote {v!r}, holds {g!r}" for r, v, g in wrong[:5])) if wrong else
-                         f"all {len(expected):,} rows hold the value the app last wrote ({state})", step).passed
-        if seed_expected is not None:
-            seeds = extra & set(self.seed_ids)
-            ok &= self.check(f"{step.cycle}: {step.action} {step.phase}: no row left behind",
-                             not unexpected and seeds == seed_expected,
-                             (f"unexpected rows {unexpected[:5]}" if unexpected else "")
-                             + (f" seed rows present {sorted(seeds)} but expected {sorted(seed_expected)}"
-                                if seeds != seed_expected else "") or "no unexpected rows", step).passed
+        step.rows_checked, step.rows_by_table = 0, {}
+        for u, written, enum_state, actual in seen:
+            expected = {**u.original, **written}
+            lost, wrong = [], []
+            for rid, value in expected.items():
+                got = actual.get(rid)
+                if got is None:
+                    lost.append(rid)
+                elif got != u.right_value(value, enum_state):
+                    wrong.append((rid, value, got))
+            extra = set(actual) - set(expected)
+            unexpected = sorted(extra - set(u.seed_ids))
+            step.rows_by_table[u.label] = len(expected)
+            step.rows_checked += len(expected)
+            state = "enum column: old labels" if enum_state else "varchar column: new values"
+            ok &= self.check(f"{prefix}: {u.label}: no row lost", not lost,
+                             f"{len(lost)} of {len(expected):,} rows missing, e.g. {lost[:5]}" if lost else
+                             f"{len(expected):,} rows present ({len(u.original):,} original, "
+                             f"{len(written):,} written by the app)", step).passed
+            ok &= self.check(f"{prefix}: {u.label}: every row holds the right value", not wrong,
+                             (f"{len(wrong)} rows wrong ({state}), e.g. "
+                              + "; ".join(f"{r}: wrote {v!r}, holds {g!r}" for r, v, g in wrong[:5])) if wrong else
+                             f"all {len(expected):,} rows hold the value the app last wrote ({state})", step).passed
+            if seed_expected is not None:
+                seeds = extra & set(u.seed_ids)
+                want = seed_expected.get(u.label, set())
+                problems = ([f"unexpected rows {unexpected[:5]}"] if unexpected else []) + (
+                    [f"built-in rows present {sorted(seeds)} but expected {sorted(want)}"] if seeds != want else [])
+                ok &= self.check(f"{prefix}: {u.label}: no row left behind, built-in rows as expected",
+                                 not problems, "; ".join(problems) or (
+                                     "no unexpected rows" + (f"; {len(seeds)} of {len(u.seed_ids)} built-in rows "
+                                                             "present, as expected" if u.seed_ids else "")),
+                                 step).passed
         return ok
 
     def check_schema(self, step: Step, want: dict, what: str) -> bool:
-        diff = snapshot_diff(want, self.snapshot())
+        diff = self.schema_diff(want, self.snapshot())
         step.schema = "differs" if diff else "identical"
         return self.check(f"{step.cycle}: {step.action} {step.phase}: schema identical to {what}", not diff,
                           "; ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
-                          if diff else "catalog comparison: tables, columns, indexes, constraints, triggers, "
-                                       "enums, functions, sequences", step).passed
+                          if diff else "catalog comparison of " + ", ".join(self.schemas) + ": tables ("
+                          + ", ".join(t for _, t in self.pb.tables) + "), columns, indexes, constraints, "
+                          "triggers, enums, functions, sequences", step).passed
 
     # -- steps --------------------------------------------------------------------------------------
     def run_log(self, after: int) -> tuple[int, int]:
@@ -490,23 +619,31 @@ class Rehearsal:
             self.check(f"{cycle}: run {j} ({phase.name})", False, err.one_line(), step)
             raise _Stop(f"phase {j} failed to run") from err
         self.end(step, outcome)
-        if self.has_retired() and (self.swap_phase is None or self.swap_phase == j) and not self._new_app:
+        if (self.swap_phase is None or self.swap_phase == j) and not self._new_app and self.swapped_all():
             self.swap_phase = j
             self.app_new(step)
 
     def app_new(self, step: Step) -> None:
+        """Deploy the new app (every table swapped), and let it write values with no enum label into every
+        table, so rolling back the swap meets them in each."""
         assert self.traffic is not None
         self.traffic.use_new_app(allow_new_only=True)
         self._new_app = True
+        new_only = set(self.traffic.new_only_values)
         step.note = (step.note + " " if step.note else "") + "new app deployed (varchar values, incl. " + \
             ", ".join(self.traffic.new_only_values) + ")"
-        # Let the new app write some values that have no enum label, so rolling back the swap meets them.
+
+        def counts() -> dict[str, int]:
+            return {u.label: sum(1 for v in self.traffic.written_now(u.written_key).values() if v in new_only)
+                    for u in self.units}
         deadline = time.monotonic() + NEW_ONLY_WAIT_S
-        new_only = set(self.traffic.new_only_values)
-        while time.monotonic() < deadline:
-            if sum(1 for v in self.traffic.written_now().values() if v in new_only) >= 3:
-                break
+        while time.monotonic() < deadline and min(counts().values()) < 3:
             time.sleep(0.05)
+        got = counts()
+        self.check(f"{step.cycle}: new app wrote values with no enum label into every table",
+                   min(got.values()) > 0,
+                   ", ".join(f"{label}: {n}" for label, n in got.items()) + " rows hold "
+                   + "/".join(sorted(new_only)), step)
 
     def app_old(self, step: Step) -> None:
         assert self.traffic is not None
@@ -515,48 +652,55 @@ class Rehearsal:
         step.note = (step.note + " " if step.note else "") + "app rolled back to the old version first"
 
     def roll_back(self, orch: Orchestrator, j: int, cycle: str, policy: str, schemas: dict[int, dict],
-                  seeds: dict[int, set[str]]) -> None:
+                  seeds: dict[int, dict[str, set[str]]]) -> None:
         phase = orch.phase(j)
-        unswap = self.swap_phase == j and self.has_retired()
+        unswap = self.swap_phase == j and self.swapped_any()
         step = self.begin(cycle, "rollback", j, phase.name)
         if unswap:
             self.app_old(step)
-        unlabeled: dict[str, str] = {}
-        if unswap:
-            assert self.traffic is not None
-            with self.traffic.paused(), self.connect() as conn:
-                unlabeled = self.unlabeled(self.values(conn), enum_state=self.column_is_enum(conn))
-        if unswap and unlabeled and policy == "refuse":
+        unlabeled = self.unlabeled_now() if unswap else {}
+        refusals = 0
+        while unswap and policy == "refuse" and any(unlabeled.values()):
             step.action = "rollback (refused)"
             try:
                 orch.rollback(j)
             except Refused as err:
                 self.end(step, "refused as designed")
-                m = re.search(r"would lose (\d+) values", str(err))
-                listed = int(m.group(1)) if m else None
-                ids = re.search(r"ids (\[[^\]]*\])", str(err))
-                self.check(f"{cycle}: rollback {j} refused as designed", listed is not None and listed > 0,
-                           f"rollback refused as designed, {listed} rows listed"
-                           + (f" (e.g. ids {ids.group(1)})" if ids else "") + f": {err.one_line()}", step)
-                self.say(f"{'':7}rollback refused as designed, {listed} rows listed: {err.one_line()[:160]}")
+                refusals += 1
+                unit = self.check_refusal(step, j, err, unlabeled)
                 self.policies_done.add("refuse")
-                self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)")
-                ok = self.check_rows(step, seed_expected=None)
+                ok = self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)")
+                ok &= self.check_rows(step, seed_expected=None)
                 if not ok:
-                    raise _Stop("the refused rollback changed rows") from err
+                    raise _Stop("the refused rollback changed the database") from err
+                if refusals > len(self.units):
+                    self.check(f"{cycle}: rollback {j}: the DBA fixes let the rollback through", False,
+                               f"still refused after {refusals} fixes", step)
+                    raise _Stop(f"rollback {j} kept refusing") from err
                 self.dwell()
-                self.dba_fix(cycle, j)
+                self.dba_fix(cycle, j, unit)
+                unlabeled = self.unlabeled_now()
                 step = self.begin(cycle, "rollback", j, phase.name)
             except OrchestratorError as err:
                 self.end(step, "FAILED")
                 self.check(f"{cycle}: rollback {j} refused as designed", False,
-                           f"expected a refusal naming {len(unlabeled)} rows, got: {err.one_line()}", step)
+                           "expected a refusal naming the rows with no enum label ("
+                           + ", ".join(f"{k}: {len(v)}" for k, v in unlabeled.items()) + f"), got: {err.one_line()}",
+                           step)
                 raise _Stop(f"rollback {j} failed") from err
             else:
+                step.action = "rollback"
                 self.end(step, "rolled back")
-                self.check(f"{cycle}: rollback {j} refused as designed", False,
-                           f"{len(unlabeled)} rows held values with no enum label (e.g. "
-                           f"{list(unlabeled)[:5]}) yet the rollback did not refuse", step)
+                missed = False
+                for u in self.units:
+                    still = self.still_unlabeled(u, unlabeled.get(u.label, {}))
+                    if still:
+                        missed = True
+                        self.check(f"{cycle}: rollback {j} refused as designed ({u.label})", False,
+                                   f"{len(still)} rows held values with no enum label (e.g. {still[:5]}) yet the "
+                                   "rollback did not refuse", step)
+                if not missed:  # the app rewrote every such row before the rollback looked: nothing to refuse
+                    step.note += " (the app had rewritten every row with no label before the rollback looked)"
                 self.after_rollback(step, j, schemas, seeds)
                 return
         try:
@@ -566,61 +710,102 @@ class Rehearsal:
             self.check(f"{cycle}: rollback {j} ({phase.name})", False, err.one_line(), step)
             raise _Stop(f"rollback {j} failed") from err
         self.end(step, outcome)
-        if unswap and unlabeled and policy == "fallback":
+        if unswap and policy == "fallback" and any(unlabeled.values()):
             self.policies_done.add("fallback")
-            self.apply_fallback_expectation(step)
-        elif unswap:
-            self.policies_done.add(policy)
+            self.apply_fallback_expectation(step, unlabeled)
         self.after_rollback(step, j, schemas, seeds)
 
-    def after_rollback(self, step: Step, j: int, schemas: dict[int, dict], seeds: dict[int, set[str]]) -> None:
+    def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]]) -> Unit | None:
+        """The refusal must name rows of one table that hold values with no label, and count them right.
+        Returns that table's unit (None when the refusal names no such rows)."""
+        text = str(err)
+        m = re.search(r"would lose (\d+) values", text)
+        listed = int(m.group(1)) if m else None
+        ids_m = re.search(r"ids (\[[^\]]*\])", text)
+        try:
+            ids = [str(i) for i in ast.literal_eval(ids_m.group(1))] if ids_m else []
+        except (ValueError, SyntaxError):
+            ids = []
+        owners = [u for u in self.units if ids and set(ids) <= set(unlabeled.get(u.label, {}))]
+        unit = owners[0] if len(owners) == 1 else None
+        problems = []
+        if listed is None or not ids:
+            problems.append("the refusal names no count or no ids")
+        elif unit is None:
+            problems.append(f"ids {ids} are not rows with no enum label of one table")
+        else:
+            lo, hi = len(self.still_unlabeled(unit, unlabeled[unit.label])), len(unlabeled[unit.label])
+            if not lo <= listed <= hi:
+                problems.append(f"{listed} rows listed, but {unit.label} had {hi} such rows before the rollback "
+                                f"and still has at least {lo}")
+        where = unit.label if unit else "?"
+        self.check(f"{step.cycle}: rollback {j} refused as designed ({where})", not problems,
+                   "; ".join(problems) + f": {err.one_line()}" if problems else
+                   f"rollback refused as designed, {listed} rows of {where} listed (e.g. ids {ids[:5]}): "
+                   f"{err.one_line()}", step)
+        self.say(f"{'':7}rollback refused as designed, {listed} rows of {where} listed: {err.one_line()[:140]}")
+        return unit
+
+    def after_rollback(self, step: Step, j: int, schemas: dict[int, dict],
+                       seeds: dict[int, dict[str, set[str]]]) -> None:
         what = "the original" if j == 1 else f"after phase {j - 1}"
         ok = self.check_schema(step, schemas[j - 1], what)
         ok &= self.check_rows(step, seed_expected=seeds[j - 1])
         if not ok:
             raise _Stop(f"rollback of phase {j} did not restore the database")
-        self.say(f"{'':7}schema identical to {what}; {step.rows_checked:,} rows present with the right value")
+        self.say(f"{'':7}schema identical to {what}; rows present with the right value: "
+                 + ", ".join(f"{label} {n:,}" for label, n in step.rows_by_table.items()))
         self.dwell()
 
-    def dba_fix(self, cycle: str, j: int) -> None:
-        """What a DBA does after the refusal: give the listed rows a value that has an enum label."""
+    def dba_fix(self, cycle: str, j: int, unit: Unit | None) -> None:
+        """What a DBA does after the refusal: give the listed table's rows with no enum label a value that
+        has one (every table's when the refusal named no table)."""
         assert self.traffic is not None
-        label = fallback_label(self.pb)
-        value = self.pb.mapping[label]
-        step = self.begin(cycle, "dba fix", j, "fix rows")
-        col, t = sql.Identifier(self.names.column), self.names.table_ident
+        label = fallback_label(self.current_pb)
+        units = [unit] if unit is not None else self.units
+        step = self.begin(cycle, "dba fix", j, "fix " + (unit.m.table.name if unit else "rows"))
+        notes, total = [], 0
         with self.traffic.paused(), self.connect() as conn:
-            unlabeled = self.unlabeled(self.values(conn), enum_state=self.column_is_enum(conn))
-            ids = sorted(unlabeled)
-            with conn.transaction():
-                conn.execute(sql.SQL("UPDATE {} SET {} = {} WHERE id::text = ANY(%s)").format(
-                    t, col, sql.Literal(value)), (ids,))
-            for rid in ids:
-                self.traffic.override_written(rid, value)
-        by_value: dict[str, int] = {}
-        for v in unlabeled.values():
-            by_value[v] = by_value.get(v, 0) + 1
-        self.result.fixes.append({"cycle": cycle, "rows": len(ids), "from": by_value, "to": value,
-                                  "label": label, "ids": ids[:10]})
-        step.note = (f"UPDATE {len(ids)} rows ({', '.join(f'{v}: {n}' for v, n in by_value.items())}) "
-                     f"SET {self.names.column} = '{value}' (label {label!r}), as the refusal's hint says")
-        self.end(step, f"{len(ids)} rows set to {value}")
+            for u in units:
+                value = u.m.mapping[label]
+                unlabeled = self.unlabeled(u, self.values(conn, u), enum_state=self.column_is_enum(conn, u))
+                ids = sorted(unlabeled)
+                if not ids:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql.SQL("UPDATE {} SET {} = {} WHERE id::text = ANY(%s)").format(
+                        u.ident, u.col, sql.Literal(value)), (ids,))
+                for rid in ids:
+                    self.traffic.override_written(rid, value, u.written_key)
+                by_value = _count_by_value(unlabeled)
+                total += len(ids)
+                self.result.fixes.append({"cycle": cycle, "table": u.label, "rows": len(ids), "from": by_value,
+                                          "to": value, "label": label, "ids": ids[:10]})
+                notes.append(f"UPDATE {u.m.table.name} SET {u.m.column.name} = '{value}' (label {label!r}) on "
+                             f"{len(ids)} rows ({', '.join(f'{v}: {n}' for v, n in by_value.items())})")
+        step.note = "; ".join(notes) + ", as the refusal's hint says" if notes else "nothing to fix"
+        self.end(step, f"{total} rows set to {self.units[0].m.mapping[label]}")
         self.dwell()
 
-    def apply_fallback_expectation(self, step: Step) -> None:
+    def apply_fallback_expectation(self, step: Step, unlabeled: dict[str, dict[str, str]]) -> None:
         """Under the fallback policy the rollback itself rewrote the rows with no label: expect the label."""
         assert self.traffic is not None
         label = fallback_label(self.current_pb)
+        per_table: dict[str, int] = {}
         with self.traffic.paused():
-            written = self.traffic.written_now()
-            changed = [rid for rid, v in written.items() if self.right_value(v, True) is None]
-            for rid in changed:
-                self.traffic.override_written(rid, label)
+            for u in self.units:
+                written = self.traffic.written_now(u.written_key)
+                changed = [rid for rid, v in written.items() if u.right_value(v, True) is None]
+                for rid in changed:
+                    self.traffic.override_written(rid, label, u.written_key)
+                per_table[u.label] = len(changed)
+        detail = ", ".join(f"{t}: {n}" for t, n in per_table.items())
         step.note = (step.note + " " if step.note else "") + \
-            f"fallback policy: {len(changed)} rows with no enum label now hold {label!r}"
-        self.check(f"{step.cycle}: rollback {step.phase} applied the fallback label", len(changed) > 0,
-                   f"{len(changed)} rows the app wrote with no enum label were rewritten to {label!r} "
-                   f"(verified row by row below)", step)
+            f"fallback policy: rows with no enum label now hold {label!r} ({detail})"
+        self.check(f"{step.cycle}: rollback {step.phase} applied the fallback label", sum(per_table.values()) > 0,
+                   f"rows the app wrote with no enum label were rewritten to {label!r}: {detail} (before the "
+                   "rollback: " + ", ".join(f"{t}: {len(v)}" for t, v in unlabeled.items())
+                   + "; verified row by row below)", step)
 
     # -- cycles ---------------------------------------------------------------------------------------
     def cycle(self, k: int, pb: Playbook, label: str) -> None:
@@ -661,13 +846,19 @@ class Rehearsal:
                 self.dwell()
             step = self.result.steps[-1]
             with self.connect() as conn:
-                type_ = self.column_type(conn)
-            want = f"character varying({self.pb.target.length})" if self.pb.target.type == "varchar" else "text"
-            self.check("after the contract: column has the target type, retired column gone",
-                       type_ == want and not self.has_retired(),
-                       f"{self.names.column} is {type_}" + ("; retired column still there" if self.has_retired()
-                                                            else ""), step)
-            self.check_rows(step, seed_expected=set(self.seed_ids))
+                for u in self.units:
+                    want = (f"character varying({u.m.target.length})" if u.m.target.type == "varchar" else "text")
+                    info = self.column_info(conn, u, u.m.column.name)
+                    retired = self.column_info(conn, u, u.m.retired) is not None
+                    self.check(f"after the contract: {u.label} has the target type, retired column gone",
+                               info is not None and info[1] == want and not retired,
+                               f"{u.label} is {info[1] if info else 'missing'} (want {want})"
+                               + ("; retired column still there" if retired else "; retired column gone"), step)
+            if self.pb.settings.drop_enum_type:
+                present = self.enum_exists()
+                self.check(f"after the contract: enum type {self.pb.enum_type[1]} dropped", not present,
+                           "still there" if present else "no column uses it any more and it is gone", step)
+            self.check_rows(step, seed_expected={u.label: set(u.seed_ids) for u in self.units if u.seed_ids})
         finally:
             orch.close()
 
@@ -678,17 +869,32 @@ class Rehearsal:
                 raise BadInput(f"{self.pb.name} has already started on this database: a rehearsal needs the "
                                "migration not started (or fully rolled back)")
             self.result.server = self.result.server or conn.execute(sql.SQL("SHOW server_version")).fetchone()[0]
-        if self.table_exists():
-            with self.connect() as conn:
-                has_id = conn.execute(sql.SQL("""
-                    SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({}) AND attname = 'id'
-                                   AND NOT attisdropped)""").format(
-                    sql.Literal(self.names.table_ident.as_string(conn)))).fetchone()[0]
-            if not has_id:
-                raise BadInput(f"{self.names.schema}.{self.names.table} has no 'id' column: the app traffic "
-                               "simulator writes rows by id")
-            self.say(f"using the existing table {self.names.schema}.{self.names.table} (rows not generated)")
-            self.result.notes.append("the table existed: its rows were used as they are; no rows were generated")
+        existing = [u for u in self.units if self.table_exists(u)]
+        if existing:
+            missing = [u.label for u in self.units if u not in existing]
+            if missing:
+                raise BadInput(f"{', '.join(missing)}: table missing while {existing[0].label}'s exists; a rehearsal "
+                               "needs every table of the playbook (a staging copy) or none (it creates them)")
+            for u in self.units:
+                with self.connect() as conn:
+                    if self.column_info(conn, u, "id") is None:
+                        raise BadInput(f"{u.m.table.schema_}.{u.m.table.name} has no 'id' column: the app traffic "
+                                       "simulator writes rows by id")
+            tables = ", ".join(f"{s}.{t}" for s, t in self.pb.tables)
+            self.say(f"using the existing tables {tables} (rows not generated)")
+            self.result.notes.append(f"the tables existed ({tables}): their rows were used as they are; no rows "
+                                     "were generated")
+            self.result.schema_source = "existing tables, rows used as they are"
+        elif self.chatter:
+            t = time.monotonic()
+            schema = self.names.schema
+            with psycopg.connect(self.dsn) as conn:
+                chatter.create_chatter_schema(conn, schema)
+                chatter.insert_chatter_rows(conn, self.rows, schema=schema)
+            self.say(f"created Chatter's schema in {schema} with {self.rows:,} {chatter.TEMPLATES} rows (and "
+                     f"{chatter.SPECS} rows) in {time.monotonic() - t:.1f} s")
+            self.result.schema_source = ("Chatter's schema (users, workflow_templates, template_specs) with "
+                                         "generated rows")
         else:
             t = time.monotonic()
             with psycopg.connect(self.dsn) as conn:
@@ -696,10 +902,14 @@ class Rehearsal:
                 insert_rows(conn, self.rows, self.names)
             self.say(f"seeded {self.names.schema}.{self.names.table} with {self.rows:,} rows "
                      f"in {time.monotonic() - t:.1f} s")
+            self.result.schema_source = "the simplified one-table fixture with generated rows"
         self.original_schema = self.snapshot()
         with self.connect() as conn:
-            self.original = self.values(conn)
-        self.result.rows = len(self.original)
+            for u in self.units:
+                u.original = self.values(conn, u)
+        self.result.rows = sum(len(u.original) for u in self.units)
+        self.result.rows_by_table = {u.label: len(u.original) for u in self.units}
+        self.result.builtin_by_table = {u.label: len(u.seed_ids) for u in self.units}
         self.original_seeds = self.seed_present()
         probe = Orchestrator(self.pb, self.dsn, dry_run=True)
         try:
@@ -707,28 +917,55 @@ class Rehearsal:
         finally:
             probe.close()
 
+    def check_join_probe(self, samples: list[StatementSample]) -> None:
+        """Chatter's app joins template_specs to workflow_templates on the migrated column: it must work in
+        every state (both enum, both varchar), so it must never fail, in any step."""
+        joins = [s for s in samples if s.kind == "join"]
+        failed = [s for s in joins if s.error]
+        bad_steps = sorted({st.n for st in self.result.steps for s in failed
+                            if s.t <= st.t1 and s.t + s.latency_ms / 1000 >= st.t0})
+        covered = sum(1 for st in self.result.steps
+                      if any(s.t <= st.t1 and s.t + s.latency_ms / 1000 >= st.t0 for s in joins))
+        self.check(f"JOIN probe {chatter.SPECS} x {chatter.TEMPLATES} on {chatter.COLUMN}: zero errors at every step",
+                   bool(joins) and not failed,
+                   (f"{len(failed)} of {len(joins):,} JOIN statements failed, in steps {bad_steps[:10]}, e.g. "
+                    + "; ".join(f"at {e.t:.2f}s: {e.error}" for e in failed[:3])) if failed else
+                   f"{len(joins):,} JOIN statements, none failed; they ran during {covered} of "
+                   f"{len(self.result.steps)} steps" if joins else "the app never ran the JOIN probe")
+
     def run(self) -> RehearsalResult:
         self.prepare()
         for k in self.cycles or ():
             if not 1 <= k <= self.n_phases:
                 raise BadInput(f"phase {k} does not exist; {self.pb.name} has phases 1..{self.n_phases}")
+        m0 = self.units[0].m
         self.traffic = RehearsalTraffic(self.dsn, self.names, writers=self.writers, readers=self.readers,
-                                        mapping=dict(self.pb.mapping), seed=self.traffic_seed)
+                                        mapping=dict(m0.mapping), seed=self.traffic_seed, chatter=self.chatter)
         self.traffic.start()
         self.sampler = LockSampler(self.dsn, self.traffic.now).start()
-        self.say(f"app traffic: {self.writers} writers, {self.readers} readers")
+        self.say(f"app traffic: {self.writers} writers, {self.readers} readers"
+                 + (f" on {chatter.TEMPLATES} and {chatter.SPECS}, with a JOIN probe between them"
+                    if self.chatter else ""))
         time.sleep(self.dwell_s)
         other = other_policy(self.pb)
+        self.result.notes.append(
+            "migrated columns: " + ", ".join(f"{u.label} ({len(u.original):,} rows"
+                                             + (f", {len(u.seed_ids)} built-in rows" if u.seed_ids else "") + ")"
+                                             for u in self.units)
+            + f"; every one is checked row by row after every rollback ({self.result.schema_source}).")
         self.result.notes.append(
             f"playbook policy rollback.unmapped: {self.pb.rollback.unmapped}. The last cycle that rolls back "
             f"the swap uses a copy of the playbook with rollback.unmapped: {other.rollback.unmapped}, so both "
             f"are exercised.")
         if self.pb.rollback.unmapped == "refuse" or other.rollback.unmapped == "refuse":
+            label = fallback_label(self.pb)
             self.result.notes.append(
-                f"under 'refuse' the rollback of the swap must refuse while rows hold values with no enum label "
-                f"(the new app writes {', '.join(self.traffic.new_only_values)}); the rehearsal then does what "
-                f"a DBA would: UPDATE those rows to {self.pb.mapping[fallback_label(self.pb)]!r} (the value of "
-                f"label {fallback_label(self.pb)!r}), recorded below, and rolls back again.")
+                f"under 'refuse' the rollback of the swap must refuse while rows of any table hold values with no "
+                f"enum label (the new app writes {', '.join(self.traffic.new_only_values)} into "
+                f"{' and '.join(t for _, t in self.pb.tables)}); it names the rows of one table at a time, and the "
+                f"rehearsal then does what a DBA would: UPDATE that table's rows to {m0.mapping[label]!r} (the "
+                f"value of label {label!r}), recorded below, and rolls back again.")
+        report = None
         try:
             queue = list(self.cycles or range(1, self.n_phases + 1))
             while queue:
@@ -768,6 +1005,8 @@ class Rehearsal:
                    f"{len(errors)} of {len(report.samples):,} statements failed, e.g. "
                    + "; ".join(f"{e.kind} at {e.t:.2f}s: {e.error}" for e in errors[:3]) if errors else
                    f"{len(report.samples):,} app statements, none failed")
+        if self.chatter:
+            self.check_join_probe(report.samples)
         if self.both_policies and self.swap_phase is not None and not self.result.stopped:
             self.check("both rollback policies exercised", {"refuse", "fallback"} <= self.policies_done,
                        f"exercised: {', '.join(sorted(self.policies_done)) or 'none'}")

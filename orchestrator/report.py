@@ -76,13 +76,34 @@ def _rows(v: int | None) -> str:
     return "" if v is None else f"{v:,}"
 
 
+def _rows_split(step: Step) -> str:
+    """Rows checked per table (table name only), when more than one table was checked."""
+    if len(step.rows_by_table) < 2:
+        return ""
+    return " + ".join(f"{label.rsplit('.', 1)[0]} {n:,}" for label, n in step.rows_by_table.items())
+
+
+def tables_line(result: RehearsalResult) -> str:
+    """Every migrated column with its original and built-in rows, e.g. for the report's header."""
+    parts = []
+    for label in result.tables:
+        extra = []
+        if label in result.rows_by_table:
+            extra.append(f"{result.rows_by_table[label]:,} rows")
+        if result.builtin_by_table.get(label):
+            extra.append(f"{result.builtin_by_table[label]} built-in rows")
+        parts.append(label + (f" ({', '.join(extra)})" if extra else ""))
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # Terminal
 
 
 def rich_table(result: RehearsalResult) -> Table:
     """One row per step, a section (with the cycle's name) per cycle."""
-    t = Table(title=f"Rollback rehearsal: {result.playbook} - "
+    t = Table(title=f"Rollback rehearsal: {result.playbook}"
+                    + (f" ({', '.join(result.tables)})" if result.tables else "") + " - "
                     + ("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]"),
               caption="max ms = longest app statement during the step (the longest lock wait the app saw); "
                       "lock ms = longest Lock wait sampled in pg_stat_activity")
@@ -111,7 +132,8 @@ def summary_lines(result: RehearsalResult) -> list[str]:
     lat = sorted(s.latency_ms for s in result.samples)
     failed = result.failed_checks
     lines = [
-        f"{len(result.steps)} steps in {result.duration_s:.1f} s on {result.server}; {result.rows:,} original rows; "
+        f"{len(result.steps)} steps in {result.duration_s:.1f} s on {result.server}; {result.rows:,} original rows"
+        + (f" ({tables_line(result)})" if result.tables else "") + "; "
         f"{result.writers} writers + {result.readers} readers issued {len(lat):,} statements "
         f"(p50 {_ms(percentile(lat, 50))} ms, p99 {_ms(percentile(lat, 99))} ms, max {_ms(lat[-1] if lat else 0)} ms), "
         f"{len(result.app_errors)} errors",
@@ -269,7 +291,11 @@ def render_html(result: RehearsalResult) -> str:
     lat = sorted(s.latency_ms for s in result.samples)
     meta = [("playbook", result.playbook_source), ("database", result.database), ("server", result.server),
             ("started", result.started_at.strftime("%Y-%m-%d %H:%M:%S UTC")),
-            ("duration", f"{result.duration_s:.1f} s"), ("original rows", f"{result.rows:,}"),
+            ("duration", f"{result.duration_s:.1f} s"),
+            *([("migrated columns", tables_line(result))] if result.tables else []),
+            *([("schema and rows", result.schema_source)] if result.schema_source else []),
+            ("original rows", f"{result.rows:,}" + (f" over {len(result.tables)} tables" if len(result.tables) > 1
+                                                    else "")),
             ("app traffic", f"{result.writers} writers, {result.readers} readers, {len(lat):,} statements, "
                             f"p50 {percentile(lat, 50):.2f} ms, p99 {percentile(lat, 99):.2f} ms, "
                             f"max {lat[-1] if lat else 0:.1f} ms, {len(result.app_errors)} errors"),
@@ -281,6 +307,8 @@ def render_html(result: RehearsalResult) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Rollback rehearsal {e(result.playbook)} - {verdict}</title>", f"<style>{_CSS}</style></head><body>",
         f"<h1>Rollback rehearsal: {e(result.playbook)}</h1>",
+        (f"<p>Tables: {', '.join(f'<code>{e(t)}</code>' for t in result.tables)}; after every rollback each one "
+         "is checked row by row and the catalog compared.</p>" if result.tables else ""),
         f'<p><span class="verdict {"pass" if result.passed else "fail"}">{verdict}</span> '
         + ("every phase was rolled back under live traffic with the schema restored, no row lost or wrong, "
            "and zero app errors" if result.passed else e(result.stopped or "at least one check failed; see below"))
@@ -313,7 +341,8 @@ def render_html(result: RehearsalResult) -> str:
             f'<td class="n">{step.seconds:.2f}</td><td class="n">{st.statements:,}</td>'
             f'<td class="n">{st.p50:.2f}</td><td class="n">{st.p99:.2f}</td><td class="n">{st.max:.1f}</td>'
             f'<td class="n">{_ms(st.lock_wait_ms) if st.lock_waiting_polls else "-"}</td>'
-            f'<td class="n{" no" if st.errors else ""}">{st.errors}</td><td class="n">{_rows(step.rows_checked)}</td>'
+            f'<td class="n{" no" if st.errors else ""}">{st.errors}</td><td class="n">{_rows(step.rows_checked)}'
+            + (f'<br><small>{e(_rows_split(step))}</small>' if _rows_split(step) else "") + '</td>'
             f'<td class="{"no" if step.schema == "differs" else ""}">{e(step.schema)}</td>'
             f'<td class="{"ok" if step.ok else "no"}">{e(step.result)}</td><td>{e(step.note)}</td></tr>')
     parts.append("</table>")
@@ -327,7 +356,8 @@ def render_html(result: RehearsalResult) -> str:
         parts.append("<h2>Rollback policy and rows fixed</h2><ul>")
         parts += [f"<li>{e(n)}</li>" for n in result.notes]
         for f in result.fixes:
-            parts.append(f"<li>{e(f['cycle'])}: after the refusal, {f['rows']} rows "
+            parts.append(f"<li>{e(f['cycle'])}: after the refusal, {f['rows']} rows"
+                         + (f" of <code>{e(f['table'])}</code>" if f.get("table") else "") + " "
                          f"({e(', '.join(f'{v}: {n}' for v, n in f['from'].items()))}) were set to "
                          f"<code>{e(f['to'])}</code> (enum label <code>{e(f['label'])}</code>); ids include "
                          f"{e(', '.join(f['ids']))}</li>")
@@ -347,10 +377,12 @@ def to_json(result: RehearsalResult) -> dict:
         "playbook": result.playbook, "passed": result.passed, "stopped": result.stopped,
         "started_at": result.started_at.isoformat(), "duration_s": round(result.duration_s, 3),
         "rows": result.rows, "writers": result.writers, "readers": result.readers,
+        "tables": result.tables, "rows_by_table": result.rows_by_table, "builtin_by_table": result.builtin_by_table,
+        "schema_source": result.schema_source,
         "app_statements": len(result.samples), "app_errors": len(result.app_errors),
         "steps": [{"n": s.n, "cycle": s.cycle, "action": s.action, "phase": s.phase, "name": s.name,
                    "seconds": round(s.seconds, 3), "outcome": s.outcome, "ddl_retries": s.retries, "ok": s.ok,
-                   "rows_checked": s.rows_checked,
+                   "rows_checked": s.rows_checked, "rows_by_table": s.rows_by_table,
                    "schema": s.schema, "note": s.note, "app_statements": st.statements, "app_errors": st.errors,
                    "p50_ms": round(st.p50, 3), "p99_ms": round(st.p99, 3), "max_ms": round(st.max, 3),
                    "lock_wait_ms": round(st.lock_wait_ms, 3)} for s, st in step_stats(result)],

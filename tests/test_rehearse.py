@@ -1,10 +1,12 @@
-"""Rollback rehearsal under live traffic (`orchestrator rehearse`): passes on the reference playbook,
-refuses a rollback that would lose data (and shows the fallback policy), and reports a broken rollback
-as a failure, never as a success."""
+"""Rollback rehearsal under live traffic (`orchestrator rehearse`): passes on the reference playbook on
+Chatter's real schema (both tables: workflow_templates and template_specs, the app's JOIN probe between
+them), refuses a rollback that would lose data in either table (and shows the fallback policy), and reports
+a broken rollback as a failure, never as a success. The one-column fixture path is covered too."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -12,21 +14,28 @@ from pathlib import Path
 
 import pytest
 import structlog
+from psycopg import sql
 from typer.testing import CliRunner
 
-from orchestrator import kinds
+from orchestrator import chatter, kinds, playbook
 from orchestrator.cli import app
+from orchestrator.errors import BadInput
 from orchestrator.phases.backfill import BackfillPhase
 from orchestrator.phases.dual_write import DualWrite, drop_triggers
-from orchestrator.rehearse import Check, LockSample, RehearsalResult, Step, other_policy, rehearse
-from orchestrator.report import Windows, percentile, render_html, svg_plot, write
+from orchestrator.rehearse import Check, LockSample, Rehearsal, RehearsalResult, Step, other_policy, rehearse
+from orchestrator.report import Windows, percentile, render_html, rich_table, svg_plot, write
 from orchestrator.sqlkit import Q
 from orchestrator.traffic import StatementSample
 
-from .helpers import REFERENCE, cli, make_playbook
+from .helpers import REFERENCE, cli, make_playbook, query, reference_dict
 
 HERE = Path(__file__).resolve().parent
+SMALL = HERE / "playbooks" / "small_batches.yaml"  # the reference playbook (both tables) with small batches
 FAST = {"settings.batch_size": 1000, "settings.min_batch_size": 100}
+TEMPLATES = "workflow_templates.workflow_type"
+SPECS = "template_specs.workflow_type"
+BOTH = {TEMPLATES, SPECS}
+BUILTINS = {"simple_chat_builtin", "rag_chat_builtin", "function_chat_builtin", "advanced_chat_builtin"}
 
 
 def by_name(checks, fragment: str):
@@ -34,7 +43,7 @@ def by_name(checks, fragment: str):
         [c for c in checks if fragment in c.name]
 
 
-# -- the whole rehearsal, through the CLI ------------------------------------------------------------
+# -- the whole rehearsal, through the CLI, on Chatter's real schema ------------------------------------------
 
 
 def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
@@ -46,23 +55,65 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
     assert "Rollback rehearsal" in r.stdout and "refused as designed" in r.stdout  # the table was printed
     data = json.loads(report.with_suffix(".json").read_text())
     assert data["passed"] and data["app_errors"] == 0 and data["app_statements"] > 500
+    # Chatter's real schema was built: both tables, generated rows in each (template_specs: rows // 4)
+    assert data["tables"] == [TEMPLATES, SPECS]
+    assert data["rows_by_table"] == {TEMPLATES: 2000, SPECS: 500} and data["rows"] == 2500
+    assert data["builtin_by_table"] == {TEMPLATES: 4, SPECS: 0}
     checks = data["checks"]
     assert all(c["passed"] for c in checks)
     # every phase k was run and rolled back, each rollback followed by a catalog comparison and a row check
+    # of BOTH tables
     rollbacks = [s for s in data["steps"] if s["action"] == "rollback"]
     assert {s["phase"] for s in rollbacks} == set(range(1, 7))
-    assert all(s["schema"] == "identical" and s["rows_checked"] >= 2000 for s in rollbacks)
+    assert all(s["schema"] == "identical" for s in rollbacks)
+    assert all(set(s["rows_by_table"]) == BOTH and s["rows_by_table"][TEMPLATES] >= 2000
+               and s["rows_by_table"][SPECS] >= 500 for s in rollbacks)
     assert sum(1 for c in checks if "schema identical to the original" in c["name"]) >= 6
-    # both rollback policies: the refusal (then a DBA fix) and the fallback copy
-    (refused,) = by_name(checks, "refused as designed")
-    assert "rollback refused as designed" in refused["detail"] and "rows listed" in refused["detail"]
-    assert data["fixes"] and data["fixes"][0]["rows"] > 0 and "medical_chat" in data["fixes"][0]["from"]
-    assert by_name(checks, "applied the fallback label")
+    for table in BOTH:
+        lost = [c for c in checks if f"{table}: no row lost" in c["name"]]
+        right = [c for c in checks if f"{table}: every row holds the right value" in c["name"]]
+        assert len(lost) >= len(rollbacks) and len(right) >= len(rollbacks)
+    # old labels before the swap, new values after it, in both tables
+    assert any("enum column: old labels" in c["detail"] for c in by_name(checks, SPECS + ": every row"))
+    assert any("varchar column: new values" in c["detail"] for c in by_name(checks, SPECS + ": every row"))
+    # built-in rows: present after phase 6, gone once it is rolled back, checked in workflow_templates
+    seeds = [c for c in checks if "built-in rows as expected" in c["name"] and TEMPLATES in c["name"]]
+    assert any("4 of 4 built-in rows present" in c["detail"] for c in seeds)
+    assert any("0 of 4 built-in rows present" in c["detail"] for c in seeds)
+    # the new app wrote medical_chat into both tables; the refusal named the rows of one table at a time,
+    # a DBA fix followed for each table, then the swap rolled back
+    assert all(c["passed"] for c in by_name(checks, "new app wrote values with no enum label into every table"))
+    refused = by_name(checks, "refused as designed")
+    assert {c["name"].rsplit("(", 1)[1].rstrip(")") for c in refused} == BOTH
+    assert all(re.search(r"refused as designed, [1-9]\d* rows of \S+ listed", c["detail"])
+               and "would lose" in c["detail"] for c in refused)
+    fixes = {f["table"]: f for f in data["fixes"]}
+    assert set(fixes) == BOTH
+    assert all(f["rows"] > 0 and set(f["from"]) == {"medical_chat"} and f["to"] == "simple_chat"
+               for f in fixes.values())
+    # the fallback copy rewrote the rows of both tables
+    (fb,) = by_name(checks, "applied the fallback label")
+    assert f"{TEMPLATES}: 0" not in fb["detail"] and f"{SPECS}: 0" not in fb["detail"]
+    # the JOIN probe between the two tables ran throughout without a single error
+    (join,) = by_name(checks, "JOIN probe")
+    assert join["passed"] and "none failed" in join["detail"]
     # then forward through the contract, every row holding the mapped value of what the app last wrote
     assert [s["phase"] for s in data["steps"] if s["action"] == "contract"] == list(range(1, 7))
-    assert by_name(checks, "after the contract")[0]["passed"]
+    after = by_name(checks, "after the contract")
+    assert len(after) == 3 and all(c["passed"] for c in after)  # both columns, and the enum type
+    # and the database, looked at independently, agrees: both columns varchar, no old label left, built-ins
+    for table in ("workflow_templates", "template_specs"):
+        assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
+                          "AND attname = 'workflow_type'", (table,)) == [("character varying(50)",)]
+        count = sql.SQL("SELECT count(*) FROM {} WHERE workflow_type = ANY(%s)").format(sql.Identifier(table))
+        assert query(dsn, count, (list(chatter.LABELS),)) == [(0,)]
+        assert query(dsn, count, (["medical_chat"],))[0][0] > 0
+    assert {r[0] for r in query(dsn, "SELECT id FROM workflow_templates WHERE is_builtin")} == BUILTINS
+    assert query(dsn, "SELECT count(*) FROM pg_type WHERE typname = 'workflowtype'") == [(0,)]
     html = report.read_text()
     assert "<svg" in html and "<polyline" in html and "PASSED" in html
+    assert f"<code>{TEMPLATES}</code>" in html and f"<code>{SPECS}</code>" in html
+    assert "template_specs 5" in html  # rows checked per table in the steps table
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
 
 
@@ -70,37 +121,72 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
 
 
 def test_rollback_that_would_lose_new_values_is_refused(dsn):
-    """After the swap the new app writes medical_chat, which the enum cannot hold: rolling back the swap
-    refuses, names the rows and changes nothing; the rehearsal checks exactly that."""
-    result = rehearse(make_playbook(**FAST), dsn, rows=2000, writers=2, cycles=[5], both_policies=False,
+    """After the swap the new app writes medical_chat into both tables, which the enum cannot hold: rolling
+    back the swap refuses, names the rows of one table and changes nothing; after the DBA fixes them it
+    refuses for the other table; the rehearsal checks exactly that, then the swap rolls back."""
+    result = rehearse(playbook.load(SMALL), dsn, rows=2000, writers=2, cycles=[5], both_policies=False,
                       final=False, dwell_s=0.05)
-    assert result.passed, [c for c in result.failed_checks]
-    (refused,) = [c for c in result.checks if "refused as designed" in c.name]
-    assert refused.passed and "would lose" in refused.detail and "ids [" in refused.detail
-    step = next(s for s in result.steps if s.action == "rollback (refused)")
-    assert step.outcome == "refused as designed" and step.schema == "identical"  # nothing changed
-    after_refusal = [c for c in result.checks if c.step == step.n]
-    assert any("no row lost" in c.name for c in after_refusal) and all(c.passed for c in after_refusal)
-    (fix,) = result.fixes
-    assert fix["rows"] > 0 and fix["to"] == "simple_chat" and set(fix["from"]) == {"medical_chat"}
-    # the DBA fix is what let the rollback through: the swap is rolled back afterwards
-    assert [s.outcome for s in result.steps if s.phase == 5 and s.action == "rollback"] == ["rolled back"]
+    assert result.passed, result.failed_checks
+    assert result.tables == [TEMPLATES, SPECS] and "Chatter's schema" in result.schema_source
+    refused = [c for c in result.checks if "refused as designed" in c.name]
+    assert [c.name.rsplit("(", 1)[1].rstrip(")") for c in refused] == [TEMPLATES, SPECS]  # the phase's order
+    assert all(c.passed and "would lose" in c.detail and "ids [" in c.detail for c in refused)
+    steps = [s for s in result.steps if s.phase == 5 and s.action != "run"]
+    assert [(s.action, s.outcome) for s in steps] == [
+        ("rollback (refused)", "refused as designed"), ("dba fix", steps[1].outcome),
+        ("rollback (refused)", "refused as designed"), ("dba fix", steps[3].outcome),
+        ("rollback", "rolled back")]
+    assert [s.name for s in steps if s.action == "dba fix"] == ["fix workflow_templates", "fix template_specs"]
+    for step in (steps[0], steps[2]):
+        assert step.schema == "identical"  # nothing changed
+        after_refusal = [c for c in result.checks if c.step == step.n]
+        assert {c.name.split(": ")[2] for c in after_refusal if "no row lost" in c.name} == BOTH
+        assert all(c.passed for c in after_refusal)
+    fixes = {f["table"]: f for f in result.fixes}
+    assert set(fixes) == BOTH
+    assert all(f["rows"] > 0 and f["to"] == "simple_chat" and set(f["from"]) == {"medical_chat"}
+               for f in fixes.values())
+    # after the swap rolled back, both columns are the enum again and hold the old labels
+    for table in ("workflow_templates", "template_specs"):
+        assert query(dsn, "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                          "WHERE a.attrelid = %s::regclass AND a.attname = 'workflow_type'",
+                     (table,)) == [("workflowtype",)]
+    assert not any("JOIN probe" in c.name and not c.passed for c in result.checks)
 
 
 def test_fallback_policy_is_rehearsed_too(dsn):
+    """The one-column fixture path: an existing table used as it is, the fallback copy after the refusal."""
     pb = make_playbook(**FAST)
     assert other_policy(pb).rollback.unmapped == "fallback"
     assert other_policy(other_policy(pb)).rollback.unmapped == "refuse"
     assert other_policy(pb).fingerprint() != pb.fingerprint()
+    # the copy's columns carry the copy's policy (the phases read it from there)
+    ref = playbook.load(REFERENCE)
+    assert [m.rollback.unmapped for m in ref.migrations] == ["refuse", "refuse"]
+    assert [m.rollback.unmapped for m in other_policy(ref).migrations] == ["fallback", "fallback"]
     from .helpers import seed
     seed(dsn, rows=1500)  # a staging database: its table and rows are used as they are
     result = rehearse(pb, dsn, rows=99_999, writers=2, cycles=[5], final=False, dwell_s=0.05)
     assert result.passed, result.failed_checks
     assert result.rows == 1500 and any("no rows were generated" in n for n in result.notes)
+    assert result.tables == [TEMPLATES] and not any("JOIN probe" in c.name for c in result.checks)
     assert [s.cycle for s in result.steps if s.action == "run" and s.phase == 1] == ["cycle 5", "cycle 5 (fallback)"]
     (fb,) = [c for c in result.checks if "applied the fallback label" in c.name]
     assert fb.passed and "'plain'" in fb.detail
     assert [c for c in result.checks if c.name == "both rollback policies exercised"][0].passed
+
+
+def test_playbooks_the_rehearsal_cannot_simulate_are_bad_input(dsn):
+    one = reference_dict()
+    one["columns"] = one["columns"][:1]  # Chatter's workflow_templates without template_specs
+    with pytest.raises(BadInput, match="template_specs"):
+        Rehearsal(playbook.parse(one), dsn, rows=10, writers=1)
+    # half of Chatter's tables exist (the simplified workflow_templates): neither used nor overwritten
+    from .helpers import seed
+    seed(dsn, rows=10)
+    with pytest.raises(BadInput, match="template_specs.workflow_type: table missing"):
+        rehearse(playbook.load(SMALL), dsn, rows=10, writers=1)
+    assert query(dsn, "SELECT count(*) FROM workflow_templates") == [(10,)]
 
 
 # -- broken rollbacks are caught ------------------------------------------------------------------------------
@@ -111,6 +197,16 @@ class LeavesFunctionBehind(DualWrite):
 
     def rollback(self, ctx) -> None:
         ctx.x.atomic(*drop_triggers(ctx), lock="SHARE ROW EXCLUSIVE (short)", what="drop sync triggers")
+
+
+class LosesASpec(BackfillPhase):
+    """Test-only: its rollback deletes a row of template_specs (the second table) it has no business touching."""
+
+    def rollback(self, ctx) -> None:
+        super().rollback(ctx)
+        if ctx.m.table.name == "template_specs":
+            ctx.x.atomic(Q("DELETE FROM {} WHERE id = (SELECT min(id) FROM {})").format(ctx.table, ctx.table),
+                         lock="ROW EXCLUSIVE", what="oops")
 
 
 class LosesARow(BackfillPhase):
@@ -135,22 +231,36 @@ def broken_kind(monkeypatch, index: int, phase) -> None:
 def test_rollback_leaving_an_object_behind_is_reported_as_failure(dsn, tmp_path, monkeypatch):
     broken_kind(monkeypatch, 1, LeavesFunctionBehind())
     report = tmp_path / "broken.html"
-    pb_path = HERE / "playbooks" / "small_batches.yaml"
     saved = structlog.get_config()  # the CLI configures logging onto the runner's (then closed) stderr
     try:
-        res = CliRunner().invoke(app, ["--dsn", dsn, "--playbook", str(pb_path), "rehearse", "--rows", "1000",
+        res = CliRunner().invoke(app, ["--dsn", dsn, "--playbook", str(SMALL), "rehearse", "--rows", "1000",
                                        "--writers", "2", "--phase", "2", "--dwell", "0.05", "--report", str(report)])
     finally:
         structlog.configure(**saved)
     assert res.exit_code == 1, res.output
     assert "rehearsal FAILED" in res.output and "rehearsal PASSED" not in res.output
     data = json.loads(report.with_suffix(".json").read_text())
-    assert not data["passed"] and data["stopped"]
+    assert not data["passed"] and data["stopped"] and data["tables"] == [TEMPLATES, SPECS]
     failed = [c for c in data["checks"] if not c["passed"]]
     assert failed and "schema identical" in failed[0]["name"]
-    assert "functions: +" in failed[0]["detail"] and "_ec_workflow_templates_workflow_type" in failed[0]["detail"]
+    # the functions of both tables' triggers were left behind, and the catalog comparison names them
+    assert "functions: +" in failed[0]["detail"]
+    assert "_ec_workflow_templates_workflow_type" in failed[0]["detail"]
+    assert "_ec_template_specs_workflow_type" in failed[0]["detail"]
     assert not any(s["action"] == "contract" for s in data["steps"])  # stopped: nothing after a broken step
     assert "FAILED" in report.read_text()
+
+
+def test_rollback_losing_a_row_of_the_second_table_is_reported_as_failure(dsn, monkeypatch):
+    broken_kind(monkeypatch, 2, LosesASpec())
+    result = rehearse(playbook.load(SMALL), dsn, rows=1000, writers=2, cycles=[3], dwell_s=0.05)
+    assert not result.passed and result.stopped
+    (lost,) = [c for c in result.failed_checks if "no row lost" in c.name]
+    assert SPECS in lost.name and "1 of" in lost.detail and "rows missing" in lost.detail
+    # workflow_templates was checked in the same step, and was fine
+    step = next(s for s in result.steps if not s.ok)
+    assert step.phase == 3 and step.action == "rollback"
+    assert [c.passed for c in result.checks if c.step == step.n and f"{TEMPLATES}: no row lost" in c.name] == [True]
 
 
 def test_rollback_losing_a_row_is_reported_as_failure(dsn, monkeypatch):
@@ -165,9 +275,11 @@ def test_rollback_losing_a_row_is_reported_as_failure(dsn, monkeypatch):
 def test_a_started_migration_is_not_rehearsed(dsn):
     from orchestrator.runner import Orchestrator
 
-    from .helpers import seed
-    seed(dsn, rows=100)
-    pb = make_playbook()
+    import psycopg
+    with psycopg.connect(dsn) as conn:
+        chatter.create_chatter_schema(conn)
+        chatter.insert_chatter_rows(conn, 100)
+    pb = playbook.load(REFERENCE)
     orch = Orchestrator(pb, dsn)
     try:
         orch.run(1)
@@ -194,6 +306,12 @@ def synthetic() -> RehearsalResult:
     r.samples.append(StatementSample(10.0, "insert", 2.0, "boom"))
     r.lock_samples = [LockSample(3.1, 1, 120.0, "relation")]
     r.checks = [Check("x", True, "fine", 1)]
+    r.tables = ["workflow_templates.workflow_type", "template_specs.workflow_type"]
+    r.rows_by_table = {"workflow_templates.workflow_type": 8, "template_specs.workflow_type": 2}
+    r.builtin_by_table = {"workflow_templates.workflow_type": 4, "template_specs.workflow_type": 0}
+    r.steps[1].rows_by_table = {"workflow_templates.workflow_type": 8, "template_specs.workflow_type": 2}
+    r.fixes = [{"cycle": "cycle 2", "table": "template_specs.workflow_type", "rows": 3, "from": {"medical_chat": 3},
+                "to": "simple_chat", "label": "plain", "ids": ["A", "B", "C"]}]
     return r
 
 
@@ -214,7 +332,14 @@ def test_html_report_is_self_contained(tmp_path):
     svg = svg_plot(r)
     assert svg.count("<rect") >= 5 and "cycle 1" in svg and "+1" in svg and "-5" in svg and "C1" in svg
     path = write(r, tmp_path / "sub" / "r.html")
-    assert path.exists() and json.loads(path.with_suffix(".json").read_text())["app_errors"] == 1
+    data = json.loads(path.with_suffix(".json").read_text())
+    assert path.exists() and data["app_errors"] == 1
+    # both tables named: in the header (with their rows), per step (rows checked per table), in the fixes
+    assert data["tables"] == r.tables and data["steps"][1]["rows_by_table"] == r.steps[1].rows_by_table
+    assert "workflow_templates.workflow_type (8 rows, 4 built-in rows); template_specs.workflow_type (2 rows)" in html
+    assert "<code>template_specs.workflow_type</code>" in html and "workflow_templates 8 + template_specs 2" in html
+    assert "3 rows of <code>template_specs.workflow_type</code>" in html
+    assert "template_specs.workflow_type" in str(rich_table(r).title)
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
