@@ -794,8 +794,8 @@ class Bench:
         if by_kind:
             out["by_kind"] = by_kind
         if pm:
-            c_off = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["without"])
-            c_on = statistics.median(x["server_cpu_us_per_tx"] for x in rounds["with"])
+            c_off = round(statistics.median(x["server_cpu_us_per_tx"] for x in rounds["without"]), 2)
+            c_on = round(statistics.median(x["server_cpu_us_per_tx"] for x in rounds["with"]), 2)
             # The throughput the same server CPU buys: on a shared box the CPU share the server gets is noise,
             # the CPU it spends per transaction is the signal.
             out.update(cpu_us_per_tx_without=c_off, cpu_us_per_tx_with=c_on,
