@@ -160,12 +160,12 @@ def column_dependents(conn: psycopg.Connection, oid: int, attnum: int) -> list[s
           AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                SELECT FROM pg_constraint c WHERE c.oid = d.objid AND c.contype IN ('p', 'n')))
           AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (  -- our own sync triggers
-               SELECT FROM pg_trigger t WHERE t.oid = d.objid AND t.tgname LIKE '\_ec\_%%'))
+               SELECT FROM pg_trigger t WHERE t.oid = d.objid AND t.tgname LIKE '~ec\_%%'))
         ORDER BY 1""", (oid, attnum)).fetchall()
     out = [desc for desc, _ in rows]
     # Triggers listed with UPDATE OF the column (no pg_depend entry for tgattr).
     for (name,) in conn.execute("""SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
-                                   AND %s = ANY(tgattr::int2[]) AND tgname NOT LIKE '\\_ec\\_%%'""",
+                                   AND %s = ANY(tgattr::int2[]) AND tgname NOT LIKE '~ec\\_%%'""",
                                 (oid, attnum)):
         out.append(f"trigger {name!r} fires on UPDATE OF the column")
     return sorted(set(out))
@@ -285,6 +285,17 @@ def _seed_constraint_problems(conn: psycopg.Connection, m: ColumnMigration) -> l
             key = ", ".join(f"{k}={row.get(k)!r}" for k in m.seed_rows.key)
             problems.append(f"{m.where}seed_rows.rows[{i}] ({key}) violates {what}{col}: {detail}")
     return problems
+
+
+def labels_without_mapping(conn: psycopg.Connection, pb: Playbook) -> list[tuple[str, str]]:
+    """(column label, enum label) for labels added to the type (ALTER TYPE ... ADD VALUE) that a column's
+    mapping lacks; empty once the type is gone."""
+    schema, name = pb.enum_type
+    labels = [r[0] for r in conn.execute(
+        """SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid
+           JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s
+           ORDER BY e.enumsortorder""", (schema, name))]
+    return [(m.label, lb) for m in pb.migrations for lb in labels if lb not in m.mapping]
 
 
 def type_users(conn: psycopg.Connection, type_oid: int) -> list[tuple[str, str, str]]:

@@ -18,7 +18,7 @@ from .executor import Recorded
 from .playbook import Settings
 
 def _ours(statement: str, _before: list[str]) -> bool:
-    return '"_ec_' in statement  # objects the orchestrator created itself (trigger functions, helper checks)
+    return '"_ec_' in statement or '"~ec_' in statement  # objects the orchestrator created itself (trigger functions, helper checks)
 
 
 def _after_validate(_statement: str, before: list[str]) -> bool:

@@ -152,6 +152,14 @@ class Settings(Strict):
     throttle_max_wait_s: int = Field(600, ge=1, le=86_400)
     lock_timeout_ms: int = Field(50, ge=1, le=60_000)
     statement_timeout_ms: int = Field(30_000, ge=1, le=86_400_000)
+    # Online steps take only locks the app never queues behind (CREATE/DROP INDEX CONCURRENTLY, VALIDATE
+    # CONSTRAINT, ANALYZE, parity scans): they may wait for old snapshots and writers, once, this long.
+    online_lock_timeout_ms: int = Field(180_000, ge=1, le=86_400_000)
+    online_statement_timeout_ms: int = Field(0, ge=0, le=86_400_000)  # 0: no limit
+    # The app's UPDATE triggers on a migrated table, during the backfill: refuse to start (default), fire them
+    # (accept their effects), or skip them (session_replication_role = replica per batch; needs superuser or,
+    # on PostgreSQL 15+, GRANT SET ON PARAMETER session_replication_role).
+    app_triggers: Literal["refuse", "fire", "skip"] = "refuse"
     retries: int = Field(30, ge=0, le=10_000)
     retry_wait_initial_ms: int = Field(50, ge=1, le=600_000)
     retry_wait_max_ms: int = Field(2_000, ge=1, le=600_000)
@@ -365,6 +373,11 @@ class Playbook(Strict):
             if dupes:
                 raise ValueError(f"column names must be distinct: {dupes[0]!r} is used twice")
         return self
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> Playbook:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("migrations", None)  # derived from the fields: rebuilt from the copy's own
+        return copy
 
     @cached_property
     def migrations(self) -> list[ColumnMigration]:

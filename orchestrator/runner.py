@@ -176,6 +176,7 @@ class Orchestrator:
             if rows and rows[n].status == APPLIED:
                 log.info("already applied; nothing to do")
                 return "already applied"
+            self._refuse_new_labels()
             ctxs = self.contexts(facts)
             if self.dry_run:
                 phase.expand_all(ctxs)
@@ -191,6 +192,16 @@ class Orchestrator:
             self._step(n, "expand", go, RUNNING, FAILED, APPLIED, lambda details: {
                 "details": details or {}, "finished": True}, started=True, env=self.pb.env)
             return "applied"
+
+    def _refuse_new_labels(self) -> None:
+        """A label added to the enum type since the playbook was written would be copied as NULL."""
+        added = catalog.labels_without_mapping(self.x.conn, self.pb)
+        if added:
+            column, label = added[0]
+            raise Refused(f"enum label {label!r} was added to {'.'.join(self.pb.enum_type)} after the playbook was "
+                          f"written and {column} has no mapping for it; nothing was changed",
+                          hint=f"add {label!r} to the mapping and roll back to phase 1 to run again, or remove "
+                               f"the label if no row uses it")
 
     def rollback(self, n: int) -> str:
         phase = self.phase(n)
@@ -248,6 +259,9 @@ class Orchestrator:
             if self.dry_run:
                 phase.contract_all(ctxs)
                 return "dry run"
+            if all(r.status == APPLIED for r in rows.values()):  # the first contract step: no way back after it
+                for p in self.phases:
+                    p.before_contract_all(ctxs)
             self._step(n, "contract", lambda: phase.contract_all(ctxs), APPLIED, APPLIED, CONTRACTED)
             return "contracted"
 

@@ -56,7 +56,7 @@ def after_shadow(dsn):
 
 
 def after_dual_write(dsn):
-    assert {"_ec_workflow_type_sync_ins", "_ec_workflow_type_sync_upd"} <= triggers(dsn)
+    assert {"~ec_workflow_type_sync_ins", "~ec_workflow_type_sync_upd"} <= triggers(dsn)
     insert(dsn, "T-INSERT-RAG", "rag")
     assert one(dsn, "workflow_type_new", "T-INSERT-RAG") == "rag_chat"
     assert one(dsn, "execution_pattern", "T-INSERT-RAG") == "chat"

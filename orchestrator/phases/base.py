@@ -14,6 +14,9 @@ from ..sqlkit import I, Q, case_map, column_type, join, row_of
 from ..state import State
 
 
+TRIGGER_PREFIX = "~ec_"  # our sync triggers; see Context.trigger_name
+
+
 @dataclass
 class Context:
     """One column's migration (`m`, with its stored `facts`) and the machinery to run its statements."""
@@ -58,7 +61,9 @@ class Context:
         return I(self.m.table.schema_, _suffixed(f"_ec_{self.m.table.name}_{self.m.column.name}", suffix))
 
     def trigger_name(self, suffix: str) -> str:
-        return _suffixed(f"_ec_{self.m.column.name}", suffix)
+        # PostgreSQL fires a table's triggers in byte order of their names: "~" sorts after every ASCII name,
+        # so the sync sees the row as the app's own BEFORE triggers left it (dual_write checks the rest).
+        return _suffixed(f"{TRIGGER_PREFIX}{self.m.column.name}", suffix)
 
     def trigger(self, suffix: str) -> sql.Identifier:
         return I(self.trigger_name(suffix))
@@ -167,6 +172,9 @@ class Phase:
 
     def check_all(self, ctxs: list[Context]) -> list[str]:
         return [f"{c.m.label}: {p}" for c in ctxs for p in self.check(c)]
+
+    def before_contract_all(self, ctxs: list[Context]) -> None:
+        """Before the first contract step (after it there is no rollback): raise Refused if unsafe."""
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
         for c in ctxs:

@@ -7,6 +7,7 @@ import json
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from ..errors import Refused
 from ..sqlkit import I, L, Q, join
 from .base import Context, Phase
 
@@ -22,7 +23,58 @@ class SeedRowsPhase(Phase):
     rollback_doc = "DELETE the seed rows this phase inserted (by key)"
     locks_doc = "ROW EXCLUSIVE (plain inserts)"
 
-    def _key_cond(self, ctx: Context, row: dict) -> sql.Composable:
+    def _refuse_app_data(self, ctx: Context, keys: list[dict]) -> None:
+        """Built-in rows the application has since edited or points at are its data now: refuse, naming them."""
+        seeds = {json.dumps([str(r[k]) for k in ctx.m.seed_rows.key]): r for r in ctx.m.seed_rows.rows}
+        edited, referenced = [], []
+        for key in keys:
+            shown = ", ".join(str(v) for v in key.values())
+            seed = seeds.get(json.dumps([str(key[k]) for k in ctx.m.seed_rows.key]))
+            if seed is not None and ctx.x.scalar(self._edited_query(ctx, key, seed)):
+                edited.append(shown)
+            for child, cols in self._references(ctx, key):
+                referenced.append(f"{shown} (from {child}.{','.join(cols)})")
+        if edited or referenced:
+            parts = ([f"edited since: {', '.join(edited)}"] if edited else []) + \
+                    ([f"referenced: {', '.join(referenced)}"] if referenced else [])
+            raise Refused(f"rollback of phase {self.number} would delete built-in rows of {ctx.m.table.name} that "
+                          f"the application has made its own ({'; '.join(parts)}); nothing was changed",
+                          hint="keep the migration, or restore/delete those rows yourself and re-run the rollback "
+                               "(rows already gone are skipped)")
+
+    def _edited_query(self, ctx: Context, key: dict, seed: dict) -> sql.Composable:
+        # Each column compared as the table's type would hold the seed value (json columns via jsonb).
+        cols = [c for c in seed if c not in ctx.m.seed_rows.key]
+        differs = join((Q("to_jsonb(t) -> {0} IS DISTINCT FROM to_jsonb(s) -> {0}").format(L(c)) for c in cols),
+                       " OR ")
+        return Q("SELECT EXISTS (SELECT FROM {0} t, jsonb_populate_record(NULL::{0}, {1}) s WHERE {2} AND ({3}))").format(
+            ctx.table, L(Jsonb({c: seed[c] for c in cols})), self._key_cond(ctx, key, alias="t"),
+            differs if cols else Q("false"))
+
+    def _references(self, ctx: Context, key: dict) -> list[tuple[str, list[str]]]:
+        """(table, columns) of each foreign key with rows pointing at the row with this key."""
+        fks = ctx.x.query(Q("""SELECT n.nspname, c.relname,
+                                      array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
+                                            JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY i),
+                                      array(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
+                                            JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY i)
+                               FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+                               JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE k.contype = 'f' AND k.confrelid = to_regclass({})""").format(
+            L(ctx.x.render(ctx.table))))
+        found = []
+        for schema, table, cols, parent_cols in fks:
+            child = I(schema, table)
+            q = Q("SELECT EXISTS (SELECT FROM {} c WHERE ({}) IN (SELECT {} FROM {} t WHERE {}))").format(
+                child, join(I("c", col) for col in cols), join(I("t", col) for col in parent_cols), ctx.table,
+                self._key_cond(ctx, key, alias="t"))
+            if ctx.x.scalar(q):
+                found.append((table, list(cols)))
+        return found
+
+    def _key_cond(self, ctx: Context, row: dict, alias: str | None = None) -> sql.Composable:
+        if alias is not None:
+            return join((Q("{} = {}").format(I(alias, k), L(_value(row[k]))) for k in ctx.m.seed_rows.key), " AND ")
         return join((Q("{} = {}").format(I(k), L(_value(row[k]))) for k in ctx.m.seed_rows.key), " AND ")
 
     def expand(self, ctx: Context) -> None:
@@ -59,7 +111,9 @@ class SeedRowsPhase(Phase):
             ctx.x.note(f"DELETE FROM {ctx.x.render(ctx.table)} WHERE {', '.join(key)} = <each key inserted>",
                        lock="ROW EXCLUSIVE")
             return
-        for values in (ctx.state.details(self.number).get("inserted") or {}).get(ctx.m.label, []):
+        inserted = (ctx.state.details(self.number).get("inserted") or {}).get(ctx.m.label, [])
+        self._refuse_app_data(ctx, [dict(zip(key, values)) for values in inserted])
+        for values in inserted:
             ctx.x.atomic(Q("DELETE FROM {} WHERE {}").format(ctx.table, self._key_cond(ctx, dict(zip(key, values)))),
                          lock="ROW EXCLUSIVE", what="delete seed row")
         ctx.x.conn.execute(Q("""UPDATE {} SET details = jsonb_set(details, '{{inserted}}',

@@ -71,9 +71,16 @@ class AddShadowColumn(Phase):
                      lock="ACCESS EXCLUSIVE (catalog only)", what="drop columns")
 
     def _refuse_losing_app_values(self, ctx: Context) -> None:
-        """Extra columns are the new app's to fill; values other than the default/backfill are its data."""
+        """Extra columns are the new app's to fill; values other than the default/backfill are its data. So is
+        a shadow value where the enum column holds none (a NULL the enum column was left with)."""
         if ctx.x.dry_run:
             return
+        if ctx.has("column", ctx.m.shadow):
+            n, ids = ctx.sample_ids(Q("{} IS NOT NULL AND {} IS NULL").format(ctx.shadow, ctx.col))
+            if n:
+                raise Refused(f"rollback would drop {ctx.m.shadow!r} holding values that {ctx.m.label} lacks "
+                              f"(NULL there) in {n} rows (e.g. ids {ids}); nothing was changed",
+                              hint=f"give those rows a value in {ctx.m.column.name!r} (an enum label), then re-run")
         for c in ctx.m.extra_columns:
             if not ctx.has("column", c.name):
                 continue

@@ -14,7 +14,8 @@ from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
-from .dual_write import create_triggers
+from . import shape
+from .dual_write import create_triggers, refuse_later_triggers
 
 
 def lock_tables(ctxs: list[Context]) -> sql.Composable:
@@ -29,6 +30,17 @@ def all_of(queries) -> sql.Composable:
 
 def any_of(queries) -> sql.Composable:
     return Q("SELECT ({})").format(Q(") OR (").join(list(queries)))
+
+
+def recheck_parity(ctx: Context) -> None:
+    """Phase 4's verdict may be stale (writes that bypassed the triggers since): scan again before the swap."""
+    from .. import parity
+    result = parity.check(ctx, swapped=False)
+    if result.mismatches:
+        raise Refused(f"cannot swap {ctx.m.label}: {result.mismatches} of {result.rows} rows changed since phase 4 "
+                      f"without the sync (e.g. ids {result.sample}); nothing was changed",
+                      hint="find what writes bypassing the triggers (session_replication_role = replica, disabled "
+                           "triggers), then orchestrator rollback 4; rollback 3; run 3; run 4")
 
 
 class SwapColumns(Phase):
@@ -51,6 +63,9 @@ class SwapColumns(Phase):
     def old_check(self, ctx: Context) -> str:
         return _suffixed(f"_ec_{ctx.m.retired}", "_nn")
 
+    def label_check(self, ctx: Context) -> str:
+        return _suffixed(f"_ec_{ctx.m.column.name}", "_has_label")
+
     def swapped(self, ctx: Context) -> sql.Composable:
         return ctx.exists_query("column", ctx.m.retired)
 
@@ -65,15 +80,36 @@ class SwapColumns(Phase):
         if blockers:
             raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.m.column.name!r}: "
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
+        refuse_later_triggers(ctx)
+        shape.refuse_new_indexes(ctx)
+        shape.current_default_label(ctx)
 
-    def expand_all(self, ctxs: list[Context]) -> None:
+    def expand_all(self, ctxs: list[Context]) -> dict:
+        x = ctxs[0].x
+        if not x.dry_run and not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
+            for ctx in ctxs:
+                recheck_parity(ctx)
+        labels = {ctx.m.label: None if x.dry_run and not ctx.has("column", ctx.m.column.name)
+                  else self._default_label(ctx) for ctx in ctxs}
         for ctx in ctxs:
             self._prepare_not_null(ctx)
         # Every table in one short transaction: no statement ever sees one column swapped and another not
         # (a join between them keeps working), locks taken in a fixed order so two runs cannot deadlock.
-        ctxs[0].x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._swap_statements(ctx)),
-                         skip_if=all_of(self.swapped(ctx) for ctx in ctxs),
-                         lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns")
+        x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._swap_statements(ctx, labels[ctx.m.label])),
+                 skip_if=all_of(self.swapped(ctx) for ctx in ctxs),
+                 lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns")
+        # The default each enum column had at the swap: its rollback puts that one back.
+        return {"tables": {label: {"default_label": d} for label, d in labels.items()}}
+
+    def _default_label(self, ctx: Context) -> str | None:
+        if ctx.x.dry_run or ctx.has("column", ctx.m.retired):  # already swapped: what the swap recorded
+            return self._swap_time_default(ctx)
+        return shape.current_default_label(ctx)
+
+    def _swap_time_default(self, ctx: Context) -> str | None:
+        recorded = ((ctx.state.details(self.number) if ctx.state is not None and not ctx.x.dry_run else {})
+                    .get("tables") or {}).get(ctx.m.label)
+        return recorded["default_label"] if recorded else ctx.facts.default_label
 
     def _prepare_not_null(self, ctx: Context) -> None:
         x, t = ctx.x, ctx.table
@@ -88,7 +124,7 @@ class SwapColumns(Phase):
                  skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
                  what="validate NOT NULL check")
 
-    def _swap_statements(self, ctx: Context) -> list[sql.Composable]:
+    def _swap_statements(self, ctx: Context, default_label: str | None) -> list[sql.Composable]:
         t, f = ctx.table, ctx.facts
         prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
         if f.not_null:
@@ -100,16 +136,14 @@ class SwapColumns(Phase):
             # A statement of its own: in the same ALTER TABLE the CHECK would go first and SET NOT NULL would
             # scan the whole table under ACCESS EXCLUSIVE.
             stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.new_check(ctx))))
+        stmts += shape.carry_statements(ctx, ctx.m.column.name, ctx.m.shadow)  # grants, comment
         stmts += [Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.retired),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.shadow, ctx.col)]
-        default = ctx.new_default()
-        if default is not None:
-            stmts.append(Q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-                t, ctx.col, typed_literal(default, ctx.target_type)))
+        stmts += shape.set_default(ctx, shape.new_default(ctx, default_label))
         for ix in f.indexes:
             stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
                       Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.shadow_name), I(ix.name))]
-        return stmts + create_triggers(ctx, ctx.fn("_rev"), ctx.col)
+        return stmts + create_triggers(ctx, swapped=True)
 
     # -- rollback ---------------------------------------------------------------------------------
     def rollback_all(self, ctxs: list[Context]) -> None:
@@ -120,8 +154,26 @@ class SwapColumns(Phase):
                 x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.new_check(ctx))),
                          lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
             return
+        # From here on no new value without an enum label can be written (the new app is being rolled back), so
+        # the check for such values below cannot miss one written meanwhile; VALIDATE proves it, the un-swap
+        # drops the constraint.
         for ctx in ctxs:
-            self._resolve_unmapped(ctx)
+            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NULL OR {} IS NOT NULL) NOT VALID").format(
+                ctx.table, I(self.label_check(ctx)), ctx.col, ctx.backward(ctx.col)),
+                skip_if=Q("SELECT ({}) OR NOT ({})").format(ctx.exists_query("constraint", self.label_check(ctx)),
+                                                          self.swapped(ctx)),
+                lock="ACCESS EXCLUSIVE (catalog only)", what="hold new values to enum labels")
+        try:
+            self._resolve_unmapped(ctxs)
+        except Refused:
+            for ctx in ctxs:  # refused: leave nothing behind
+                x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.label_check(ctx))),
+                         lock="ACCESS EXCLUSIVE (catalog only)", what="drop the label check")
+            raise
+        for ctx in ctxs:
+            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.label_check(ctx))),
+                     skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
+                     lock="SHARE UPDATE EXCLUSIVE", what="validate the label check")
         for ctx in ctxs:
             if ctx.facts.not_null:
                 x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
@@ -140,15 +192,16 @@ class SwapColumns(Phase):
         from .dual_write import drop_triggers
         t, f = ctx.table, ctx.facts
         stmts = [*drop_triggers(ctx),
+                 Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, I(self.label_check(ctx))),
                  Q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, ctx.col),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.shadow),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.retired, ctx.col)]
         restore = []
         if f.not_null:
             restore.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
-        if f.default_label is not None:
-            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(
-                ctx.col, typed_literal(f.default_label, ctx.enum_type)))
+        label = self._swap_time_default(ctx)
+        if label is not None:
+            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, typed_literal(label, ctx.enum_type)))
         if not ctx.m.target.nullable:
             restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
         if restore:
@@ -158,25 +211,41 @@ class SwapColumns(Phase):
         for ix in f.indexes:
             stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
                       Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
-        return stmts + create_triggers(ctx, ctx.fn("_fwd"), ctx.col)
+        return stmts + create_triggers(ctx, swapped=False)
 
-    def _resolve_unmapped(self, ctx: Context) -> None:
-        """Values the new app wrote that have no enum label: refuse, or rewrite them to the fallback label."""
-        x = ctx.x
+    def _resolve_unmapped(self, ctxs: list[Context]) -> None:
+        """Values the new app wrote that have no enum label: refuse (naming every table's rows), or rewrite them
+        to the fallback label."""
+        x = ctxs[0].x
+        found = []
+        for ctx in ctxs:
+            no_label = self._no_label(ctx)
+            if x.dry_run:
+                x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.m.rollback.unmapped!r}")
+                continue
+            n, ids = ctx.sample_ids(no_label)
+            if n:
+                found.append((ctx, n, ids))
+        if not found:
+            return
+        if ctxs[0].m.rollback.unmapped == "refuse":
+            total = sum(n for _, n, _ in found)
+            where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
+            raise Refused(f"rollback of the swap would lose {total} values that have no label in enum "
+                          f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
+                          hint="change those rows, add them to rollback.reverse_mapping, or set "
+                               "rollback.unmapped: fallback in the playbook")
+        for ctx, _, _ in found:
+            self._apply_fallback(ctx)
+
+    def _no_label(self, ctx: Context) -> sql.Composable:
         no_label = Q("{} IS NULL").format(ctx.backward(ctx.col))
         if not ctx.facts.not_null:  # NULL was a legal old value: it needs no label
             no_label = Q("{} AND {} IS NOT NULL").format(no_label, ctx.col)
-        if x.dry_run:
-            x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.m.rollback.unmapped!r}")
-            return
-        n, ids = ctx.sample_ids(no_label)
-        if not n:
-            return
-        if ctx.m.rollback.unmapped == "refuse":
-            raise Refused(f"rollback of the swap would lose {n} values of {ctx.m.column.name!r} that have no label "
-                          f"in enum {ctx.m.column.enum_type} (e.g. ids {ids}); nothing was changed",
-                          hint="change those rows, add them to rollback.reverse_mapping, or set "
-                               "rollback.unmapped: fallback in the playbook")
+        return no_label
+
+    def _apply_fallback(self, ctx: Context) -> None:
+        x, no_label = ctx.x, self._no_label(ctx)
         fallback = ctx.m.mapping[ctx.m.rollback.fallback_label]
         batch = ctx.pb.settings.batch_size
         pk = ctx.pk_row

@@ -38,5 +38,20 @@ class VerifyPhase(Phase):
                  "mismatches": sum(t["parity"]["mismatches"] for t in tables.values())}
         return {"parity": total, "tables": tables}
 
+    def before_contract_all(self, ctxs: list[Context]) -> None:
+        """The contract ends the rollback window: scan again, so a verdict made stale by writes that bypassed the
+        triggers (session_replication_role = replica, disabled triggers) stops it, naming rows."""
+        from .. import parity
+        for ctx in ctxs:
+            if not ctx.has("column", ctx.m.retired):
+                continue
+            result = parity.check(ctx, swapped=True)
+            if result.mismatches:
+                raise Refused(f"cannot contract: {result.mismatches} rows of {ctx.m.label} have an enum copy that "
+                              f"no longer matches (e.g. ids {result.sample}): writes bypassed the sync since the "
+                              f"swap; nothing was changed",
+                              hint=f"touch those rows (UPDATE ... SET {ctx.m.column.name} = {ctx.m.column.name} "
+                                   f"WHERE ...): the sync trigger repairs their copy; then re-run the contract")
+
     def rollback(self, ctx: Context) -> None:
         ctx.x.note("-- forget the verification result")
