@@ -44,7 +44,17 @@ def run(o: Orchestrator, *phases: int) -> None:
 
 
 # 1. An app BEFORE trigger that changes the column -------------------------------------------------------------
-def test_an_app_trigger_changing_the_column_is_seen_by_the_sync(dsn, orch):
+@pytest.fixture
+def orch_firing(dsn):
+    """The app's own triggers are accepted to fire during the backfill (settings.app_triggers: fire)."""
+    seed_chatter(dsn, rows=400)
+    o = Orchestrator(real_playbook(**{"settings.app_triggers": "fire"}), dsn)
+    yield o
+    o.close()
+
+
+def test_an_app_trigger_changing_the_column_is_seen_by_the_sync(dsn, orch_firing):
+    orch = orch_firing
     execute(dsn, """CREATE FUNCTION set_type() RETURNS trigger LANGUAGE plpgsql AS $$
                     BEGIN IF NEW.name LIKE 'force%' THEN NEW.workflow_type := 'full'; END IF; RETURN NEW; END $$""",
             "CREATE TRIGGER set_type BEFORE INSERT OR UPDATE ON workflow_templates FOR EACH ROW "
