@@ -44,6 +44,11 @@ def playbook_dict(names: SeedNames | None = None, **overrides) -> dict:
         data["column"] = {"name": names.column, "enum_type": names.enum}
         for row in data["seed_rows"]["rows"]:
             row[names.column] = row.pop("workflow_type")
+    return with_overrides(data, overrides)
+
+
+def with_overrides(data: dict, overrides: dict) -> dict:
+    """Set dotted keys ("settings.batch_size") in a playbook's data."""
     for key, value in overrides.items():
         node = data
         *path, last = key.split(".")
@@ -69,14 +74,7 @@ def seed_chatter(dsn: str, rows: int = 2000, specs: int | None = None) -> None:
 
 def real_playbook(**overrides) -> playbook.Playbook:
     """The reference playbook (both columns of Chatter's enum type), with dotted-key overrides."""
-    data = copy.deepcopy(reference_dict())
-    for key, value in overrides.items():
-        node = data
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return playbook.parse(data)
+    return playbook.parse(with_overrides(copy.deepcopy(reference_dict()), overrides))
 
 
 def snapshot(dsn: str, schema: str = "public") -> dict:
