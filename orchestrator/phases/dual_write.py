@@ -97,8 +97,9 @@ def drop_functions(ctx: Context) -> sql.Composable:
 class DualWrite(Phase):
     name = "dual_write"
     title = "install the dual-write trigger"
-    expand_doc = ("CREATE FUNCTION (old label -> new value); CREATE TRIGGER BEFORE INSERT and BEFORE UPDATE OF "
-                  "the column, so every write from now on fills the shadow column")
+    expand_doc = ("CREATE FUNCTION (old label -> new value); CREATE TRIGGER BEFORE INSERT and BEFORE UPDATE "
+                  "WHEN the copy would change, named to fire after the app's own triggers, so every write from now "
+                  "on fills the shadow column")
     rollback_doc = "DROP TRIGGER; DROP FUNCTION"
     contract_doc = "DROP TRIGGER and DROP FUNCTION (ends the rollback window: run after the app is on the new column)"
     locks_doc = ("CREATE TRIGGER: SHARE ROW EXCLUSIVE, DROP TRIGGER: ACCESS EXCLUSIVE, each for milliseconds "
