@@ -15,6 +15,7 @@ from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
 from .dual_write import create_triggers
+from . import target_check
 
 
 def lock_tables(ctxs: list[Context]) -> sql.Composable:
@@ -67,6 +68,7 @@ class SwapColumns(Phase):
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
 
     def expand_all(self, ctxs: list[Context]) -> None:
+        target_check.prepare_all(ctxs)  # target.check: NOT VALID + VALIDATE on the shadow column (issue 18)
         for ctx in ctxs:
             self._prepare_not_null(ctx)
         # Every table in one short transaction: no statement ever sees one column swapped and another not
@@ -119,6 +121,7 @@ class SwapColumns(Phase):
             for ctx in ctxs:
                 x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.new_check(ctx))),
                          lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
+            target_check.drop_all(ctxs)
             return
         for ctx in ctxs:
             self._resolve_unmapped(ctx)
@@ -135,6 +138,7 @@ class SwapColumns(Phase):
         x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
                  skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
+        target_check.drop_all(ctxs)  # back on the shadow column: no trace of target.check
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composable]:
         from .dual_write import drop_triggers
