@@ -5,8 +5,8 @@ Added online in the swap's preparation, before the columns change names:
   ALTER TABLE t VALIDATE CONSTRAINT _ec_<column>_check      -- SHARE UPDATE EXCLUSIVE: the app goes on
 so from the moment the new vocabulary can be written (the swap) every write is held to it. The constraint is
 on the shadow column and follows it through the renames; its name uses the column's final name. If VALIDATE
-finds rows that break it, the swap is refused (exit 3) listing them, and the NOT VALID constraint is removed
-again: nothing changed. The swap's rollback drops it; the contract keeps it (it is the point).
+finds rows that break it, the swap is refused (exit 3) listing them, and the constraints are removed again
+from every table: nothing changed. The swap's rollback drops it; the contract keeps it (it is the point).
 
 Not done yet: the reverse migration after a contract (varchar back to an enum) does not exist; when it does,
 it must drop this constraint (`drop(ctx)`) before converting the column.
@@ -64,7 +64,6 @@ def prepare(ctx: Context) -> None:
         bad = Q("NOT ({})").format(expression(ctx.m.target.check, ctx.shadow))
         n, ids = ctx.sample_ids(bad, limit=10)
         values = x.query(Q("SELECT DISTINCT {}::text FROM {} WHERE {} LIMIT 5").format(ctx.shadow, ctx.table, bad))
-        x.atomic(drop_statement(ctx), lock=DROP_LOCK, what="remove the unvalidated target CHECK")
         raise Refused(f"{ctx.m.label}: {n} rows hold a value that breaks target.check (e.g. ids {ids}, values "
                       f"{[v for (v,) in values]}); the swap was not started and nothing was changed",
                       hint="orchestrator rollback 5, 4 and 3, then run 3, 4 and 5 again: the backfill rewrites "
@@ -81,8 +80,12 @@ def drop(ctx: Context) -> None:
 
 
 def prepare_all(ctxs: list[Context]) -> None:
-    for ctx in ctxs:
-        prepare(ctx)
+    try:
+        for ctx in ctxs:
+            prepare(ctx)
+    except Refused:
+        drop_all(ctxs)  # every table's, the ones already validated too: a refused swap changes nothing
+        raise
 
 
 def drop_all(ctxs: list[Context]) -> None:
