@@ -13,6 +13,7 @@ from psycopg import errors as pgerr
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from . import target_rules
 from .errors import BadInput
 from .playbook import ColumnMigration, Playbook, _key, _suffixed
 from .sqlkit import I, L, Q, extra_type
@@ -376,6 +377,7 @@ def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) 
                        "(the app may write NULL); set target.nullable: true")
     label, problem = default_label(info["default"], labels)
     values = value_problems(conn, m, oid, m.target.default is not None or label is not None)
+    values = values or target_rules.server_problems(conn, m)  # target.check, tried by the server itself
     if values:
         raise BadInput("; ".join(values))
     indexes, blockers = column_indexes(conn, oid, info["attnum"])

@@ -37,7 +37,8 @@ ACCEPTED = {
                             "after a crash is safe even where SQL has no IF [NOT] EXISTS form", None),
     "adding-not-nullable-field": ("SET NOT NULL follows a VALIDATEd CHECK (col IS NOT NULL): PostgreSQL 12+ "
                                   "skips the scan", _after_validate),
-    "ban-drop-constraint": ("drops only the orchestrator's own helper CHECK, once SET NOT NULL replaced it", _ours),
+    "ban-drop-constraint": ("drops only the orchestrator's own CHECKs (_ec_*): the NOT NULL helper once SET NOT NULL "
+                            "replaced it, or target.check when the swap is rolled back", _ours),
     "ban-drop-function": ("drops only the orchestrator's own trigger functions", _ours),
     "ban-drop-default": ("the swap moves the default to the new column (mapped value); the retired enum column "
                          "must not invent values", None),

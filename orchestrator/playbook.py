@@ -78,11 +78,33 @@ class ColumnSpec(Strict):
         return None if v is None else _identifier(v, f"column.{info.field_name}")
 
 
+class TargetCheck(Strict):
+    """What the enum guaranteed, kept by a CHECK on the new column (orchestrator/target_rules.py)."""
+
+    non_empty: bool = False  # at least one character that is not white space
+    pattern: str | None = None  # a regular expression, in the subset PostgreSQL and Python read alike
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .target_rules import to_python
+            to_python(v)  # PatternError (a ValueError) names the position
+        return v
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> TargetCheck:
+        if not self.non_empty and self.pattern is None:
+            raise ValueError("set non_empty: true, a pattern, or both")
+        return self
+
+
 class TargetSpec(Strict):
     type: Literal["varchar", "text"] = "varchar"
     length: int | None = Field(None, ge=1, le=10_485_760)
     nullable: bool = False
     default: str | None = None  # default of the new column; derived from the old default when omitted
+    check: TargetCheck | None = None  # CHECK on the new column, added online before the swap
 
     @model_validator(mode="after")
     def _length(self) -> TargetSpec:
@@ -460,6 +482,12 @@ def _check_unit(m: ColumnMigration) -> None:
         value = row.get(m.column.name)
         if isinstance(value, str) and length is not None and len(value) > length:
             raise ValueError(f"{m.where}seed_rows.rows[{i}].{_key(m.column.name)}: longer than the target type")
+    if m.target.check is not None:  # a value the playbook itself writes must pass the CHECK it installs
+        from .target_rules import playbook_values, violation
+        for where, value in playbook_values(m):
+            why = violation(m.target.check, value)
+            if why:
+                raise ValueError(f"{where}: {value!r} {why}")
 
 
 def _suffixed(name: str, suffix: str) -> str:

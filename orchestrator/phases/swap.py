@@ -14,8 +14,13 @@ from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
+<<<<<<< HEAD
 from . import shape
 from .dual_write import create_triggers, refuse_later_triggers
+=======
+from .dual_write import create_triggers
+from . import target_check
+>>>>>>> issue-18
 
 
 def lock_tables(ctxs: list[Context]) -> sql.Composable:
@@ -91,6 +96,7 @@ class SwapColumns(Phase):
                 recheck_parity(ctx)
         labels = {ctx.m.label: None if x.dry_run and not ctx.has("column", ctx.m.column.name)
                   else self._default_label(ctx) for ctx in ctxs}
+        target_check.prepare_all(ctxs)  # target.check: NOT VALID + VALIDATE on the shadow column
         for ctx in ctxs:
             self._prepare_not_null(ctx)
         # Every table in one short transaction: no statement ever sees one column swapped and another not
@@ -153,6 +159,7 @@ class SwapColumns(Phase):
             for ctx in ctxs:
                 x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.new_check(ctx))),
                          lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
+            target_check.drop_all(ctxs)
             return
         # From here on no new value without an enum label can be written (the new app is being rolled back), so
         # the check for such values below cannot miss one written meanwhile; VALIDATE proves it, the un-swap
@@ -187,6 +194,7 @@ class SwapColumns(Phase):
         x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
                  skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
+        target_check.drop_all(ctxs)  # back on the shadow column: no trace of target.check
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composable]:
         from .dual_write import drop_triggers
