@@ -14,13 +14,8 @@ from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
-<<<<<<< HEAD
-from . import shape
+from . import shape, target_check
 from .dual_write import create_triggers, refuse_later_triggers
-=======
-from .dual_write import create_triggers
-from . import target_check
->>>>>>> issue-18
 
 
 def lock_tables(ctxs: list[Context]) -> sql.Composable:
