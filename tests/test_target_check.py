@@ -136,6 +136,7 @@ def test_rows_breaking_the_check_refuse_the_swap_and_are_listed(dsn, tmp_path):
         assert cli("run", str(k), dsn=dsn, playbook_path=path).returncode == 0
     bad = [r[0] for r in query(dsn, "SELECT id FROM template_specs ORDER BY id LIMIT 2")]
     with psycopg.connect(dsn) as conn:  # written behind the trigger's back, after the parity check
+        conn.execute("SET session_replication_role = replica")  # else the sync trigger repairs the copy
         conn.execute("UPDATE template_specs SET workflow_type_new = 'Rag Chat;--' WHERE id = ANY(%s)", (bad,))
     before = snapshot(dsn)
     r = cli("run", "5", dsn=dsn, playbook_path=path)

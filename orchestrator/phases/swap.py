@@ -86,12 +86,16 @@ class SwapColumns(Phase):
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         x = ctxs[0].x
-        if not x.dry_run and not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
-            for ctx in ctxs:
-                recheck_parity(ctx)
         labels = {ctx.m.label: None if x.dry_run and not ctx.has("column", ctx.m.column.name)
                   else self._default_label(ctx) for ctx in ctxs}
         target_check.prepare_all(ctxs)  # target.check: NOT VALID + VALIDATE on the shadow column
+        if not x.dry_run and not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
+            try:
+                for ctx in ctxs:
+                    recheck_parity(ctx)
+            except Refused:
+                target_check.drop_all(ctxs)  # refused: nothing changed
+                raise
         for ctx in ctxs:
             self._prepare_not_null(ctx)
         # Every table in one short transaction: no statement ever sees one column swapped and another not
