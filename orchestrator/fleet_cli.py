@@ -23,6 +23,7 @@ from .fleet import Fleet, FleetResult
 from .metrics import Exporter
 
 out = Console()
+err = Console(stderr=True)  # progress lines: stdout keeps only the result (a table, or JSON with --json)
 
 fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Roll one playbook out to many databases, wave by wave (canary first), stopping at "
@@ -49,7 +50,7 @@ def _fleet(ctx: typer.Context,
     parent = ctx.obj  # the global options (cli.Opts): --playbook, --env, --json-logs
     inv = inventory_mod.load(inventory)
     fleet = Fleet(inv, parent.playbook_path, default_env=parent.env,
-                  echo=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+                  echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
     # Log lines (from every target's thread) are scrubbed of every target's password.
     logs.configure(json=parent.json_logs, dsn=parent.dsn_arg, secrets=fleet.secrets)
     exporter = None
@@ -57,7 +58,7 @@ def _fleet(ctx: typer.Context,
         exporter = Exporter(fleet.status)
         if metrics_port is not None:
             port = exporter.serve(metrics_port, metrics_addr)
-            out.print(f"metrics: http://{metrics_addr}:{port}/metrics", markup=False, highlight=False)
+            err.print(f"metrics: http://{metrics_addr}:{port}/metrics", markup=False, highlight=False)
         if metrics_textfile is not None:
             exporter.textfile = metrics_textfile
 
