@@ -216,9 +216,20 @@ class Fleet:
         threads = [threading.Thread(target=worker, name=f"fleet-{w.name}-{i}", daemon=True) for i in range(conc)]
         for th in threads:
             th.start()
-        for th in threads:
-            while th.is_alive():
-                th.join(0.2)  # in slices, so that Ctrl-C reaches the main thread
+        try:
+            for th in threads:
+                while th.is_alive():
+                    th.join(0.2)  # in slices, so that Ctrl-C reaches the main thread
+        except KeyboardInterrupt:
+            # Ctrl-C: start nothing more, and let the running targets finish their command (a second Ctrl-C
+            # abandons them mid-step, like a crash: re-running resumes them).
+            stop.set()
+            self.echo("interrupted: waiting for the running targets to finish their command "
+                      "(Ctrl-C again to abandon them)")
+            for th in threads:
+                while th.is_alive():
+                    th.join(0.2)
+            raise
         return [done.get(t.name) or Outcome(t.name, w.name, None, "not started") for t in w.targets]
 
     def _run_target(self, t: TargetSpec, w: Wave, command: str, n: int | None, through: bool) -> Outcome:

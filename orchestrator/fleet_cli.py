@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import inventory as inventory_mod
 from . import logs
-from .errors import Refused
+from .errors import BadInput, Refused
 from .fleet import Fleet, FleetResult
 from .metrics import Exporter
 
@@ -32,14 +32,52 @@ fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 
 
 class FleetOpts:
-    def __init__(self, fleet: Fleet, exporter: Exporter | None):
-        self.fleet, self.exporter = fleet, exporter
+    """The fleet, built on first use (so that `fleet run --help` needs no inventory)."""
+
+    def __init__(self, ctx: typer.Context, parent, inventory: str | None, metrics_port: int | None,
+                 metrics_addr: str, metrics_textfile: Path | None):
+        self.ctx, self.parent, self.inventory = ctx, parent, inventory
+        self.metrics_port, self.metrics_addr, self.metrics_textfile = metrics_port, metrics_addr, metrics_textfile
+        self._fleet: Fleet | None = None
+        self.exporter: Exporter | None = None
+
+    @property
+    def fleet(self) -> Fleet:
+        if self._fleet is None:
+            self._fleet = self._build()
+        return self._fleet
+
+    def _build(self) -> Fleet:
+        if not self.inventory:
+            raise BadInput("fleet commands need an inventory", hint="orchestrator fleet --inventory FILE ...")
+        parent = self.parent  # the global options (cli.Opts): --playbook, --env, --json-logs
+        fleet = Fleet(inventory_mod.load(self.inventory), parent.playbook_path, default_env=parent.env,
+                      echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+        # Log lines (from every target's thread) are scrubbed of every target's password.
+        logs.configure(json=parent.json_logs, dsn=parent.dsn_arg, secrets=fleet.secrets)
+        if self.metrics_port is None and self.metrics_textfile is None:
+            return fleet
+        exporter = self.exporter = Exporter(fleet.status)
+        if self.metrics_port is not None:
+            port = exporter.serve(self.metrics_port, self.metrics_addr)
+            err.print(f"metrics: http://{self.metrics_addr}:{port}/metrics", markup=False, highlight=False)
+        if self.metrics_textfile is not None:
+            exporter.textfile = self.metrics_textfile
+            last = [0.0]
+
+            def changed() -> None:  # after each target; at most every 2 s (a full status read each time)
+                if time.monotonic() - last[0] >= 2:
+                    exporter.write()
+                    last[0] = time.monotonic()
+            fleet.on_change = changed
+        self.ctx.call_on_close(lambda: (exporter.write(), exporter.close()))
+        return fleet
 
 
 @fleet_app.callback()
 def _fleet(ctx: typer.Context,
-           inventory: str = typer.Option(..., "--inventory", "-i", envvar="ORCHESTRATOR_INVENTORY",
-                                         help="inventory YAML: targets, waves, gates"),
+           inventory: Optional[str] = typer.Option(None, "--inventory", "-i", envvar="ORCHESTRATOR_INVENTORY",
+                                                   help="inventory YAML: targets, waves, gates (required)"),
            metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
                                                       help="serve Prometheus metrics on this port while the "
                                                            "command runs"),
@@ -47,26 +85,7 @@ def _fleet(ctx: typer.Context,
            metrics_textfile: Optional[Path] = typer.Option(None, "--metrics-textfile",
                                                            help="write the metrics to this .prom file (node_exporter "
                                                                 "textfile collector) after each target and at the end")):
-    parent = ctx.obj  # the global options (cli.Opts): --playbook, --env, --json-logs
-    inv = inventory_mod.load(inventory)
-    fleet = Fleet(inv, parent.playbook_path, default_env=parent.env,
-                  echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    # Log lines (from every target's thread) are scrubbed of every target's password.
-    logs.configure(json=parent.json_logs, dsn=parent.dsn_arg, secrets=fleet.secrets)
-    exporter = None
-    if metrics_port is not None or metrics_textfile is not None:
-        exporter = Exporter(fleet.status)
-        if metrics_port is not None:
-            port = exporter.serve(metrics_port, metrics_addr)
-            err.print(f"metrics: http://{metrics_addr}:{port}/metrics", markup=False, highlight=False)
-        if metrics_textfile is not None:
-            exporter.textfile = metrics_textfile
-
-            def changed() -> None:
-                exporter.write()
-            fleet.on_change = changed
-        ctx.call_on_close(lambda: (exporter.write(), exporter.close()))
-    ctx.obj = FleetOpts(fleet, exporter)
+    ctx.obj = FleetOpts(ctx, ctx.obj, inventory, metrics_port, metrics_addr, metrics_textfile)
 
 
 def _finish(ctx: typer.Context, result: FleetResult, as_json: bool) -> None:
