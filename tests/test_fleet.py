@@ -4,6 +4,7 @@ the fleet, `fleet status --json` checked at each point, gates, inventory validat
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import time
@@ -275,3 +276,23 @@ def test_bad_inventory_or_missing_variable_exit_2_and_change_nothing(six, tmp_pa
     assert proc.returncode == 2 and "target 't2'" in proc.stderr and "no such environment" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert all(phase_rows(d) is None for d in six[:3])
+
+
+def test_fleet_rollback_wave_by_wave_and_confirmation(six, tmp_path, monkeypatch):
+    f = _fleet(tmp_path, six, monkeypatch)
+    assert f.execute("run", 2, through=True).exit_code == 0
+    assert f.status()["summary"]["by_phase"] == {"2": 6}
+    refused = f.execute("rollback", 1)  # phase 2 is still applied everywhere: the canary refuses, nothing else runs
+    assert refused.exit_code == 3 and [o.target for o in refused.outcomes] == ["t1"]
+    assert "roll it back before phase 1" in refused.reason
+    for n in (2, 1):
+        res = f.execute("rollback", n)
+        assert res.exit_code == 0 and res.waves_done == ["canary", "forty", "rest"], res.reason
+    st = f.status()
+    assert st["summary"]["by_state"] == {"pending": 6}
+    for d in six:
+        assert not phase_rows(d) and not has_column(d, "workflow_templates", "workflow_type_new")
+    inv = tmp_path / "fleet.yaml"
+    env = {k: v for k, v in os.environ.items() if k.startswith("FLEET_T")}
+    proc = fleet_cli(inv, env, "rollback", "5", tmp_path=tmp_path)  # the swap: the app notices, needs --yes
+    assert proc.returncode == 3 and "--yes" in proc.stderr
