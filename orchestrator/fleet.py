@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +42,6 @@ from .state import APPLIED, CONTRACTED, FAILED, PENDING, RUNNING
 log = structlog.get_logger()
 
 COMMANDS = ("run", "contract", "rollback", "verify")
-STATES = ("pending", "applied", "running", "interrupted", "failed", "contracting", "contracted", "unreachable")
 
 
 @dataclass

@@ -125,7 +125,7 @@ def fleet_plan(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
     g = p["gates"]
     out.print(f"playbook {p['playbook']} ({p['playbook_file']}): phases "
               + ", ".join(f"{x['phase']} {x['name']}" for x in p["phases"]), markup=False, highlight=False)
-    out.print(f"gates between waves: every target in the promised state"
+    out.print("gates between waves: every target in the promised state"
               + (", parity verified after the backfill" if g["verify"] else "")
               + (f", hook {' '.join(g['hook'])}" if g["hook"] else "")
               + (f", soak {g['soak_s']:g}s" if g["soak_s"] else ""), markup=False, highlight=False)

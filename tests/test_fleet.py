@@ -13,7 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from orchestrator import fleet as fleet_mod

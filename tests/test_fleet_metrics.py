@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import metrics
 from orchestrator.errors import Refused
-from orchestrator.runner import Orchestrator
 
 from .helpers import ROOT
 from .test_fleet import SECRET, _fleet, fleet_cli, six  # noqa: F401 (fixture)
