@@ -16,6 +16,7 @@ import structlog
 from psycopg import errors as pgerr
 from psycopg import sql
 
+from . import health
 from .keyset import Keyset
 from .phases.base import Context
 from .errors import Failure, Refused
@@ -161,17 +162,24 @@ class Backfill:
     # -- operator and server throttles -------------------------------------------------------------
     def _throttle(self) -> None:
         """Hold the next batch while a replica lags or long transactions pile up (their limits are optional)."""
-        if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None:
+        if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None and not health.enabled(self.s):
             return
-        waited = 0.0
-        while (reason := self._throttle_reason()) is not None:
-            if waited == 0.0:
-                log.info("backfill throttled", reason=reason)
-            if waited >= self.s.throttle_max_wait_s:
-                raise Refused(f"backfill held for {waited:.0f}s: {reason}",
-                              hint="re-run phase 3 when the server has recovered; it resumes where it stopped")
-            time.sleep(0.5)
-            waited += 0.5
+        waited, shown = 0.0, None
+        try:
+            while (reason := self._throttle_reason()) is not None:
+                if waited == 0.0:
+                    log.info("backfill throttled", reason=reason)
+                if health.kind_of(reason) != shown:  # recorded for `status`, once per kind of hold
+                    health.record(self, reason)
+                    shown = health.kind_of(reason)
+                if waited >= self.s.throttle_max_wait_s:
+                    raise Refused(f"backfill held for {waited:.0f}s: {reason}",
+                                  hint="re-run phase 3 when the server has recovered; it resumes where it stopped")
+                time.sleep(0.5)
+                waited += 0.5
+        finally:
+            if shown is not None:
+                health.record(self, None)
 
     def _throttle_reason(self) -> str | None:
         s = self.s
@@ -187,7 +195,7 @@ class Backfill:
             if n > s.max_long_transactions:
                 return (f"{n} transactions open longer than {s.long_transaction_s}s "
                         f"> max_long_transactions {s.max_long_transactions}")
-        return None
+        return health.reason(self)  # WAL rate, autovacuum on the table, app lock waiters
 
 
 def _key(key) -> str:

@@ -209,8 +209,10 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
 
 
 def _status_with_alembic(orch: Orchestrator) -> dict:
+    from . import health
     st = orch.status()
     st["alembic"] = revisions_mod.alembic_status(orch.x.conn, orch.pb, orch.state.phases())
+    st["throttles"] = health.for_status(orch, st["running_now"])  # health throttles holding the backfill now
     return st
 
 
@@ -240,6 +242,8 @@ def _status_view(st: dict):
                   + (", finished" if b["finished_at"] else "")
                   + (f", {b['rows_per_s']:,} rows/s" if b["rows_per_s"] else "")
                   + (f", ETA {b['eta_s']:.0f}s" if b["eta_s"] is not None else ""))
+    for h in st.get("throttles") or []:
+        parts.append(f"backfill {h['table']} held since {_t(h['since'])}: {h['reason']}")
     return Group(*parts)
 
 
@@ -485,3 +489,8 @@ def revisions_sync(ctx: typer.Context,
 
 
 app.add_typer(revisions_app, name="revisions")
+
+# -- `orchestrator fleet`: one playbook rolled out to many databases, wave by wave (orchestrator/fleet.py) -------
+from .fleet_cli import fleet_app  # noqa: E402
+
+app.add_typer(fleet_app, name="fleet")

@@ -10,8 +10,9 @@ import structlog
 from .db import redact, secrets_of
 
 
-def configure(*, json: bool | None = None, dsn: str | None = None, level: str = "info") -> None:
-    secrets = secrets_of(dsn)
+def configure(*, json: bool | None = None, dsn: str | None = None, level: str = "info",
+              secrets: list[str] | None = None) -> None:
+    secrets = secrets_of(dsn) + list(secrets or [])  # `secrets`: e.g. every target's password (fleet)
 
     def scrub(_, __, event: dict) -> dict:
         if secrets:

@@ -172,6 +172,10 @@ class Settings(Strict):
     max_long_transactions: int | None = Field(None, ge=0, le=100_000)
     long_transaction_s: int = Field(60, ge=1, le=86_400)
     throttle_max_wait_s: int = Field(600, ge=1, le=86_400)
+    # Health throttles (orchestrator/health.py): WAL rate, autovacuum on the table, app backends waiting on locks.
+    max_wal_mb_per_s: float | None = Field(None, gt=0, le=1_000_000)
+    throttle_on_autovacuum: bool = False
+    max_lock_waiters: int | None = Field(None, ge=0, le=100_000)
     lock_timeout_ms: int = Field(50, ge=1, le=60_000)
     statement_timeout_ms: int = Field(30_000, ge=1, le=86_400_000)
     # Online steps take only locks the app never queues behind (CREATE/DROP INDEX CONCURRENTLY, VALIDATE
