@@ -151,8 +151,9 @@ def column_indexes(conn: psycopg.Connection, oid: int, attnum: int) -> tuple[lis
     return simple, blockers
 
 
-def column_dependents(conn: psycopg.Connection, oid: int, attnum: int) -> list[str]:
-    """Objects depending on the column other than its own default and indexes: views, constraints, ..."""
+def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_schemas: tuple = ()) -> list[str]:
+    """Objects depending on the column other than its own default and indexes: views, constraints, ...
+    (the orchestrator's own version views, in `own_view_schemas`, excepted)."""
     rows = conn.execute("""
         SELECT pg_describe_object(d.classid, d.objid, d.objsubid), d.classid::regclass::text
         FROM pg_depend d
@@ -160,9 +161,12 @@ def column_dependents(conn: psycopg.Connection, oid: int, attnum: int) -> list[s
           AND d.classid NOT IN ('pg_attrdef'::regclass, 'pg_class'::regclass)
           AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                SELECT FROM pg_constraint c WHERE c.oid = d.objid AND c.contype IN ('p', 'n')))
+          AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (  -- our own version views
+               SELECT FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+               JOIN pg_namespace n ON n.oid = v.relnamespace WHERE r.oid = d.objid AND n.nspname = ANY(%s)))
           AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (  -- our own sync triggers
                SELECT FROM pg_trigger t WHERE t.oid = d.objid AND t.tgname LIKE '~ec\_%%'))
-        ORDER BY 1""", (oid, attnum)).fetchall()
+        ORDER BY 1""", (oid, attnum, list(own_view_schemas))).fetchall()
     out = [desc for desc, _ in rows]
     # Triggers listed with UPDATE OF the column (no pg_depend entry for tgattr).
     for (name,) in conn.execute("""SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal

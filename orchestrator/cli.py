@@ -83,6 +83,7 @@ def plan(ctx: typer.Context,
     out.print(f"[bold]{orch.pb.name}[/]: {orch.pb.description}")
     out.print(f"every DDL: lock_timeout={s.lock_timeout_ms}ms, up to {s.retries + 1} attempts with backoff "
               f"(longest possible wait of one app query behind us: {s.lock_timeout_ms}ms)\n")
+    _print_app_versions(orch.pb)
     for pp in orch.plan():
         p = pp.phase
         out.print(f"[bold cyan]Phase {p.number}: {p.name}[/] - {p.title}")
@@ -107,6 +108,23 @@ def plan(ctx: typer.Context,
     if unsafe_count:
         out.print(f"[bold red]{unsafe_count} unsafe statement(s) found by squawk[/]")
         raise typer.Exit(1)
+
+
+def _print_app_versions(pb) -> None:
+    from .phases import versions
+    hints = versions.connection_hints(pb)
+    if hints is None:
+        out.print("app versions: none (no app_versions in the playbook). The app must be released in two steps: "
+                  "before phase 5 a release that reads both vocabularies (enum labels and new values) and writes "
+                  "old labels; after phase 5 one that writes the new values. Old instances must be gone before "
+                  "the swap.\n", markup=False, highlight=False, soft_wrap=True)
+        return
+    out.print("app versions (from phase 2 until contract 2; after it the new version falls through to the tables):",
+              markup=False)
+    for v, h in hints.items():
+        out.print(f"  {v}: schema {h['schema']}; connect with {h['dsn_option']} (or ALTER ROLE <app role> SET "
+                  f"search_path = {h['search_path']})", markup=False, highlight=False, soft_wrap=True)
+    out.print()
 
 
 @app.command()
@@ -149,7 +167,9 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
 @app.command()
 def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
-             yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back")):
+             yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back"),
+             old_version_gone: bool = typer.Option(False, "--old-version-gone",
+                                                   help="contract although the old app version wrote recently")):
     """Remove what the phases left behind, in order, once every phase is applied. Ends the rollback window.
 
     Asks for confirmation on a terminal (--yes otherwise). Example: orchestrator contract --yes
@@ -159,7 +179,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
         _confirm(yes, "the contract drops the trigger, the retired column and the enum type; "
                       "it cannot be rolled back. Continue?")
     try:
-        results = orch.contract(phase)
+        results = orch.contract(phase, old_version_gone=old_version_gone)
         _print_recorded(orch)
         for n, r in zip([phase] if phase else range(1, len(results) + 1), results):
             out.print(f"contract {n}: {r}")

@@ -30,7 +30,7 @@ class ParityResult:
 def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composable, sql.Composable]:
     """(mismatch condition, unmapped condition)."""
     if not swapped:
-        return Q("({} IS DISTINCT FROM {})").format(ctx.shadow, ctx.forward(ctx.col)), Q("false")
+        return Q("NOT {}").format(ctx.copies_agree(ctx.col, ctx.shadow)), Q("false")
     back = ctx.backward(ctx.col)
     unmapped = Q("({} IS NULL)").format(back) if ctx.facts.not_null else \
         Q("({} IS NULL AND {} IS NOT NULL)").format(back, ctx.col)  # NULL was a legal old value

@@ -193,6 +193,8 @@ class Settings(Strict):
     cancel_autovacuum: bool = True  # an autovacuum holding the table would outlast every lock_timeout retry
     drop_enum_type: bool = True
     translate_old_writes: bool = True  # after the swap, old labels written by stale app instances are mapped
+    # contract waits until the old app version has written nothing for this long (app_versions)
+    old_version_quiet_s: int = Field(300, ge=0, le=30 * 86_400)
     state_schema: str = "_orchestrator"
 
     @field_validator("state_schema")
@@ -212,7 +214,7 @@ class Settings(Strict):
 
 
 SEMANTIC_FIELDS = ("name", "kind", "enum", "columns", "table", "column", "target", "mapping", "rollback",
-                   "extra_columns", "seed_rows", "settings")
+                   "extra_columns", "seed_rows", "settings", "app_versions")
 SEMANTIC_SETTINGS = ("drop_enum_type", "translate_old_writes", "state_schema")
 
 
@@ -257,6 +259,25 @@ class Hooks(Strict):
     progress_every_s: int = Field(30, ge=1, le=86_400)
     timeout_s: int = Field(30, ge=1, le=3_600)
     fail_on_error: bool = False  # by default a failing hook is logged and the migration goes on
+
+
+class AppVersions(Strict):
+    """A schema of views per application version while both run (a rolling deploy): the old version sees the
+    enum column and its labels, the new one the varchar column and its values. Chosen by search_path."""
+
+    old: str
+    new: str
+
+    @field_validator("old", "new")
+    @classmethod
+    def _ident(cls, v: str, info) -> str:
+        return _identifier(v, f"app_versions.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AppVersions:
+        if self.old == self.new:
+            raise ValueError("app_versions: old and new must be different schemas")
+        return self
 
 
 class AlembicSpec(Strict):
@@ -357,6 +378,7 @@ class Playbook(Strict):
     hooks: Hooks = Field(default_factory=Hooks)
     environments: dict[str, Environment] = Field(default_factory=dict)
     alembic: AlembicSpec = Field(default_factory=AlembicSpec)
+    app_versions: AppVersions | None = None
     env: str | None = None  # set by load(..., env=): which environment's overrides are in effect
 
     @model_validator(mode="after")

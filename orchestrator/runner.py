@@ -19,6 +19,7 @@ from .db import safe_dsn
 from .executor import Executor, Recorded
 from .hooks import Hooks
 from .kinds import phases_for
+from .phases import versions
 from .phases.base import Context, Phase
 from .playbook import Playbook
 from .state import APPLIED, CONTRACTED, FAILED, PENDING, RUNNING, OperatorLock, State
@@ -234,11 +235,12 @@ class Orchestrator:
                 self.state.forget()  # fully rolled back: the playbook may now be edited freely
             return "rolled back"
 
-    def contract(self, n: int | None = None) -> list[str]:
+    def contract(self, n: int | None = None, *, old_version_gone: bool = False) -> list[str]:
+        """old_version_gone: contract although the old app version wrote within settings.old_version_quiet_s."""
         numbers = [n] if n is not None else list(range(1, len(self.phases) + 1))
-        return [self._contract_one(k) for k in numbers]
+        return [self._contract_one(k, old_version_gone) for k in numbers]
 
-    def _contract_one(self, n: int) -> str:
+    def _contract_one(self, n: int, old_version_gone: bool = False) -> str:
         phase = self.phase(n)
         with bound_contextvars(playbook=self.pb.name, phase=n, action="contract"), self.locked():
             facts = self.facts(register=False) if self.state.migration() else None
@@ -260,6 +262,8 @@ class Orchestrator:
                 phase.contract_all(ctxs)
                 return "dry run"
             if all(r.status == APPLIED for r in rows.values()):  # the first contract step: no way back after it
+                if not old_version_gone:
+                    versions.refuse_if_old_version_active(self.x.conn, self.pb)
                 for p in self.phases:
                     p.before_contract_all(ctxs)
             self._step(n, "contract", lambda: phase.contract_all(ctxs), APPLIED, APPLIED, CONTRACTED)
@@ -310,8 +314,16 @@ class Orchestrator:
         progress = self.state.backfills()
         backfills = [{"table": m.label, **(backfill_summary(progress[m.key]) if m.key in progress else {})}
                      for m in self.pb.migrations]
-        return {"playbook": self.pb.name, "running_now": busy, "phases": phases,
-                "tables": [m.label for m in self.pb.migrations], "backfill": backfills}
+        out = {"playbook": self.pb.name, "running_now": busy, "phases": phases,
+               "tables": [m.label for m in self.pb.migrations], "backfill": backfills}
+        hints = versions.connection_hints(self.pb)
+        if hints is not None:
+            seen = versions.old_last_seen(self.x.conn, self.pb)
+            out["app_versions"] = {**hints, "old_last_write": seen.isoformat() if seen else None,
+                                   "views_present": bool(self.x.conn.execute(
+                                       "SELECT to_regnamespace(%s) IS NOT NULL", (self.pb.app_versions.new,)
+                                   ).fetchone()[0])}
+        return out
 
 
 def _shown(row) -> str:

@@ -218,7 +218,7 @@ def test_the_contract_refuses_an_enum_copy_that_drifted_after_the_swap(dsn, orch
     execute(dsn, "SET session_replication_role = replica; "
                  f"UPDATE workflow_templates SET workflow_type = 'function_chat' WHERE id = '{rid}'")
     with pytest.raises(Refused, match=f"cannot contract: 1 rows of workflow_templates.workflow_type.*{rid}"):
-        orch.contract()
+        orch.contract(old_version_gone=True)
     assert query(dsn, "SELECT count(*) FROM _orchestrator.phases WHERE status = 'contracted'") == [(0,)]
     execute(dsn, f"UPDATE workflow_templates SET workflow_type = workflow_type WHERE id = '{rid}'")  # the hint
-    assert orch.contract() == ["contracted"] * 6
+    assert orch.contract(old_version_gone=True) == ["contracted"] * 6

@@ -76,7 +76,7 @@ def test_malformed_types_are_rejected_after_the_swap_and_the_contract_while_the_
                                         ("workflow_templates", CHECK, True, "workflow_type")]
             assert_guarded(dsn)
             assert orch.run(6) == "applied"
-            assert orch.contract() == ["contracted"] * 6
+            assert orch.contract(old_version_gone=True) == ["contracted"] * 6
             assert constraints(dsn) == [("template_specs", CHECK, True, "workflow_type"),
                                         ("workflow_templates", CHECK, True, "workflow_type")]
             assert_guarded(dsn)

@@ -10,7 +10,7 @@ from psycopg import sql
 from ..catalog import Facts
 from ..executor import Executor
 from ..playbook import ColumnMigration, Playbook, _suffixed
-from ..sqlkit import I, Q, case_map, column_type, join, row_of
+from ..sqlkit import I, Q, case_map, column_type, join, row_of, typed_literal
 from ..state import State
 
 
@@ -83,6 +83,22 @@ class Context:
     def backward(self, expr: sql.Composable) -> sql.Composable:
         """new value -> enum label (NULL when the value has no label)."""
         return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
+
+    def old_value(self, expr: sql.Composable) -> sql.Composable:
+        """What the enum copy holds for a new value: its label; for a value with no label, the fallback label
+        under `rollback.unmapped: fallback` (so the old version reads a label), else NULL."""
+        rb = self.m.rollback
+        if rb.unmapped == "fallback":
+            return Q("coalesce({}, {})").format(self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
+        return self.backward(expr)
+
+    def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composable:
+        """Before the swap, the two columns of a row agree: the shadow holds map(enum value), or a new value with
+        no label that the new version wrote (the enum side then holds the fallback label, or NULL)."""
+        rb = self.m.rollback
+        unlabeled_old = typed_literal(rb.fallback_label, self.enum_type) if rb.unmapped == "fallback" else Q("NULL")
+        return Q("({1} IS NOT DISTINCT FROM {2} OR ({1} IS NOT NULL AND {3} IS NULL AND {0} IS NOT DISTINCT FROM {4}))"
+                 ).format(col, shadow, self.forward(col), self.backward(shadow), unlabeled_old)
 
     @property
     def pk_row(self) -> sql.Composable:

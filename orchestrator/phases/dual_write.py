@@ -14,26 +14,59 @@ from psycopg import sql
 
 from ..errors import Refused
 from ..sqlkit import L, Q, case_map
+from . import versions
 from .base import Context, Phase
 
 INSERT, UPDATE = "_sync_ins", "_sync_upd"
 
 
 def forward_function(ctx: Context) -> sql.Composable:
-    # One assignment: PL/pgSQL pays per expression and per transaction, and most app transactions are one row.
-    body = [Q("NEW.{} := {};").format(ctx.shadow, ctx.forward(Q("NEW.{}").format(ctx.col)))]
-    return _function(ctx, ctx.fn("_fwd"), body)
+    """Before the swap. The enum column is the old version's, the shadow the new version's (its view writes
+    it): whichever of the two a write changed is copied to the other; the enum side by default."""
+    new, shadow = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.shadow)
+    to_old = ctx.old_value(shadow)
+    wrote_new = _wrote(ctx.shadow, Q("NOT {}").format(ctx.copies_agree(new, shadow)))
+    # Conditions in parentheses: PL/pgSQL would take a CASE's THEN for the IF's.
+    body = Q("IF ({}) THEN NEW.{} := {}; ELSE NEW.{} := {};{} END IF;").format(
+        wrote_new, ctx.col, to_old, ctx.shadow, ctx.forward(new), _seen_old(ctx, ctx.col))
+    return _function(ctx, ctx.fn("_fwd"), [body])
 
 
 def reverse_function(ctx: Context) -> sql.Composable:
-    body = []
+    """After the swap. The varchar column is the new version's, the retired enum column the old version's (its
+    view writes it): the same, the other way round; old labels written into the varchar column by a stale
+    instance are translated."""
+    new, retired = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.retired)
     translate = [(k, v) for k, v in ctx.m.mapping.items() if k != v]
+    keep_in_sync = []
     if ctx.pb.settings.translate_old_writes and translate:
         # A stale app instance still writing old labels after the swap gets them translated, not stored raw.
-        body.append(Q("NEW.{0} := {1};").format(
-            ctx.col, case_map(Q("NEW.{}").format(ctx.col), translate, otherwise=Q("NEW.{}").format(ctx.col))))
-    body.append(Q("NEW.{} := {};").format(ctx.retired, ctx.backward(Q("NEW.{}").format(ctx.col))))
-    return _function(ctx, ctx.fn("_rev"), body)
+        keep_in_sync.append(Q("IF ({0} IN ({1})) THEN NEW.{2} := {3};{4} END IF;").format(
+            new, Q(", ").join(L(k) for k, _ in translate), ctx.col,
+            case_map(new, translate, otherwise=new), _seen_old(ctx)))
+    keep_in_sync.append(Q("NEW.{} := {};").format(ctx.retired, ctx.old_value(new)))
+    body = Q("IF ({}) THEN NEW.{} := {};{} ELSE {} END IF;").format(
+        _wrote(ctx.retired, Q("{} IS DISTINCT FROM {}").format(retired, ctx.old_value(new))), ctx.col,
+        ctx.forward(retired), _seen_old(ctx),
+        Q(" ").join(keep_in_sync))
+    return _function(ctx, ctx.fn("_rev"), [body])
+
+
+def _wrote(column: sql.Identifier, disagree: sql.Composable) -> sql.Composable:
+    """The write set `column` itself (an INSERT giving it, an UPDATE changing it) and the two columns disagree:
+    that version's write wins."""
+    return Q("(CASE WHEN TG_OP = 'INSERT' THEN NEW.{0} IS NOT NULL ELSE NEW.{0} IS DISTINCT FROM OLD.{0} END) "
+             "AND {1}").format(column, disagree)
+
+
+def _seen_old(ctx: Context, column: sql.Identifier | None = None) -> sql.Composable:
+    """Note that the old version wrote (app_versions): `status` shows when, `contract` waits for quiet."""
+    if ctx.pb.app_versions is None:
+        return Q("")
+    call = Q(" PERFORM {}();").format(versions.seen_old_function(ctx))
+    if column is None:
+        return call
+    return Q(" IF (TG_OP = 'INSERT' OR NEW.{0} IS DISTINCT FROM OLD.{0}) THEN{1} END IF;").format(column, call)
 
 
 def _function(ctx: Context, name: sql.Identifier, body: list[sql.Composable]) -> sql.Composable:
@@ -45,8 +78,8 @@ def out_of_sync(ctx: Context, swapped: bool) -> sql.Composable:
     """True for a NEW row whose copy is not what the sync function would write."""
     new = Q("NEW.{}").format(ctx.col)
     if not swapped:
-        return Q("NEW.{} IS DISTINCT FROM {}").format(ctx.shadow, ctx.forward(new))
-    cond = Q("NEW.{} IS DISTINCT FROM {}").format(ctx.retired, ctx.backward(new))
+        return Q("NOT {}").format(ctx.copies_agree(new, Q("NEW.{}").format(ctx.shadow)))
+    cond = Q("NEW.{} IS DISTINCT FROM {}").format(ctx.retired, ctx.old_value(new))
     translate = [k for k, v in ctx.m.mapping.items() if k != v]
     if ctx.pb.settings.translate_old_writes and translate:  # a stale write of an old label, to translate
         cond = Q("{} OR {} IN ({})").format(cond, new, Q(", ").join(L(k) for k in translate))
@@ -120,6 +153,29 @@ class DualWrite(Phase):
 
     def before_expand(self, ctx: Context) -> None:
         refuse_later_triggers(ctx)
+
+    # With app_versions, the version schemas come and go with the sync that makes their writes reach both columns.
+    def expand_all(self, ctxs: list[Context]) -> dict | None:
+        versions.install_tracking(ctxs)
+        details = super().expand_all(ctxs)
+        versions.install_views(ctxs, ("old",))
+        return details
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        versions.remove_views(ctxs)  # at contract 2 both versions' (the new one falls through to the tables)
+        super().rollback_all(ctxs)
+        versions.remove_tracking(ctxs)
+
+    def contract_all(self, ctxs: list[Context]) -> None:
+        self.rollback_all(ctxs)
+
+    def check_all(self, ctxs: list[Context]) -> list[str]:
+        problems = super().check_all(ctxs)
+        if versions.enabled(ctxs[0].pb):
+            problems += [f"view {ctxs[0].x.render(versions.view_name(c, v))} missing" for c in ctxs for v in ("old",)
+                         if not ctxs[0].x.scalar(Q("SELECT to_regclass({}) IS NOT NULL").format(
+                             L(ctxs[0].x.render(versions.view_name(c, v)))))]
+        return problems
 
     def check(self, ctx: Context) -> list[str]:
         return [f"trigger {ctx.trigger_name(t)!r} missing" for t in (INSERT, UPDATE)

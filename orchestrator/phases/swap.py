@@ -14,7 +14,7 @@ from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
-from . import shape, target_check
+from . import shape, target_check, versions
 from .dual_write import create_triggers, refuse_later_triggers
 
 
@@ -76,7 +76,8 @@ class SwapColumns(Phase):
         conn = ctx.x.conn
         oid = catalog.table_oid(conn, *ctx.table_name)
         info = catalog.column(conn, oid, ctx.m.column.name)
-        blockers = catalog.column_dependents(conn, oid, info["attnum"])
+        ours = (ctx.pb.app_versions.old, ctx.pb.app_versions.new) if ctx.pb.app_versions else ()
+        blockers = catalog.column_dependents(conn, oid, info["attnum"], ours)
         if blockers:
             raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.m.column.name!r}: "
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
@@ -148,7 +149,7 @@ class SwapColumns(Phase):
         for ix in f.indexes:
             stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
                       Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.shadow_name), I(ix.name))]
-        return stmts + create_triggers(ctx, swapped=True)
+        return stmts + create_triggers(ctx, swapped=True) + versions.replace_views(ctx, swapped=True)
 
     # -- rollback ---------------------------------------------------------------------------------
     def rollback_all(self, ctxs: list[Context]) -> None:
@@ -218,7 +219,7 @@ class SwapColumns(Phase):
         for ix in f.indexes:
             stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
                       Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
-        return stmts + create_triggers(ctx, swapped=False)
+        return stmts + create_triggers(ctx, swapped=False) + versions.replace_views(ctx, swapped=False)
 
     def _resolve_unmapped(self, ctxs: list[Context]) -> None:
         """Values the new app wrote that have no enum label: refuse (naming every table's rows), or rewrite them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import Refused
+from . import versions
 from .base import Context, Phase
 
 
@@ -36,7 +37,12 @@ class VerifyPhase(Phase):
             return {}
         total = {"rows": sum(t["parity"]["rows"] for t in tables.values()),
                  "mismatches": sum(t["parity"]["mismatches"] for t in tables.values())}
+        versions.install_views(ctxs, ("new",))  # parity holds: the new version can read every row
         return {"parity": total, "tables": tables}
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        versions.remove_views(ctxs, ("new",))
+        super().rollback_all(ctxs)
 
     def before_contract_all(self, ctxs: list[Context]) -> None:
         """The contract ends the rollback window: scan again, so a verdict made stale by writes that bypassed the
