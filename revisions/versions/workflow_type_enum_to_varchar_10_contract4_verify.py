@@ -23,7 +23,7 @@ depends_on = None
 GENERATED_BY = 'orchestrator revisions generate'
 PLAYBOOK = 'playbooks/workflow_type_enum_to_varchar.yaml'
 PLAYBOOK_NAME = 'workflow_type_enum_to_varchar'
-FINGERPRINT = 'd2fc40bb5e7d16c3'
+FINGERPRINT = 'cbd40e44930c8b14'
 ACTION = 'contract'
 PHASE = 4
 
