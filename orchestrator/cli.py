@@ -246,6 +246,11 @@ def _status_view(st: dict):
                       _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
                       p.get("env") or "", (p["error"] or "")[:80])
     parts = [table]
+    v = st.get("app_versions")
+    if v:
+        last = v["old_last_write"] or "none seen"
+        parts.append(f"app versions: old {v['old']['dsn_option']}, new {v['new']['dsn_option']}; "
+                     f"last write of the old version: {last}")
     a = st.get("alembic") or {}
     if a.get("revision") or a.get("expected"):
         line = f"alembic: {a['revision'] or 'base'}" + (f" - {a['message']}" if a["message"] else "")
