@@ -1,5 +1,12 @@
 """Runs statements the safe way: short lock_timeout, retries with backoff and jitter, reconnect on loss.
 
+Two kinds of steps. DDL that takes a lock the app queues behind (ACCESS EXCLUSIVE, SHARE ROW EXCLUSIVE) runs
+under the short `lock_timeout_ms` and is retried. Online steps take only locks the app never queues behind
+(CREATE/DROP INDEX CONCURRENTLY, VALIDATE CONSTRAINT, ANALYZE, and read-only scans): they run under
+`online_lock_timeout_ms` / `online_statement_timeout_ms` - the session default of the work connection - and a
+lock timeout is not retried (a concurrent build would be rebuilt in a loop): the step waits once, while a side
+connection watches what it waits for, so that giving up names the session that is really in the way.
+
 In plan mode the same calls only record the SQL, so `plan` shows exactly what `run` would execute.
 """
 
@@ -7,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +40,7 @@ class Recorded:
     lock: str
     transaction: int | None = None  # statements sharing a number run in one transaction
     kind: str = "tx"  # tx: in a short transaction; concurrent: outside any; note: a loop or condition, shown once
+    online: bool = False  # runs under online_lock_timeout_ms / online_statement_timeout_ms (concurrent ones too)
 
 
 @dataclass
@@ -45,14 +54,25 @@ class Executor:
     _tx_counter: int = 0
     blocking_tables: list = field(default_factory=list)  # [(schema, table)]: whose lockers to name or cancel
     pause_file: Any = None  # Path: while it exists, no new DDL step starts (orchestrator pause / resume)
+    _watch: Any = None  # the _WaitWatch of the online statement running or last run
+    _what: str = "DDL"
 
     # -- connection -------------------------------------------------------------------------------
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = db.connect(self.dsn)
+            conn = db.connect(self.dsn)
+            # Outside our short DDL transactions (which SET LOCAL their own), the work connection runs online
+            # steps, scans and catalog reads: never under the app's lock_timeout or statement_timeout.
+            self._online_session(conn)
+            self._conn = conn
             _install_fault_injection(self._conn, self.dsn)  # test-only; a no-op unless the env var is set
         return self._conn
+
+    def _online_session(self, conn: psycopg.Connection) -> None:
+        lock_ms, stmt_ms = self._limits(online=True)
+        conn.execute(Q("SET lock_timeout = {}").format(L(lock_ms)))
+        conn.execute(Q("SET statement_timeout = {}").format(L(stmt_ms)))
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -62,13 +82,14 @@ class Executor:
         return stmt.as_string(self._conn if self._conn and not self._conn.closed else None)
 
     # -- retries ----------------------------------------------------------------------------------
-    def retrying(self, attempts: int | None = None) -> Retrying:
+    def retrying(self, attempts: int | None = None, online: bool = False) -> Retrying:
         s = self.settings
+        retry = _transient_online if online else db.is_transient
         return Retrying(
             stop=stop_after_attempt((attempts if attempts is not None else s.retries) + 1),
             wait=wait_exponential_jitter(initial=s.retry_wait_initial_ms / 1000, max=s.retry_wait_max_ms / 1000,
                                          jitter=s.retry_wait_initial_ms / 1000),
-            retry=retry_if_exception(db.is_transient),
+            retry=retry_if_exception(retry),
             before_sleep=self._before_retry,
             reraise=False,
         )
@@ -99,9 +120,11 @@ class Executor:
         if cancelled:
             log.info("cancelled autovacuum on the table so our DDL can go first", pids=cancelled)
 
-    def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+    def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None,
+                     online: bool = False) -> Any:
+        self._watch = None
         try:
-            for attempt in self.retrying(attempts):
+            for attempt in self.retrying(attempts, online):
                 with attempt:
                     return fn()
         except RetryError as err:
@@ -114,36 +137,81 @@ class Executor:
                               hint="end the blocking transaction, then re-run the same command") from None
             raise Failure(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}",
                           hint="re-run the same command; completed work is kept") from None
+        except (pgerr.LockNotAvailable, pgerr.QueryCanceled) as exc:
+            if not online:
+                raise
+            raise self._online_gave_up(what, exc) from None
+
+    def _online_gave_up(self, what: str, exc: psycopg.Error) -> Refused:
+        """An online step waited its whole online timeout once: name what it waited for, if still there."""
+        s, watch = self.settings, self._watch
+        waited = (time.monotonic() - watch.started) if watch is not None else None
+        blockers = self.describe_blockers(watch=watch, older_than_s=waited)
+        waits = f"; it was waiting for {watch.waiting_for}" if watch is not None and watch.waiting_for else ""
+        if isinstance(exc, pgerr.LockNotAvailable):
+            return Refused(f"{what}: gave up after waiting online_lock_timeout_ms={s.online_lock_timeout_ms}ms "
+                           f"(once: an online step is not repeated){waits}; {blockers}; nothing of this step "
+                           f"was applied (earlier steps are kept)",
+                           hint="end the blocking transaction (or raise settings.online_lock_timeout_ms), then "
+                                "re-run the same command")
+        return Refused(f"{what}: cancelled after online_statement_timeout_ms={s.online_statement_timeout_ms}ms "
+                       f"(or by another session){waits}; {blockers}; nothing of this step was applied (earlier "
+                       f"steps are kept)",
+                       hint="raise settings.online_statement_timeout_ms (0: no limit), then re-run the same command")
 
     def _tables_literal(self) -> sql.Composable:
         return L([self.render(sql.Identifier(*t)) for t in self.blocking_tables])
 
-    def describe_blockers(self) -> str:
-        if not self.blocking_tables:
-            return "no blocker identified"
-        # Sessions holding a lock on the table, and (what CREATE/DROP INDEX CONCURRENTLY waits for) sessions
-        # of this database holding a snapshot for more than a second, oldest transaction first.
-        q = Q("""SELECT a.pid, a.state, left(a.query, 200) FROM pg_stat_activity a
+    def describe_blockers(self, watch: "_WaitWatch | None" = None, older_than_s: float | None = None) -> str:
+        """The sessions in the way, as they are now (a session that has gone is not named).
+
+        First those the waiting statement was seen waiting for (pg_blocking_pids, sampled while it waited,
+        still in the same transaction); then sessions holding a lock on the tables; then sessions of this
+        database, on ANY table and idle in transaction too, holding a snapshot or transaction older than the
+        step (what CREATE/DROP INDEX CONCURRENTLY waits for), oldest first.
+        """
+        seen = watch.blockers() if watch is not None else {}
+        older = max(older_than_s if older_than_s is not None else 1.0, 0.0)
+        q = Q("""SELECT a.pid, a.state, left(a.query, 200), extract(epoch FROM now() - a.xact_start)::int
+                 FROM pg_stat_activity a
                  WHERE a.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'orchestrator:%%'
                    AND a.datname = current_database()
-                   AND (EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
-                                AND l.relation = ANY({}::regclass[]))
-                        OR (a.backend_xmin IS NOT NULL AND a.xact_start < now() - interval '1 second'))
-                 ORDER BY a.xact_start NULLS LAST LIMIT 3""").format(self._tables_literal())
+                   AND (EXISTS (SELECT FROM unnest(%(seen)s::int[], %(starts)s::timestamptz[]) AS s(pid, xs)
+                                WHERE s.pid = a.pid AND s.xs IS NOT DISTINCT FROM a.xact_start)  -- same transaction
+                        OR EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+                                   AND l.relation = ANY({}::regclass[]))
+                        OR ((a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+                            AND a.xact_start <= now() - make_interval(secs => %(older)s)))
+                 ORDER BY a.pid = ANY(%(seen)s) DESC, a.xact_start NULLS LAST LIMIT 3""").format(
+            self._tables_literal())
         try:
-            rows = self.conn.execute(q).fetchall()
+            rows = self.conn.execute(q, {"seen": list(seen), "starts": list(seen.values()),
+                                         "older": older}).fetchall()
         except psycopg.Error:
             return "blockers could not be listed"
         if not rows:
             return "the blocker has gone"
-        return "blocked by " + "; ".join(f"pid {pid} ({state}): {' '.join((query or '').split())}"
-                                         for pid, state, query in rows)
+        return "blocked by " + "; ".join(
+            f"pid {pid} ({state}{f', transaction open {age}s' if age is not None else ''}): "
+            f"{' '.join((query or '').split())}" for pid, state, query, age in rows)
 
     # -- statements -------------------------------------------------------------------------------
-    def _timeouts(self, cur: psycopg.Cursor, local: bool = True) -> None:
+    def _limits(self, online: bool) -> tuple[str, str]:
+        s = self.settings
+        if online:
+            return f"{s.online_lock_timeout_ms}ms", f"{s.online_statement_timeout_ms}ms"
+        return f"{s.lock_timeout_ms}ms", f"{s.statement_timeout_ms}ms"
+
+    def _timeouts(self, cur: psycopg.Cursor, local: bool = True, online: bool = False) -> None:
         scope = Q("SET LOCAL") if local else Q("SET")
-        cur.execute(Q("{} lock_timeout = {}").format(scope, L(f"{self.settings.lock_timeout_ms}ms")))
-        cur.execute(Q("{} statement_timeout = {}").format(scope, L(f"{self.settings.statement_timeout_ms}ms")))
+        lock_ms, stmt_ms = self._limits(online)
+        cur.execute(Q("{} lock_timeout = {}").format(scope, L(lock_ms)))
+        cur.execute(Q("{} statement_timeout = {}").format(scope, L(stmt_ms)))
+
+    def _watching(self) -> "_WaitWatch":
+        """Watch the running online statement from a side connection; kept for the refusal message."""
+        self._watch = _WaitWatch(self.dsn, self.conn.info.backend_pid, self._what)
+        return self._watch
 
     def _logged(self, stmt: sql.Composable, fn: Callable[[], Any]) -> Any:
         text = self.render(stmt)
@@ -159,31 +227,45 @@ class Executor:
         return result
 
     def atomic(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
-               what: str = "DDL") -> bool:
+               what: str = "DDL", online: bool = False) -> bool:
         """Run statements in one short transaction under lock_timeout; True when they ran.
 
         skip_if is a query returning true when the work is already done: that makes a re-run after a
-        crash a no-op instead of an error.
+        crash a no-op instead of an error. online=True (or `online(...)`): for statements holding only locks
+        the app never queues behind (VALIDATE CONSTRAINT, ANALYZE): the online timeouts, one wait, no retry
+        on a lock timeout.
         """
         if self.dry_run:
             self._tx_counter += 1
             for s in stmts:
-                self.recorded.append(Recorded(self.render(s), lock, self._tx_counter if len(stmts) > 1 else None))
+                self.recorded.append(Recorded(self.render(s), lock, self._tx_counter if len(stmts) > 1 else None,
+                                              online=online))
             return False
 
         self.wait_while_paused()
+        self._what = what
 
         def attempt() -> bool:
             with self.conn.transaction():
                 cur = self.conn.cursor()
-                self._timeouts(cur)
+                self._timeouts(cur, online=online)
                 if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
                     return False
-                for s in stmts:
-                    self._logged(s, lambda s=s: cur.execute(s))
+                if not online:
+                    for s in stmts:
+                        self._logged(s, lambda s=s: cur.execute(s))
+                    return True
+                with self._watching():
+                    for s in stmts:
+                        self._logged(s, lambda s=s: cur.execute(s))
                 return True
 
-        return self.with_retries(what, attempt)
+        return self.with_retries(what, attempt, online=online)
+
+    def online(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
+               what: str = "online step") -> bool:
+        """atomic(..., online=True): VALIDATE CONSTRAINT, ANALYZE - never under the DDL lock_timeout."""
+        return self.atomic(*stmts, lock=lock, skip_if=skip_if, what=what, online=True)
 
     def concurrently(self, stmt: sql.Composable, *, lock: str, cleanup: sql.Composable | None = None,
                      skip_if: sql.Composable | None = None, what: str = "index build") -> bool:
@@ -192,27 +274,27 @@ class Executor:
         A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
         """
         if self.dry_run:
-            self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent"))
+            self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent", online=True))
             return False
 
         self.wait_while_paused()
+        self._what = what
 
         def attempt() -> bool:
+            # Online: it holds SHARE UPDATE EXCLUSIVE, which no app statement queues behind, and waits for old
+            # snapshots and writers: one long wait (the session's online timeouts), never rebuilt in a loop.
             cur = self.conn.cursor()
-            self._timeouts(cur, local=False)
-            try:
-                if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
-                    return False
+            self._timeouts(cur, local=False, online=True)
+            if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
+                return False
+            with self._watching():
                 if cleanup is not None:
                     self._logged(cleanup, lambda: cur.execute(cleanup))
                 self._logged(stmt, lambda: cur.execute(stmt))
-                return True
-            finally:
-                if not self.conn.closed and not self.conn.broken:
-                    cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+            return True
 
         try:
-            return self.with_retries(what, attempt)
+            return self.with_retries(what, attempt, online=True)
         except (Refused, Failure) as err:
             # The last attempt may have left an INVALID index (a build that timed out waiting for an old
             # snapshot): remove it now, so giving up leaves nothing half-applied.
@@ -223,11 +305,8 @@ class Executor:
     def _cleanup_once(self, cleanup: sql.Composable) -> bool:
         try:
             cur = self.conn.cursor()
-            self._timeouts(cur, local=False)
-            try:
-                self._logged(cleanup, lambda: cur.execute(cleanup))
-            finally:
-                cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+            self._timeouts(cur, local=False, online=True)
+            self._logged(cleanup, lambda: cur.execute(cleanup))
             return True
         except psycopg.Error:
             return False
@@ -246,12 +325,95 @@ class Executor:
             self.recorded.append(Recorded(text, lock, kind="note"))
 
     def query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
-        """A read-only catalog or data query; runs in plan mode too when connected."""
-        return self.with_retries("query", lambda: self.conn.execute(stmt, params).fetchall(), attempts=3)
+        """A read-only catalog or data query (parity scans too); runs in plan mode too when connected.
+
+        Online: the work connection's session timeouts are the online ones; a lock timeout is not retried.
+        """
+        self._watch, self._what = None, "query"
+        return self.with_retries("query", lambda: self.conn.execute(stmt, params).fetchall(), attempts=3,
+                                 online=True)
 
     def scalar(self, stmt: sql.Composable, params: Any = None) -> Any:
         rows = self.query(stmt, params)
         return rows[0][0] if rows else None
+
+
+def _transient_online(exc: BaseException) -> bool:
+    """Online steps retry a lost connection or a deadlock, not a timeout: they already waited their fill."""
+    return db.is_transient(exc) and not isinstance(exc, (pgerr.LockNotAvailable, pgerr.QueryCanceled))
+
+
+class _WaitWatch:
+    """While an online statement runs: every POLL_S, from a side connection, what it waits on (wait event, lock
+    type) and which sessions block it (pg_blocking_pids: relation locks and the virtualxid locks that
+    CREATE INDEX CONCURRENTLY takes on every older transaction). A new blocker is logged as it appears."""
+
+    POLL_S = 0.25
+
+    def __init__(self, dsn: str | None, pid: int, what: str):
+        self.dsn, self.pid, self.what = dsn, pid, what
+        self.started = time.monotonic()
+        self.waiting_for: str | None = None
+        self._blockers: dict[int, Any] = {}  # pid -> its xact_start, as last seen blocking us
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="orchestrator-wait-watch", daemon=True)
+
+    def __enter__(self) -> "_WaitWatch":
+        if self.dsn is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def blockers(self) -> dict[int, Any]:
+        with self._lock:
+            return dict(self._blockers)
+
+    def _run(self) -> None:
+        q = """SELECT w.wait_event_type, w.wait_event,
+                      (SELECT l.mode || ' on ' || l.locktype || coalesce(' ' || l.relation::regclass::text, '')
+                       FROM pg_locks l WHERE l.pid = w.pid AND NOT l.granted LIMIT 1),
+                      b.pid, b.state, left(b.query, 200), b.xact_start
+               FROM pg_stat_activity w
+               CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
+               JOIN pg_stat_activity b ON b.pid = bp.pid
+               WHERE w.pid = %s"""
+        try:
+            conn = db.connect(self.dsn, role="watch")
+        except Exception:
+            return
+        try:
+            while not self._stop.wait(self.POLL_S):
+                rows = conn.execute(q, (self.pid,)).fetchall()
+                if not rows:
+                    continue
+                event_type, event, lock = rows[0][:3]
+                waiting = _waiting_phrase(event_type, event, lock)
+                with self._lock:
+                    new = [r for r in rows if r[3] not in self._blockers]
+                    self.waiting_for = waiting
+                    self._blockers = {r[3]: r[6] for r in rows}
+                for r in new:
+                    log.warning("online step waiting", step=self.what, waiting_for=waiting, blocker_pid=r[3],
+                                blocker_state=r[4], blocker_query=" ".join((r[5] or "").split())[:200],
+                                limit="online_lock_timeout_ms")
+        except Exception:  # the watch is an aid for the message; it never fails the step
+            pass
+        finally:
+            conn.close()
+
+
+def _waiting_phrase(event_type: str | None, event: str | None, lock: str | None) -> str:
+    if lock and lock.endswith(" on virtualxid"):
+        return "older transactions to end (virtualxid lock: CREATE/DROP INDEX CONCURRENTLY waits for every " \
+               "transaction whose snapshot predates its phases)"
+    if lock:
+        return f"a {lock}"  # e.g. a ShareUpdateExclusiveLock on relation workflow_templates
+    return f"{event_type}/{event}" if event_type else "unknown"
 
 
 # -- test-only fault injection --------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
             missing.append(f"ownership of type {type_name} (owned by {owner}; the contract drops it)")
 
     missing += _state_schema(conn, pb.settings.state_schema)
+    if pb.settings.app_triggers == "skip":
+        missing += _replication_role(conn)
     return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
 
 
@@ -96,6 +98,20 @@ def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:
     if seq and not conn.execute("SELECT has_sequence_privilege(%s, 'USAGE')", (seq,)).fetchone()[0]:
         missing.append(f"USAGE on sequence {seq}")
     return missing
+
+
+def _replication_role(conn: psycopg.Connection) -> list[str]:
+    """settings.app_triggers: skip runs each backfill batch with SET LOCAL session_replication_role = replica."""
+    if conn.execute("SELECT current_setting('is_superuser') = 'on'").fetchone()[0]:
+        return []
+    if conn.info.server_version >= 150000:
+        if conn.execute("SELECT has_parameter_privilege('session_replication_role', 'SET')").fetchone()[0]:
+            return []
+        how = "GRANT SET ON PARAMETER session_replication_role TO the role, or run as a superuser"
+    else:
+        how = "only a superuser may set it before PostgreSQL 15"
+    return [f"SET on parameter session_replication_role (settings.app_triggers: skip runs the backfill with it "
+            f"set to replica; {how})"]
 
 
 def check(conn: psycopg.Connection, pb: Playbook) -> None:

@@ -13,15 +13,22 @@ class BackfillPhase(Phase):
                   "map(column); one short transaction per batch, cursor committed with it (resumable)")
     rollback_doc = "forget the backfill cursor (values in the shadow column go with phase 1's rollback)"
     contract_doc = "nothing to remove"
-    locks_doc = "ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout"
+    locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout; "
+                 "then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
+
+    def before_expand_all(self, ctxs: list[Context]) -> None:
+        from ..backfill import check_app_triggers
+        check_app_triggers(ctxs)  # refuse (naming them) unless settings.app_triggers says fire or skip
 
     def expand(self, ctx: Context) -> dict:
-        from ..backfill import Backfill  # the engine imports the phase context; import late to avoid a cycle
+        from ..backfill import Backfill, analyze  # the engine imports the phase context; import late (cycle)
         engine = Backfill(ctx)
         if ctx.x.dry_run:
             engine.plan()
+            analyze(ctx)
             return {}
         st = engine.run()
+        analyze(ctx)  # again on a re-run: cheap, and the statistics are then fresh
         return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
 
     def expand_all(self, ctxs: list[Context]) -> dict:
