@@ -70,7 +70,8 @@ def test_sigkill_mid_backfill_resumes_without_redoing_or_skipping_rows(dsn, tmp_
     rows = 20_000
     seed(dsn, rows=rows)
     data = simple_dict()
-    data["settings"].update(batch_size=200, min_batch_size=200, max_batch_size=200, batch_pause_ms=15)
+    data["settings"].update(batch_size=200, min_batch_size=200, max_batch_size=200, batch_pause_ms=15,
+                            app_triggers="fire")  # bf_count, the test's counting trigger, must fire
     path = write_playbook(data, tmp_path / "pb.yaml")
     orch = ready_for_backfill(dsn, make_playbook(**SLOW_BATCHES))
     orch.close()
@@ -154,7 +155,9 @@ def test_a_row_that_cannot_be_migrated_is_named(dsn):
     seed(dsn, rows=3000)
     orch = ready_for_backfill(dsn, make_playbook(**{"settings.batch_size": 1000}))
     bad = query(dsn, "SELECT id FROM workflow_templates ORDER BY id OFFSET 1700 LIMIT 1")[0][0]
-    execute(dsn, "UPDATE workflow_templates SET category = 'legacy' WHERE id = %s", (bad,))
+    with psycopg.connect(dsn, autocommit=True) as conn:  # behind the sync, which would fill its copy now
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("UPDATE workflow_templates SET category = 'legacy' WHERE id = %s", (bad,))
     execute(dsn, "ALTER TABLE workflow_templates ADD CONSTRAINT legacy_stays_untyped "
                  "CHECK (category <> 'legacy' OR workflow_type_new IS NULL)")
     try:

@@ -33,7 +33,7 @@ ROWS = 600
 # budget keeps the lock-storm cases short.
 SETTINGS = {"settings.batch_size": 100, "settings.min_batch_size": 100, "settings.max_batch_size": 100,
             "settings.verify_chunk_rows": 200, "settings.retries": 3, "settings.retry_wait_initial_ms": 20,
-            "settings.retry_wait_max_ms": 200}
+            "settings.retry_wait_max_ms": 200, "settings.online_lock_timeout_ms": 1000}
 
 FORWARD = [("run", "1"), ("run", "2"), ("run", "3"), ("run", "4"), ("run", "5"), ("run", "6"), ("contract",)]
 BACKWARD = [("rollback", "6"), ("rollback", "5"), ("rollback", "4"), ("rollback", "3"), ("rollback", "2"),

@@ -128,7 +128,7 @@ class SwapColumns(Phase):
             lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check")
         x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, I(self.new_check(ctx))),
                  skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
-                 what="validate NOT NULL check")
+                 what="validate NOT NULL check", online=True)
 
     def _swap_statements(self, ctx: Context, default_label: str | None) -> list[sql.Composable]:
         t, f = ctx.table, ctx.facts
@@ -180,7 +180,7 @@ class SwapColumns(Phase):
         for ctx in ctxs:
             x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.label_check(ctx))),
                      skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                     lock="SHARE UPDATE EXCLUSIVE", what="validate the label check")
+                     lock="SHARE UPDATE EXCLUSIVE", what="validate the label check", online=True)
         for ctx in ctxs:
             if ctx.facts.not_null:
                 x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
@@ -190,7 +190,7 @@ class SwapColumns(Phase):
                     lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check on the enum column")
                 x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.old_check(ctx))),
                          skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                         lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column")
+                         lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column", online=True)
         x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
                  skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")

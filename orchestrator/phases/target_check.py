@@ -59,7 +59,8 @@ def prepare(ctx: Context) -> None:
              skip_if=Q("SELECT ({}) OR ({})").format(ctx.exists_query("constraint", name(ctx)), _swapped(ctx)),
              lock=ADD_LOCK, what="add the target CHECK")
     try:
-        x.atomic(validate_statement(ctx), skip_if=_swapped(ctx), lock=VALIDATE_LOCK, what="validate the target CHECK")
+        x.atomic(validate_statement(ctx), skip_if=_swapped(ctx), lock=VALIDATE_LOCK, what="validate the target CHECK",
+                 online=True)
     except pgerr.CheckViolation:
         bad = Q("NOT ({})").format(expression(ctx.m.target.check, ctx.shadow))
         n, ids = ctx.sample_ids(bad, limit=10)
