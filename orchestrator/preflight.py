@@ -41,6 +41,12 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
     missing += _state_schema(conn, pb.settings.state_schema)
     if pb.settings.app_triggers == "skip":
         missing += _replication_role(conn)
+    if pb.app_versions is not None:
+        absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,)).fetchone()[0]]
+        if absent and not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+            missing.append(f"CREATE on database {conn.info.dbname} (for the app version schemas "
+                           f"{', '.join(absent)})")
     return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
 
 
