@@ -254,6 +254,8 @@ class AppStats:
     written: dict[str, dict[str, str]] = field(default_factory=lambda: {t: {} for t in TABLES})  # last value
     reads: Counter = field(default_factory=Counter)  # (table, value read) -> count; value None if NULL
     extras_read: Counter = field(default_factory=Counter)  # ("is_dynamic"|"execution_pattern", value) -> n
+    foreign_reads: list[tuple[str, str, str, Any]] = field(default_factory=list)  # (stage, table, id, value)
+    # read outside the version's vocabulary (the first 100)
 
     @property
     def total(self) -> int:
@@ -273,7 +275,8 @@ class AppInstance:
 
     ``start()``, ``stop()`` (waits for the thread), ``wait_ops(n)`` (until n more operations succeeded),
     ``stage`` (a label recorded with each error), ``stats`` (AppStats), ``prepared`` (the connection's
-    pg_prepared_statements rows at the end when ``probe_prepared``), ``ok`` (no error).
+    pg_prepared_statements rows at the end when ``probe_prepared``), ``probe()`` (the same rows now),
+    ``ok`` (no error).
     """
 
     def __init__(self, dsn: str, version: Version, driver: Driver, *, search_path: str = "public",
@@ -293,6 +296,8 @@ class AppInstance:
         self.prepared: list[tuple] = []
         self._stop = threading.Event()
         self._started = threading.Event()
+        self._probe_wanted, self._probe_done = threading.Event(), threading.Event()
+        self._probe_result: list[tuple] = []
         self._thread: threading.Thread | None = None
         self._counter = 0
         self._pool: dict[str, list[str]] = {t: [] for t in TABLES}  # ids of other rows to read
@@ -339,6 +344,15 @@ class AppInstance:
             time.sleep(0.02)
         return self.stats.total - start
 
+    def probe(self, timeout: float = 30) -> list[tuple]:
+        """pg_prepared_statements of the instance's connection now, between two operations (see
+        ``_prepared_statements``; meaningful with pool_size=1)."""
+        self._probe_done.clear()
+        self._probe_wanted.set()
+        if not self._probe_done.wait(timeout):
+            raise RuntimeError(f"app instance {self.prefix} did not answer the probe")
+        return self._probe_result
+
     def errors_text(self, limit: int = 10) -> str:
         lines = [str(e) for e in self.stats.errors[:limit]]
         if self.fatal is not None:
@@ -375,14 +389,27 @@ class AppInstance:
                     self.stats.errors.append(AppError(self.stage, name, message))
                 else:
                     self.stats.ops[name] += 1
+                if self._probe_wanted.is_set():
+                    self._probe_result = await self._prepared_statements(engine)
+                    self._probe_wanted.clear()
+                    self._probe_done.set()
                 if self.pause:
                     await asyncio.sleep(self.pause)
             if self.probe_prepared:
-                async with engine.connect() as conn:
-                    res = await conn.execute(text("SELECT name, statement FROM pg_prepared_statements ORDER BY name"))
-                    self.prepared = [tuple(r) for r in res.all()]
+                self.prepared = await self._prepared_statements(engine)
         finally:
             await engine.dispose()
+
+    async def _prepared_statements(self, engine) -> list[tuple]:
+        """(name, statement, executions) of pg_prepared_statements on the pool's connection (the one the
+        workload uses with pool_size=1); executions = generic_plans + custom_plans (PostgreSQL 14+)."""
+        async with engine.connect() as conn:
+            plans = "generic_plans + custom_plans" if conn.dialect.server_version_info >= (14,) else "NULL"
+            res = await conn.execute(text(f"SELECT name, statement, {plans} FROM pg_prepared_statements "
+                                          "ORDER BY name"))
+            rows = [tuple(r) for r in res.all()]
+            await conn.commit()  # not a ROLLBACK: psycopg would forget its prepared statements
+        return rows
 
     async def _load_pool(self) -> None:
         async with self.Session() as s:
@@ -409,6 +436,8 @@ class AppInstance:
 
     def _record_read(self, table: str, obj) -> None:
         self.stats.reads[(table, obj.workflow_type)] += 1
+        if obj.workflow_type not in vocabulary(self.version) and len(self.stats.foreign_reads) < 100:
+            self.stats.foreign_reads.append((self.stage, table, obj.id, obj.workflow_type))
         if self.version == "after" and table == chatter.TEMPLATES:
             self.stats.extras_read[("is_dynamic", obj.is_dynamic)] += 1
             self.stats.extras_read[("execution_pattern", obj.execution_pattern)] += 1

@@ -12,6 +12,8 @@ playbook's ``app_versions`` and skip without it.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import Boolean, DateTime, Enum, Float, Integer, String, Text
 from sqlalchemy.types import JSON
@@ -32,8 +34,12 @@ needs_views = pytest.mark.skipif(not HAS_APP_VERSIONS, reason="needs the playboo
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+PAUSE = 0.02  # between an instance's operations: busy, yet leaving the swap a 50 ms lock window on 2 shared cores
+
+
 def app(dsn: str, version: str, driver: str, prefix: str, **kw) -> AppInstance:
     path = kw.pop("search_path", OLD_PATH if version == "before" else NEW_PATH)
+    kw.setdefault("pause", PAUSE)
     return AppInstance(dsn, version, driver, search_path=path, prefix=prefix, **kw)
 
 
@@ -60,7 +66,8 @@ def assert_vocabulary(*apps: AppInstance) -> None:
     """Each read value is one of its version's (never NULL, never the other version's)."""
     for a in apps:
         bad = {k: n for k, n in a.stats.reads.items() if k[1] not in vocabulary(a.version)}
-        assert not bad, f"{a.prefix} ({a.version}, {a.driver}) read values outside its vocabulary: {bad}"
+        assert not bad, (f"{a.prefix} ({a.version}, {a.driver}) read values outside its vocabulary: {bad}; "
+                         f"first (stage, table, id, value): {a.stats.foreign_reads[:5]}")
         assert {t for t, _ in a.stats.reads} == set(TABLES), f"{a.prefix} did not read both tables"
         if a.version == "after":
             assert ("is_dynamic", None) not in a.stats.extras_read, f"{a.prefix} read is_dynamic NULL"
@@ -84,9 +91,50 @@ def assert_all_ops(a: AppInstance) -> None:
     assert not missing, f"{a.prefix} never ran {missing}"
 
 
+QUIET_S = 1
+
+
 def versioned_playbook(**overrides):
-    return real_playbook(**{"app_versions": {"old": OLD, "new": NEW}, "settings.old_version_quiet_s": 1,
+    return real_playbook(**{"app_versions": {"old": OLD, "new": NEW}, "settings.old_version_quiet_s": QUIET_S,
                             **overrides})
+
+
+def views_of(dsn: str, schema: str) -> set[str]:
+    return {r[0] for r in query(dsn, "SELECT table_name::text FROM information_schema.views WHERE table_schema = %s",
+                                (schema,))}
+
+
+def new_version_ready(dsn: str, n: int) -> bool:
+    """After phase n, whether the new version's views are there (they may come after phase 2: the views show
+    the varchar column, which is only complete once the backfill is verified); before the swap in any case."""
+    ready = views_of(dsn, NEW) == set(TABLES)
+    assert ready or n < 5, f"no views for the new version ({NEW}) after phase {n}"
+    return ready
+
+
+def executions(a: AppInstance) -> dict[tuple[str, str], int]:
+    """(name, statement) -> executions of the instance's server-side prepared statements on the workload's
+    tables (its one connection, pool_size=1)."""
+    return {(n, st): x for n, st, x in a.probe() if " workflow_templates" in st or " template_specs" in st}
+
+
+def assert_reused(before: dict, after: dict, a: AppInstance) -> None:
+    """The statements prepared before a phase were executed again after it: the same server-side prepared
+    statements went on working (PostgreSQL re-planned them against the re-pointed views), none re-prepared."""
+    assert before, f"{a.prefix} ({a.driver}) had no prepared statement"
+    kept = {k for k in before if k in after}
+    assert kept == set(before), f"{a.prefix} ({a.driver}) lost prepared statements: {set(before) - kept}"
+    reused = [k for k in kept if after[k] is not None and after[k] > before[k]]
+    assert len(reused) >= len(kept) // 2, f"{a.prefix} ({a.driver}) reused only {len(reused)} of {len(kept)}"
+    for verb in ("SELECT", "INSERT", "UPDATE"):
+        assert any(st.startswith(verb) for _, st in reused), f"{a.prefix} ({a.driver}): no {verb} reused"
+
+
+def quiet_for_the_contract(*new: AppInstance) -> None:
+    """The contract needs settings.old_version_quiet_s without an old-version write: the new version goes on."""
+    deadline = time.monotonic() + QUIET_S + 0.5
+    while time.monotonic() < deadline:
+        progress(*new, n=5)
 
 
 # --- without the views: the models, the drivers, prepared statements -------------------------------------------
@@ -150,7 +198,7 @@ def test_before_app_on_the_unmigrated_schema_with_prepared_statements(dsn, drive
     # server-side prepared statements on the app's own connection: asyncpg names them __asyncpg_stmt_*,
     # psycopg _pg3_* (prepare_threshold=1: from a statement's second execution on)
     names = {"asyncpg": "__asyncpg_stmt_", "psycopg": "_pg3_"}[driver]
-    prepared = [s for n, s in a.prepared if n.startswith(names)]
+    prepared = [s for n, s, _ in a.prepared if n.startswith(names)]
     assert prepared, f"no prepared statement: {a.prepared}"
     joined = "\n".join(prepared)
     for what in ("INSERT INTO workflow_templates", "INSERT INTO template_specs", "UPDATE workflow_templates",
@@ -212,31 +260,40 @@ def test_after_app_on_the_contracted_schema(dsn, driver):
 @needs_views
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_both_versions_through_every_phase_and_the_contract(dsn, driver):
-    """The old app from before phase 1 until the contract, the new one from phase 2 on and after it."""
+    """The old app from before phase 1 until the contract, the new one from the phase that gives it its views
+    (phase 2 to 4) and after the contract."""
     seed_chatter(dsn, rows=1000)
     orch = Orchestrator(versioned_playbook(), dsn)
-    old = app(dsn, "before", driver, "OLD").start()
+    old = app(dsn, "before", driver, "OLD", pool_size=1).start()
     apps = [old]
     try:
         set_stage(apps, "before phase 1")
         progress(old)
         for n in range(1, 7):
             set_stage(apps, f"phase {n}")
+            if n == 5:  # the swap: each version's prepared statements go on through it
+                before_swap = {a.prefix: executions(a) for a in apps}
             assert orch.run(n) == "applied"
-            if n == 2:
-                new = app(dsn, "after", driver, "NEW", vary_extras=True).start()
-                new.stage = "phase 2"
+            if n == 5:
+                progress(*apps)
+                for a in apps:
+                    assert_reused(before_swap[a.prefix], executions(a), a)
+            assert (views_of(dsn, OLD) == set(TABLES)) == (n >= 2), f"old version's views after phase {n}"
+            if len(apps) == 1 and new_version_ready(dsn, n):
+                new = app(dsn, "after", driver, "NEW", vary_extras=True, pool_size=1).start()
+                new.stage = f"phase {n}"
                 apps.append(new)
             progress(*apps)
-        views = {r[0] for r in query(dsn, "SELECT table_schema || '.' || table_name FROM information_schema.views "
-                                          "WHERE table_schema IN (%s, %s)", (OLD, NEW))}
-        assert views == {f"{s}.{t}" for s in (OLD, NEW) for t in TABLES}
         set_stage(apps, "old app stopping")
         old.stop()
+        quiet_for_the_contract(new)
         for n in range(1, 7):
             set_stage(apps, f"contract {n}")
+            before = executions(new)
             orch.contract(n)
             progress(new)
+            if n == 2:  # its views dropped: the same statements now reach the tables
+                assert_reused(before, executions(new), new)
         set_stage(apps, "after the contract")
         progress(new, n=100)
         new.stop()
@@ -255,27 +312,32 @@ def test_both_versions_through_every_phase_and_the_contract(dsn, driver):
 @needs_views
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_rolling_back_each_phase_keeps_both_versions_working(dsn, driver):
-    """Run 1..6 with both versions, then roll back 6..3 with both, 2 and 1 with the old one (the new one's views
-    go with phase 2): no error, and the enum column holds every value either wrote, in old labels."""
+    """Run 1..6 with both versions (the new one from its views on), then roll back 6..1 with both until the
+    rollback that removes the new one's views, with the old one to the end: no error, and the enum column holds
+    every value either wrote, in old labels."""
     seed_chatter(dsn, rows=1000)
     orch = Orchestrator(versioned_playbook(), dsn)
     old = app(dsn, "before", driver, "OLD").start()
     apps = [old]
     try:
+        new_from = None
         for n in range(1, 7):
             set_stage(apps, f"phase {n}")
             assert orch.run(n) == "applied"
-            if n == 2:
+            if new_from is None and new_version_ready(dsn, n):
+                new_from = n
                 apps.append(app(dsn, "after", driver, "NEW").start())  # defaults only: rollback 1 keeps nothing
-                apps[-1].stage = "phase 2"
+                apps[-1].stage = f"phase {n}"
             progress(*apps)
         new = apps[1]
         for n in range(6, 0, -1):
-            if n == 2:
+            if n == new_from:  # its views go with this rollback
                 set_stage(apps, "new app stopping")
                 new.stop()
             set_stage(apps, f"rollback {n}")
             assert orch.rollback(n) == "rolled back"
+            assert (views_of(dsn, NEW) == set(TABLES)) == (n > new_from), f"new version's views after rollback {n}"
+            assert (views_of(dsn, OLD) == set(TABLES)) == (n > 2), f"old version's views after rollback {n}"
             progress(*[a for a in apps if a.running])
         set_stage(apps, "after the rollback")
         progress(old, n=50)
@@ -315,6 +377,7 @@ def test_rolling_deploy_across_the_swap(dsn):
             set_stage(everyone, f"phase {n}")
             assert orch.run(n) == "applied"
             progress(*[a for a in everyone if a.running])
+        assert new_version_ready(dsn, 4)
         set_stage(everyone, "deploy 1/3")
         replace(0, "deploy 1/3")
         progress(*[a for a in everyone if a.running])
@@ -329,7 +392,7 @@ def test_rolling_deploy_across_the_swap(dsn):
         progress(*[a for a in everyone if a.running])
         set_stage(everyone, "deploy 3/3")
         replace(2, "deploy 3/3")
-        progress(*new)
+        quiet_for_the_contract(*new)
         for n in range(1, 7):
             set_stage(everyone, f"contract {n}")
             orch.contract(n)
