@@ -244,7 +244,7 @@ def refuse_if_old_version_active(conn: psycopg.Connection, pb: Playbook) -> None
     quiet = pb.settings.old_version_quiet_s
     if seen is None or quiet == 0:
         return
-    ago = (datetime.now(timezone.utc) - seen).total_seconds()
+    ago = max(0.0, (datetime.now(timezone.utc) - seen).total_seconds())  # clocks of client and server differ
     if ago < quiet:
         raise Refused(f"the old app version (schema {pb.app_versions.old}) wrote {ago:.0f}s ago; the contract "
                       f"ends its views and needs {quiet}s without its writes (settings.old_version_quiet_s); "
