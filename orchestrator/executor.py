@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,14 @@ class Recorded:
     lock: str
     transaction: int | None = None  # statements sharing a number run in one transaction
     kind: str = "tx"  # tx: in a short transaction; concurrent: outside any; note: a loop or condition, shown once
+
+
+def max_lock_wait_s(s: Settings) -> float:
+    """The longest a DDL step can wait for its lock before it is refused (exit 3): every attempt's
+    lock_timeout plus the longest backoff sleeps between them (tenacity's exponential wait with jitter)."""
+    initial, cap, jitter = s.retry_wait_initial_ms / 1000, s.retry_wait_max_ms / 1000, s.retry_wait_initial_ms / 1000
+    sleeps = sum(min(initial * 2 ** k + jitter, cap) for k in range(s.retries))
+    return round((s.retries + 1) * s.lock_timeout_ms / 1000 + sleeps, 2)
 
 
 @dataclass
@@ -62,21 +71,25 @@ class Executor:
         return stmt.as_string(self._conn if self._conn and not self._conn.closed else None)
 
     # -- retries ----------------------------------------------------------------------------------
-    def retrying(self, attempts: int | None = None) -> Retrying:
+    def retrying(self, attempts: int | None = None, tally: dict | None = None) -> Retrying:
         s = self.settings
         return Retrying(
             stop=stop_after_attempt((attempts if attempts is not None else s.retries) + 1),
             wait=wait_exponential_jitter(initial=s.retry_wait_initial_ms / 1000, max=s.retry_wait_max_ms / 1000,
                                          jitter=s.retry_wait_initial_ms / 1000),
             retry=retry_if_exception(db.is_transient),
-            before_sleep=self._before_retry,
+            before_sleep=lambda state: self._before_retry(state, tally),
             reraise=False,
         )
 
-    def _before_retry(self, state) -> None:
+    def _before_retry(self, state, tally: dict | None = None) -> None:
         exc = state.outcome.exception()
-        log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
-                    reason=" ".join(str(exc).split())[:200])
+        if tally is not None:
+            tally["retries"] += 1
+            tally["errors"][type(exc).__name__] = tally["errors"].get(type(exc).__name__, 0) + 1
+        if sys.stderr.isatty():  # on a terminal, each attempt as it happens; elsewhere one summary per step
+            log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
+                        reason=" ".join(str(exc).split())[:200])
         if isinstance(exc, psycopg.OperationalError) and self._conn is not None and self._conn.broken:
             self._conn = None  # reconnect on the next attempt
         elif isinstance(exc, pgerr.LockNotAvailable) and self.settings.cancel_autovacuum:
@@ -101,27 +114,35 @@ class Executor:
             log.info("cancelled autovacuum on the table so our DDL can go first", pids=cancelled)
 
     def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+        tally = {"retries": 0, "errors": {}, "started": time.monotonic()}
         try:
-            for attempt in self.retrying(attempts):
+            for attempt in self.retrying(attempts, tally):
                 with attempt:
                     return fn()
         except RetryError as err:
             exc = err.last_attempt.exception()
             if isinstance(exc, (pgerr.LockNotAvailable, pgerr.DeadlockDetected)):
-                raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts, "
+                waited = time.monotonic() - tally["started"]
+                raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts in {waited:.1f}s "
+                              f"(budget: at most {max_lock_wait_s(self.settings)}s), "
                               f"lock not granted within lock_timeout={self.settings.lock_timeout_ms}ms; "
                               f"{self.describe_blockers()}; nothing of this step was applied (earlier steps "
                               f"are kept)",
                               hint="end the blocking transaction, then re-run the same command") from None
             raise Failure(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}",
                           hint="re-run the same command; completed work is kept") from None
+        finally:
+            if tally["retries"]:
+                log.warning("retried", step=what, retries=tally["retries"],
+                            waited_s=round(time.monotonic() - tally["started"], 2),
+                            errors=", ".join(f"{k} x{v}" for k, v in tally["errors"].items()))
 
     def describe_blockers(self) -> str:
         if self.blocking_table is None:
             return "no blocker identified"
         # Sessions holding a lock on the table, and (what CREATE/DROP INDEX CONCURRENTLY waits for) sessions
         # of this database holding a snapshot for more than a second, oldest transaction first.
-        q = Q("""SELECT a.pid, a.state, left(a.query, 200) FROM pg_stat_activity a
+        q = Q("""SELECT a.pid, a.state, left(a.query, 200), a.usename, a.application_name FROM pg_stat_activity a
                  WHERE a.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'orchestrator:%%'
                    AND a.datname = current_database()
                    AND (EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
@@ -135,8 +156,7 @@ class Executor:
             return "blockers could not be listed"
         if not rows:
             return "the blocker has gone"
-        return "blocked by " + "; ".join(f"pid {pid} ({state}): {' '.join((query or '').split())}"
-                                         for pid, state, query in rows)
+        return "blocked by " + "; ".join(_blocker(*row) for row in rows)
 
     # -- statements -------------------------------------------------------------------------------
     def _timeouts(self, cur: psycopg.Cursor, local: bool = True) -> None:
@@ -144,8 +164,8 @@ class Executor:
         cur.execute(Q("{} lock_timeout = {}").format(scope, L(f"{self.settings.lock_timeout_ms}ms")))
         cur.execute(Q("{} statement_timeout = {}").format(scope, L(f"{self.settings.statement_timeout_ms}ms")))
 
-    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any]) -> Any:
-        text = self.render(stmt)
+    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any], shown: str | None = None) -> Any:
+        text = shown or self.render(stmt)
         started = time.monotonic()
         try:
             result = fn()
@@ -156,6 +176,15 @@ class Executor:
         if self.on_statement:
             self.on_statement(text, time.monotonic() - started, "ok")
         return result
+
+    def logged(self, stmt: sql.Composable, fn: Callable[[], Any], params: Any = None) -> Any:
+        """Run fn (which executes stmt) and record stmt in the run log; params are shown after the SQL."""
+        return self._logged(stmt, fn, None if params is None else f"{self.render(stmt)}  -- params {list(params)}")
+
+    def logged_query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
+        """A read of the migrated table that belongs in the run log (the verify scans), with retries."""
+        return self.with_retries("query", lambda: self.logged(
+            stmt, lambda: self.conn.execute(stmt, params).fetchall(), params), attempts=3)
 
     def atomic(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
                what: str = "DDL") -> bool:
@@ -191,6 +220,8 @@ class Executor:
         A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
         """
         if self.dry_run:
+            if cleanup is not None:  # runs before every build attempt: removes a failed build's INVALID index
+                self.recorded.append(Recorded(self.render(cleanup), lock, kind="concurrent"))
             self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent"))
             return False
 
@@ -251,6 +282,17 @@ class Executor:
     def scalar(self, stmt: sql.Composable, params: Any = None) -> Any:
         rows = self.query(stmt, params)
         return rows[0][0] if rows else None
+
+
+def _blocker(pid, state, query, user, app) -> str:
+    """One blocking session as a DBA can act on it. Sessions of other roles show no state or query to a role
+    without pg_read_all_stats: say so instead of printing None and <insufficient privilege>."""
+    who = ", ".join(x for x in (f"user {user}" if user else "", f"application {app!r}" if app else "",
+                                state or "") if x)
+    text = " ".join((query or "").split())
+    if not text or text == "<insufficient privilege>":
+        text = "query not visible to this role (pg_read_all_stats shows it)"
+    return f"pid {pid} ({who}): {text}" if who else f"pid {pid}: {text}"
 
 
 # -- test-only fault injection --------------------------------------------------------------------------------
