@@ -283,9 +283,9 @@ def refuse_existing(dsn: str, pb) -> None:
     from .errors import Refused
     with db.connect(dsn) as conn:
         found = conn.execute(
-            """SELECT (SELECT format('table %I.%I', n.nspname, c.relname) FROM pg_class c
+            """SELECT (SELECT format('table %%I.%%I', n.nspname, c.relname) FROM pg_class c
                        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s),
-                      (SELECT format('type %I.%I', n.nspname, t.typname) FROM pg_type t
+                      (SELECT format('type %%I.%%I', n.nspname, t.typname) FROM pg_type t
                        JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s)""",
             (pb.table.schema_, pb.table.name, pb.enum_schema, pb.column.enum_type)).fetchone()
     existing = [f for f in found if f]
