@@ -16,7 +16,6 @@ from typing import Optional
 import psycopg
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import control, logs, output
 from . import playbook as playbook_mod

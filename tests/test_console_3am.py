@@ -30,8 +30,9 @@ VENV = Path(sys.prefix)
 
 def make(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`make ARGS` in the project, with this test run's virtualenv, never reinstalling it."""
-    full = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PLAYBOOK", "PGPASSWORD", "MAKEFLAGS",
-                                                             "ORCHESTRATOR_FRONTEND", "YES", "PHASE")}
+    drop = ("DATABASE_URL", "PLAYBOOK", "PGPASSWORD", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ORCHESTRATOR_FRONTEND",
+            "YES", "PHASE")  # nothing inherited from a surrounding make (`make test`) or shell
+    full = {k: v for k, v in os.environ.items() if k not in drop}
     full.update(COLUMNS="80", **(env or {}))
     return subprocess.run(["make", "--no-print-directory", "-o", f"{VENV}/.installed", f"VENV={VENV}", *args],
                           capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
