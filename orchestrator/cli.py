@@ -140,7 +140,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
     terminal, --yes otherwise). Example: orchestrator rollback 5 --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
-    if not dry_run and orch.phase(phase).visible_to_app:
+    if not dry_run and orch.phase(phase).visible_to_app and not _nothing_to_do(ctx, "rollback", phase):
         _confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
                       "has the app been rolled back first?")
     try:
@@ -160,7 +160,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     Asks for confirmation on a terminal (--yes otherwise). Example: orchestrator contract --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
-    if not dry_run:
+    if not dry_run and not _nothing_to_do(ctx, "contract", phase):
         _confirm(yes, "the contract drops the trigger, the retired column and the enum type; "
                       "it cannot be rolled back. Continue?")
     try:
@@ -397,6 +397,26 @@ def server_stop():
         out.print("stopped the local PostgreSQL (data kept in .orchestrator/pgdata)", highlight=False)
     else:
         out.print("the local PostgreSQL was not running", highlight=False)
+
+
+def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> bool:
+    """The order checks of a step, run as a dry run before asking for confirmation: a step that would be
+    refused for its order is refused first, with the hint that helps (not "confirm" and then "refused").
+    True when there is nothing to do (no confirmation needed)."""
+    from .state import CONTRACTED
+    dry = ctx.obj.orchestrator(dry_run=True)
+    try:
+        if action == "rollback":
+            return dry.rollback(phase) == "nothing to do"
+        rows = dry.state.phases()
+        todo = [k for k in ([phase] if phase else range(1, len(dry.phases) + 1))
+                if not rows or k not in rows or rows[k].status != CONTRACTED]
+        if not todo:
+            return True
+        dry.contract(todo[0])  # the first one still to do: the later ones depend on it
+        return False
+    finally:
+        dry.close()
 
 
 def _confirm(yes: bool, question: str) -> None:

@@ -185,15 +185,18 @@ def test_every_hint_names_a_command_that_helps_in_that_state(dsn, tmp_path):
     assert r.returncode == 3 and follow(dsn, pb, r, ("run", "3")).returncode == 0  # run 1
     r = orch_cli(dsn, pb, "run", "3")
     assert r.returncode == 3 and follow(dsn, pb, r, ("run", "3")).returncode == 0  # run 2
-    # confirmation, then the order refusal behind it, then its hint
-    r = orch_cli(dsn, pb, "contract")
-    assert r.returncode == 3
-    r2 = follow(dsn, pb, r, ("contract",))
-    assert r2.returncode == 3 and "-> orchestrator run 3" in error_line(r2)
+    # a contract out of order is refused for its order before any confirmation is asked for
+    r2 = orch_cli(dsn, pb, "contract")
+    assert r2.returncode == 3 and "-> orchestrator run 3" in error_line(r2), error_line(r2)
     for n in (3, 4, 5):
         assert follow(dsn, pb, r2, ("contract", "--yes")).returncode == 0
         r2 = orch_cli(dsn, pb, "contract", "--yes")
     assert follow(dsn, pb, r2, ("contract", "--yes")).returncode == 0  # run 6
+    # in order now: the confirmation is what is missing, and --yes is what helps
+    r = orch_cli(dsn, pb, "contract", "1")
+    assert r.returncode == 3 and "re-run with --yes" in error_line(r)
+    assert orch_cli(dsn, pb, "rollback", "6").returncode == 0  # not visible to the app: no confirmation
+    assert orch_cli(dsn, pb, "run", "6").returncode == 0
     # rollback out of order
     r = orch_cli(dsn, pb, "rollback", "4", "--yes")
     assert r.returncode == 3 and follow(dsn, pb, r, ("rollback", "4")).returncode == 0  # rollback 6
@@ -224,11 +227,18 @@ def test_hints_under_make_name_make_targets(dsn):
     env = {"DATABASE_URL": dsn}
     line = error_line(make("phase-2", env=env))
     assert "-> make phase-1" in line, line
-    assert make("phase-1", env=env).returncode == 0
+    orch = orchestrator(make_playbook(), dsn)
+    for n in range(1, 7):
+        orch.run(n)
+    orch.close()
+    line = error_line(make("rollback-5", env=env))  # phase 6 first, before any confirmation
+    assert "-> make rollback-6" in line, line
+    assert make("rollback-6", env=env).returncode == 0 and make("phase-6", env=env).returncode == 0
     line = error_line(make("contract", env=env))
     assert "YES=1" in line and "--yes" not in line and "orchestrator" not in line.split(" -> ")[1], line
-    r = make("contract", "YES=1", env=env)
-    assert "-> make phase-1" in error_line(r) or "-> make phase-2" in error_line(r), r.stderr
+    r = make("contract", "YES=1", env=env)  # what the hint says
+    assert r.returncode == 0, r.stderr
+    assert query(dsn, "SELECT count(*) FROM _orchestrator.phases WHERE status = 'contracted'") == [(6,)]
 
 
 def test_a_database_error_that_a_rerun_cannot_fix_does_not_say_rerun(monkeypatch, capsys):
