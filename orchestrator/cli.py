@@ -403,9 +403,12 @@ def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> boo
     """The order checks of a step, run as a dry run before asking for confirmation: a step that would be
     refused for its order is refused first, with the hint that helps (not "confirm" and then "refused").
     True when there is nothing to do (no confirmation needed)."""
-    from .state import CONTRACTED
+    from .state import CONTRACTED, OperatorLock
     dry = ctx.obj.orchestrator(dry_run=True)
     try:
+        table = dry.pb.table
+        if OperatorLock(dry.dsn, table.schema_, table.name).is_held_elsewhere(dry.x.conn):
+            return False  # another operator is at work: its state is in flux; the real command refuses
         if action == "rollback":
             return dry.rollback(phase) == "nothing to do"
         rows = dry.state.phases()
