@@ -118,13 +118,19 @@ def test_exit_codes_survive_bin_orch_and_make_names_them(dsn):
     r = bin_orch("status", "--bogus", env=env)
     assert r.returncode == 2, r.stderr
     assert bin_orch("phase-1", env=env).returncode == 0
-    r = bin_orch("contract", env=env)  # not confirmed
+    r = bin_orch("contract", env=env)  # refused for its order, before any confirmation
+    # the hint names the CLI as it was called: `orchestrator` is not on PATH outside an activated venv
+    assert r.returncode == 3 and re.search(r"-> \S*orchestrator run 2$", error_line(r)), error_line(r)
+    for n in range(2, 7):
+        assert bin_orch(f"phase-{n}", env=env).returncode == 0
+    r = bin_orch("contract", env=env)  # in order now: not confirmed
     assert r.returncode == 3 and "--yes" in error_line(r)
-    assert bin_orch("contract", env={**env, "YES": "1"}).returncode == 3  # confirmed, but refused: order
-    r = make("phase-3", env=env)
+    assert bin_orch("contract-1", env={**env, "YES": "1"}).returncode == 0  # YES=1 is --yes
+    r = make("rollback-3", env=env)
     assert r.returncode == 2  # GNU make's own status for any failed recipe ...
     assert "orchestrator exit code 3 (refused: nothing was changed)" in r.stderr  # ... the real one is named
-    assert "bin/orch phase-3" in r.stderr
+    assert "bin/orch rollback-3" in r.stderr
+    assert bin_orch("rollback-3", env=env).returncode == 3
     r = make("phase-9", env=env)
     assert r.returncode == 2 and "orchestrator exit code 2 (bad input" in r.stderr
     assert make("status", env=env).returncode == 0
