@@ -192,7 +192,9 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
            watch: Optional[float] = typer.Option(None, "--watch", help="refresh every SECONDS until Ctrl-C")):
     """Show each phase's state, who ran it where, the backfill progress with rate and ETA, the last error.
 
-    Works while another process runs a phase. Example: orchestrator status --watch 2   /   status --json
+    A phase in progress shows running, paused (held by `orchestrator pause`) or interrupted (its process is
+    gone: run the same command again). Works while another process runs a phase.
+    Example: orchestrator status --watch 2   /   status --json
     """
     orch = ctx.obj.orchestrator()
     try:
