@@ -446,8 +446,7 @@ def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> boo
     from .state import CONTRACTED, OperatorLock
     dry = ctx.obj.orchestrator(dry_run=True)
     try:
-        table = dry.pb.table
-        if OperatorLock(dry.dsn, table.schema_, table.name).is_held_elsewhere(dry.x.conn):
+        if OperatorLock(dry.dsn, dry.pb.tables).is_held_elsewhere(dry.x.conn):
             return False  # another operator is at work: its state is in flux; the real command refuses
         if action == "rollback":
             return dry.rollback(phase) == "nothing to do"

@@ -287,7 +287,7 @@ def refuse_existing(dsn: str, pb) -> None:
                        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s),
                       (SELECT format('type %%I.%%I', n.nspname, t.typname) FROM pg_type t
                        JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s)""",
-            (pb.table.schema_, pb.table.name, pb.enum_schema, pb.column.enum_type)).fetchone()
+            (pb.migrations[0].table.schema_, pb.migrations[0].table.name, *pb.enum_type)).fetchone()
     existing = [f for f in found if f]
     if existing:
         raise Refused(f"the demo creates the seed schema, but {' and '.join(existing)} already exist(s) in this "
