@@ -1,29 +1,45 @@
 # DBA entry points. PLAYBOOK= and DATABASE_URL= may be overridden:
 #   make phase-1 PLAYBOOK=playbooks/other.yaml DATABASE_URL=postgresql://user@host/db
 # contract-N / rollback-5 ask for confirmation on a terminal; YES=1 answers it (scripts, CI).
-# Without DATABASE_URL every target uses the local embedded PostgreSQL that `make demo` starts.
+# Without DATABASE_URL every target uses the local embedded PostgreSQL that `make demo` starts
+# (data in .orchestrator/pgdata; it keeps running until `make server-stop`).
+#
+# Passwords: DATABASE_URL reaches the orchestrator through the environment, never a command line, and
+# recipes are not echoed (@), so make prints no DSN. Exit codes: every target runs bin/orch, which exits
+# with the orchestrator's code (0 done, 1 failure, 2 bad input, 3 refused); GNU make turns any failed
+# recipe into its own exit status 2, after printing the orchestrator's code. Scripts call
+# `bin/orch phase-3` (same targets, same variables) to get the code itself.
 
 PYTHON   ?= python3
 VENV     ?= .venv
 PLAYBOOK ?= playbooks/workflow_type_enum_to_varchar.yaml
 ROWS     ?= 100000
-ORCH      = $(VENV)/bin/orchestrator --playbook $(PLAYBOOK) $(if $(DATABASE_URL),--dsn "$(DATABASE_URL)")
-ALEMBIC   = $(VENV)/bin/alembic -x dsn="$(if $(DATABASE_URL),$(DATABASE_URL),demo)"
+export PLAYBOOK ROWS VENV
+$(foreach v,DATABASE_URL YES PHASE,$(if $(value $(v)),$(eval export $(v))))
+ORCH      = ORCHESTRATOR_FRONTEND=make bin/orch
+ALEMBIC   = $(VENV)/bin/alembic $(if $(DATABASE_URL),,-x dsn=demo)
 
-.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill server-stop \
-        upgrade downgrade history revisions revisions-check
+.PHONY: help venv demo demo-db plan status log verify contract pause resume test test-slow bench \
+        bench-backfill server-stop upgrade downgrade history revisions revisions-check
 
 help:
-	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract"
+	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract (leaves the local"
+	@echo "                     PostgreSQL running: make server-stop stops it)"
 	@echo "make demo-db         set up and seed only (then make phase-1 ... phase-6)"
 	@echo "make plan            every phase's SQL and locks, touching nothing"
 	@echo "make phase-N         run phase N     make rollback-N   undo phase N"
 	@echo "make contract-N      contract phase N (make contract: all, in order)"
 	@echo "make status | verify | pause | resume"
-	@echo "make test            the test suite (real PostgreSQL 18 and 15)"
-	@echo "make bench           benchmarks vs the naive migration"
+	@echo "make log [PHASE=N]   the run log: every statement the orchestrator ran"
+	@echo "make server-stop     stop the local embedded PostgreSQL (data stays in .orchestrator/)"
+	@echo "make venv            create .venv and install the package (the CLI: .venv/bin/orchestrator)"
+	@echo "make test            the test suite (real PostgreSQL 18 and 15); make test-slow: the wider sweeps"
+	@echo "make bench           benchmarks vs the naive migration; make bench-backfill: the backfill alone"
 	@echo "make upgrade TO=rev | downgrade TO=-1 | history   the same phases through Alembic"
+	@echo "make revisions       regenerate the Alembic revisions; make revisions-check: compare them"
 	@echo "make rehearse        rehearse every rollback under app traffic ($(REHEARSE_ROWS) rows), report in reports/"
+	@echo "Variables: DATABASE_URL= PLAYBOOK= YES=1 ROWS= PHASE=. make exits 2 on any failure; bin/orch TARGET"
+	@echo "exits with the orchestrator's code: 0 done, 1 failure (re-run resumes), 2 bad input, 3 refused."
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,56 +49,26 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: venv
-	$(ORCH) demo --rows $(ROWS)
+demo demo-db plan status log verify pause resume server-stop contract: venv
+	@$(ORCH) $@
 
-demo-db: venv
-	$(ORCH) demo --rows $(ROWS) --setup-only
-
-plan: venv
-	$(ORCH) plan
-
-status: venv
-	$(ORCH) status
-
-verify: venv
-	$(ORCH) verify
-
-phase-%: venv
-	$(ORCH) run $*
-
-rollback-%: venv
-	$(ORCH) rollback $* $(if $(YES),--yes)
-
-contract-%: venv
-	$(ORCH) contract $* $(if $(YES),--yes)
-
-contract: venv
-	$(ORCH) contract $(if $(YES),--yes)
-
-pause: venv
-	$(ORCH) pause
-
-resume: venv
-	$(ORCH) resume
-
-server-stop: venv
-	$(ORCH) server-stop
+phase-% rollback-% contract-%: venv
+	@$(ORCH) $@
 
 upgrade: venv
-	$(ALEMBIC) upgrade $(or $(TO),head)
+	@$(ALEMBIC) upgrade $(or $(TO),head)
 
 downgrade: venv
-	$(ALEMBIC) downgrade $(or $(TO),-1)
+	@$(ALEMBIC) downgrade $(or $(TO),-1)
 
 history: venv
-	$(ALEMBIC) history
+	@$(ALEMBIC) history
 
 revisions: venv
-	$(ORCH) revisions generate
+	@$(ORCH) revisions generate
 
 revisions-check: venv
-	$(ORCH) revisions check
+	@$(ORCH) revisions check
 
 test: venv
 	$(VENV)/bin/pytest -q -m 'not slow'
@@ -95,7 +81,7 @@ REHEARSE_ROWS    ?= 200000
 REHEARSE_WRITERS ?= 4
 .PHONY: rehearse
 rehearse: venv
-	$(ORCH) rehearse --rows $(REHEARSE_ROWS) --writers $(REHEARSE_WRITERS)
+	@$(ORCH) rehearse --rows $(REHEARSE_ROWS) --writers $(REHEARSE_WRITERS)
 
 bench: venv
 	$(VENV)/bin/python bench/run.py

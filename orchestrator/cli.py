@@ -1,6 +1,7 @@
 """`orchestrator`: the DBA's command line. Thin: parsing and printing; the runner does the work.
 
-Exit codes: 0 done, 1 failure (re-run resumes), 2 bad input (nothing changed), 3 refused (nothing changed).
+Exit codes: 0 done, 1 failure (re-run resumes), 2 bad input (nothing changed), 3 refused (nothing changed),
+130 interrupted; listed by `orchestrator --help` (output.EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Optional
 import psycopg
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from . import control, logs
+from . import control, logs, output
 from . import playbook as playbook_mod
+from . import db
 from . import revisions as revisions_mod  # registers the Alembic listener: alembic_version follows each command
 from .db import redact, safe_dsn, secrets_of
 from .errors import BadInput, OrchestratorError, Refused
@@ -29,8 +30,11 @@ DEMO_DB = "demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Zero-downtime expand/contract migrations for PostgreSQL, one phase at a time.\n\n"
-                       "Example: orchestrator --playbook playbooks/workflow_type_enum_to_varchar.yaml run 1")
-out = Console()
+                       "Example: orchestrator --playbook playbooks/workflow_type_enum_to_varchar.yaml run 1\n\n"
+                       "Without --dsn / DATABASE_URL it uses the local embedded PostgreSQL that `orchestrator demo` "
+                       "starts (data in .orchestrator/pgdata; `orchestrator server-stop` stops it).",
+                  epilog=output.EXIT_CODES)
+out = output.make_console()
 
 
 class Opts:
@@ -68,7 +72,7 @@ def _main(ctx: typer.Context,
     ctx.obj = Opts(playbook, dsn, json_logs, env)
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def plan(ctx: typer.Context,
          lint_sql: bool = typer.Option(True, "--lint/--no-lint", help="lint the SQL with Squawk")):
     """Print every phase's expand, contract and rollback SQL, the locks it takes and Squawk's findings.
@@ -81,8 +85,10 @@ def plan(ctx: typer.Context,
     orch = ctx.obj.orchestrator(dry_run=True)
     s = orch.pb.settings
     out.print(f"[bold]{orch.pb.name}[/]: {orch.pb.description}")
+    from .executor import max_lock_wait_s
     out.print(f"every DDL: lock_timeout={s.lock_timeout_ms}ms, up to {s.retries + 1} attempts with backoff "
-              f"(longest possible wait of one app query behind us: {s.lock_timeout_ms}ms)\n")
+              f"(longest possible wait of one app query behind us: {s.lock_timeout_ms}ms); a step whose lock is "
+              f"never granted is refused (exit 3) after at most {max_lock_wait_s(s)}s\n")
     _print_app_versions(orch.pb)
     for pp in orch.plan():
         p = pp.phase
@@ -127,7 +133,7 @@ def _print_app_versions(pb) -> None:
     out.print()
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"),
         dry_run: bool = typer.Option(False, "--dry-run", help="check the order and print the SQL; change nothing")):
     """Run phase N's expand step (N-1 must be applied). Re-running after a crash resumes it.
@@ -143,7 +149,7 @@ def run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"
         orch.close()
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase number"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
              yes: bool = typer.Option(False, "--yes", "-y", help="confirm a rollback the app can notice (the swap)")):
@@ -153,7 +159,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
     terminal, --yes otherwise). Example: orchestrator rollback 5 --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
-    if not dry_run and orch.phase(phase).visible_to_app:
+    if not dry_run and orch.phase(phase).visible_to_app and not _nothing_to_do(ctx, "rollback", phase):
         _confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
                       "has the app been rolled back first?")
     try:
@@ -164,7 +170,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
         orch.close()
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
              yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back"),
@@ -175,7 +181,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     Asks for confirmation on a terminal (--yes otherwise). Example: orchestrator contract --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
-    if not dry_run:
+    if not dry_run and not _nothing_to_do(ctx, "contract", phase):
         _confirm(yes, "the contract drops the trigger, the retired column and the enum type; "
                       "it cannot be rolled back. Continue?")
     try:
@@ -187,7 +193,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
         orch.close()
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def verify(ctx: typer.Context):
     """Check parity of the two columns now (exit 1 on any mismatch). Read-only.
 
@@ -202,22 +208,25 @@ def verify(ctx: typer.Context):
     raise typer.Exit(1 if any(r.mismatches for r in result.values()) else 0)
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
            watch: Optional[float] = typer.Option(None, "--watch", help="refresh every SECONDS until Ctrl-C")):
     """Show each phase's state, who ran it where, the backfill progress with rate and ETA, the last error.
 
-    Works while another process runs a phase. Example: orchestrator status --watch 2   /   status --json
+    A phase in progress shows running, paused (held by `orchestrator pause`) or interrupted (its process is
+    gone: run the same command again). Works while another process runs a phase.
+    Example: orchestrator status --watch 2   /   status --json
     """
     orch = ctx.obj.orchestrator()
     try:
         if watch:
             from rich.live import Live
-            with Live(_status_view(_status_with_alembic(orch)), console=out, refresh_per_second=4) as live:
+            with Live(_status_view(_with_pause(_status_with_alembic(orch), orch.pb)), console=out,
+                      refresh_per_second=4) as live:
                 while True:
                     time.sleep(watch)
-                    live.update(_status_view(_status_with_alembic(orch)))
-        st = _status_with_alembic(orch)
+                    live.update(_status_view(_with_pause(_status_with_alembic(orch), orch.pb)))
+        st = _with_pause(_status_with_alembic(orch), orch.pb)
     except KeyboardInterrupt:
         return
     finally:
@@ -236,23 +245,38 @@ def _status_with_alembic(orch: Orchestrator) -> dict:
     return st
 
 
+def _with_pause(st: dict, pb) -> dict:
+    """A phase held by `orchestrator pause` shows `paused`, not `running` (the pause file is per playbook)."""
+    st["paused"] = control.pause_path(pb).exists()
+    if st["paused"]:
+        for p in st["phases"]:
+            if p["status"] == "running" or (p["status"] == "applied" and p["step"] == "contract" and st["running_now"]):
+                p["status"] = "paused"
+    return st
+
+
 def _status_view(st: dict):
     from rich.console import Group
-    table = Table(title=f"{st['playbook']}" + (" (running now)" if st["running_now"] else ""))
-    for col in ("phase", "name", "status", "step", "started", "finished", "by", "env", "error"):
-        table.add_column(col)
+    title = f"{st['playbook']}" + (" (running now)" if st["running_now"] else "") + \
+        (" (paused: orchestrator resume continues)" if st.get("paused") else "")
+    rows = []
     for p in st["phases"]:
-        table.add_row(str(p["phase"]), p["name"], p["status"], p["step"] or "", _t(p["started_at"]),
-                      _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
-                      p.get("env") or "", (p["error"] or "")[:80])
-    parts = [table]
+        error = p["error"] or ""
+        rows.append([str(p["phase"]), p["name"], p["status"], p["step"] or "", _t(p["started_at"]),
+                     _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
+                     p.get("env") or "", error[:80] + "..." if output.is_terminal() and len(error) > 80 else error])
+    parts = [output.table(title, ["phase", "name", "status", "step", "started", "finished", "by", "env", "error"],
+                          rows)]
     v = st.get("app_versions")
     if v:
         last = v["old_last_write"] or "none seen"
         parts.append(f"app versions: old {v['old']['dsn_option']}, new {v['new']['dsn_option']}; "
                      f"last write of the old version: {last}")
     a = st.get("alembic") or {}
-    if a.get("revision") or a.get("expected"):
+    if a.get("table") is False:
+        if a.get("expected"):
+            parts.append("alembic: no Alembic version table in this database")
+    elif a.get("revision") or a.get("expected"):
         line = f"alembic: {a['revision'] or 'base'}" + (f" - {a['message']}" if a["message"] else "")
         if a["in_sync"] is False:
             line += f" (state says {a['expected'] or 'base'}; orchestrator revisions sync)"
@@ -272,47 +296,62 @@ def _status_view(st: dict):
     return Group(*parts)
 
 
-@app.command("log")
+@app.command("log", epilog=output.EXIT_CODES)
 def run_log(ctx: typer.Context, phase: Optional[int] = typer.Option(None, "--phase", help="only this phase"),
-            limit: int = typer.Option(200, help="the last N statements"),
+            limit: int = typer.Option(200, help="the last N statements (0: all); says so when it leaves some out"),
             as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """Print the run log: every statement the orchestrator ran, when, how long, lock wait and outcome.
 
-    Example: orchestrator log --phase 5
+    On a terminal long statements are shortened; piped to a file every statement is printed whole.
+    Example: orchestrator log --phase 5  /  orchestrator log --limit 0 > migration-log.txt
     """
+    if limit < 0:
+        raise BadInput("--limit must be >= 0 (0: every statement)")
     orch = ctx.obj.orchestrator()
     try:
-        rows = orch.state.run_log(phase, limit)
+        if phase is not None:
+            orch.phase(phase)  # a phase that does not exist is bad input (exit 2), not an empty log
+        # One more than asked: tells whether older statements were left out.
+        rows = orch.state.run_log(phase, limit + 1 if limit else 2 ** 62)
     finally:
         orch.close()
+    truncated = bool(limit) and len(rows) > limit
+    if truncated:
+        rows = rows[1:]
+        print(f"note: showing the last {limit} statements; older ones exist (--limit N for more, --limit 0 for "
+              "all)", file=sys.stderr)
     if as_json:
         print(json.dumps(rows, default=str, indent=2))
         return
-    table = Table(title=f"run log of {orch.pb.name}")
-    for col in ("at", "phase", "action", "ms", "lock wait ms", "outcome", "statement"):
-        table.add_column(col)
+    terminal = output.is_terminal()
+    table_rows = []
     for r in rows:
-        table.add_row(r["at"].strftime("%H:%M:%S.%f")[:-3], str(r["phase"] or ""), r["action"] or "",
-                      f"{(r['seconds'] or 0) * 1000:.1f}", f"{r['lock_wait_ms']:.0f}" if r["lock_wait_ms"] else "",
-                      r["outcome"] or "", " ".join(r["statement"].split())[:120])
-    out.print(table)
+        text = " ".join(r["statement"].split())
+        table_rows.append([r["at"].strftime("%H:%M:%S.%f")[:-3], str(r["phase"] or ""), r["action"] or "",
+                           f"{(r['seconds'] or 0) * 1000:.1f}",
+                           f"{r['lock_wait_ms']:.0f}" if r["lock_wait_ms"] else "", r["outcome"] or "",
+                           text[:120] + "..." if terminal and len(text) > 120 else text])
+    title = f"run log of {orch.pb.name}" + (f", phase {phase}" if phase else "") + \
+        (f" (last {limit} statements)" if truncated else "")
+    output.print_table(out, title, ["at", "phase", "action", "ms", "lock wait ms", "outcome", "statement"],
+                       table_rows)
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def pause(ctx: typer.Context):
     """Hold the backfill between batches until `resume` (works from another terminal)."""
     path = control.pause(ctx.obj.playbook())
     out.print(f"paused: {path} exists; `orchestrator resume` continues")
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def resume(ctx: typer.Context):
     """Let a paused backfill continue."""
     existed = control.resume(ctx.obj.playbook())
     out.print("resumed" if existed else "was not paused")
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def demo(ctx: typer.Context, rows: int = typer.Option(100_000, help="sample rows to generate"),
          setup_only: bool = typer.Option(False, "--setup-only", help="create the seed schema and stop")):
     """Create the seed's schema with sample rows, run every phase and the contract, show the final schema.
@@ -322,17 +361,27 @@ def demo(ctx: typer.Context, rows: int = typer.Option(100_000, help="sample rows
     """
     from . import demo as demo_mod
     from . import server
+    pb = ctx.obj.playbook()
+    local = None
     if ctx.obj.dsn_arg:
         dsn = ctx.obj.dsn_arg
+        demo_mod.refuse_existing(dsn, pb)  # the demo creates its table: never on top of an existing one
     else:
         local = server.local_server()
         server.drop_database(local.dsn, DEMO_DB)
         dsn = server.create_database(local.dsn, DEMO_DB)
-        out.print(f"local PostgreSQL {local.major} ({local.kind}): {safe_dsn(dsn)}")
-    demo_mod.run_demo(dsn, ctx.obj.playbook(), rows=rows, setup_only=setup_only, console=out)
+        out.print(f"local PostgreSQL {local.major} ({local.kind}): {safe_dsn(dsn)}, data in .orchestrator/pgdata",
+                  highlight=False)
+    demo_mod.run_demo(dsn, pb, rows=rows, setup_only=setup_only, console=out)
+    if local is not None:
+        out.print(output.for_frontend(
+            "the local PostgreSQL keeps running for the next commands (orchestrator status, orchestrator log, "
+            f"orchestrator run 1 after --setup-only); orchestrator server-stop stops it"
+            if setup_only else "the local PostgreSQL keeps running (orchestrator status and orchestrator log "
+            "read it); orchestrator server-stop stops it"), markup=False, highlight=False)
 
 
-@app.command()
+@app.command(epilog=output.EXIT_CODES)
 def rehearse(ctx: typer.Context,
              rows: int = typer.Option(200_000, help="rows to generate (only when the table does not exist yet)"),
              writers: int = typer.Option(4, help="simulated app writer threads"),
@@ -380,11 +429,36 @@ def rehearse(ctx: typer.Context,
     raise typer.Exit(0 if result.passed else 1)
 
 
-@app.command("server-stop")
+@app.command("server-stop", epilog=output.EXIT_CODES)
 def server_stop():
-    """Stop the local embedded demo server (its data stays in .orchestrator/)."""
+    """Stop the local embedded demo server (its data stays in .orchestrator/; the next command restarts it)."""
     from . import server
-    server.stop_local_server()
+    if server.stop_local_server():
+        out.print("stopped the local PostgreSQL (data kept in .orchestrator/pgdata)", highlight=False)
+    else:
+        out.print("the local PostgreSQL was not running", highlight=False)
+
+
+def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> bool:
+    """The order checks of a step, run as a dry run before asking for confirmation: a step that would be
+    refused for its order is refused first, with the hint that helps (not "confirm" and then "refused").
+    True when there is nothing to do (no confirmation needed)."""
+    from .state import CONTRACTED, OperatorLock
+    dry = ctx.obj.orchestrator(dry_run=True)
+    try:
+        if OperatorLock(dry.dsn, dry.pb.tables).is_held_elsewhere(dry.x.conn):
+            return False  # another operator is at work: its state is in flux; the real command refuses
+        if action == "rollback":
+            return dry.rollback(phase) == "nothing to do"
+        rows = dry.state.phases()
+        todo = [k for k in ([phase] if phase else range(1, len(dry.phases) + 1))
+                if not rows or k not in rows or rows[k].status != CONTRACTED]
+        if not todo:
+            return True
+        dry.contract(todo[0])  # the first one still to do: the later ones depend on it
+        return False
+    finally:
+        dry.close()
 
 
 def _confirm(yes: bool, question: str) -> None:
@@ -408,6 +482,7 @@ def _print_recorded(orch: Orchestrator) -> None:
 
 
 def main() -> None:
+    output.line_buffered_stdout()
     command = typer.main.get_command(app)
     try:
         rv = command.main(standalone_mode=False)
@@ -418,17 +493,21 @@ def main() -> None:
         print(f"error: {' '.join(e.format_message().split())} (see orchestrator --help)", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        print(output.for_frontend("interrupted; re-run the same command to resume"), file=sys.stderr)
         sys.exit(130)
     except OrchestratorError as e:
         secrets = secrets_of(os.environ.get("DATABASE_URL")) + secrets_of(_dsn_from_argv())
-        print(f"error: {redact(e.one_line(), secrets)}", file=sys.stderr)
+        print(f"error: {output.for_frontend(redact(e.one_line(), secrets))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except psycopg.Error as e:  # e.g. the connection lost outside a retried step: a failure, not a traceback
         secrets = secrets_of(os.environ.get("DATABASE_URL")) + secrets_of(_dsn_from_argv())
         reason = redact(" ".join(str(e).split()) or type(e).__name__, secrets)
-        print(f"error: database error ({type(e).__name__}): {reason} -> re-run the same command; "
-              "completed work is kept", file=sys.stderr)
+        if db.is_transient(e):
+            hint = "re-run the same command; completed work is kept"
+        else:  # e.g. a missing privilege or object: running it again unchanged would fail the same way
+            hint = "fix what the database reports, then re-run the same command; completed work is kept"
+        print(f"error: database error ({type(e).__name__}): {reason} -> {output.for_frontend(hint)}",
+              file=sys.stderr)
         sys.exit(1)
 
 

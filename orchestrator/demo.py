@@ -277,13 +277,31 @@ def describe_table(conn: psycopg.Connection, schema: str, table: str) -> list[tu
              AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""", (schema, table)).fetchall()
 
 
+def refuse_existing(dsn: str, pb) -> None:
+    """The demo creates the seed's enum type and table: refuse, changing nothing, when either exists."""
+    from . import db
+    from .errors import Refused
+    with db.connect(dsn) as conn:
+        found = conn.execute(
+            """SELECT (SELECT format('table %%I.%%I', n.nspname, c.relname) FROM pg_class c
+                       JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s),
+                      (SELECT format('type %%I.%%I', n.nspname, t.typname) FROM pg_type t
+                       JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s)""",
+            (pb.migrations[0].table.schema_, pb.migrations[0].table.name, *pb.enum_type)).fetchone()
+    existing = [f for f in found if f]
+    if existing:
+        raise Refused(f"the demo creates the seed schema, but {' and '.join(existing)} already exist(s) in this "
+                      "database; nothing was changed",
+                      hint="point --dsn / DATABASE_URL at an empty database, or leave it unset to use the local "
+                           "demo server (recreated each time); to migrate this table instead: orchestrator plan")
+
+
 def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None) -> None:
     """Chatter's schema (or, for a one-column playbook, the simplified table) with sample rows, then every
     phase and the contract, printing as it goes and showing every migrated table before and after."""
     from rich.console import Console
-    from rich.table import Table
 
-    from . import chatter
+    from . import chatter, output
     from .runner import Orchestrator
 
     console = console or Console()
@@ -293,12 +311,10 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
     def show(title: str) -> None:
         with psycopg.connect(dsn) as conn:
             for m in pb.migrations:
-                t = Table(title=f"{title}: {m.table.schema_}.{m.table.name}")
-                for c in ("column", "type", "not null", "default"):
-                    t.add_column(c)
-                for name, type_, nn, default in describe_table(conn, m.table.schema_, m.table.name):
-                    t.add_row(name, type_, "yes" if nn else "", default)
-                console.print(t)
+                output.print_table(console, f"{title}: {m.table.schema_}.{m.table.name}",
+                                   ["column", "type", "not null", "default"],
+                                   [[name, type_, "yes" if nn else "", default] for name, type_, nn, default
+                                    in describe_table(conn, m.table.schema_, m.table.name)])
                 counts = conn.execute(sql.SQL("SELECT {}::text, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
                     sql.Identifier(m.column.name), sql.Identifier(m.table.schema_, m.table.name)),
                     prepare=False).fetchall()
@@ -337,10 +353,10 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
     orch = Orchestrator(pb, dsn)
     try:
         for phase in orch.phases:
-            console.rule(f"phase {phase.number}: {phase.title}")
+            output.rule(console, f"phase {phase.number}: {phase.title}")
             console.print(f"expand: {phase.expand_doc}\nlocks: {phase.locks_doc}")
             orch.run(phase.number)
-        console.rule("contract")
+        output.rule(console, "contract")
         for phase in orch.phases:
             console.print(f"contract {phase.number} ({phase.name}): {phase.contract_doc}")
             orch.contract(phase.number)

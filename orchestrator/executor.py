@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ class Recorded:
     transaction: int | None = None  # statements sharing a number run in one transaction
     kind: str = "tx"  # tx: in a short transaction; concurrent: outside any; note: a loop or condition, shown once
     online: bool = False  # runs under online_lock_timeout_ms / online_statement_timeout_ms (concurrent ones too)
+
+
+def max_lock_wait_s(s: Settings) -> float:
+    """The longest a DDL step can wait for its lock before it is refused (exit 3): every attempt's
+    lock_timeout plus the longest backoff sleeps between them (tenacity's exponential wait with jitter)."""
+    initial, cap, jitter = s.retry_wait_initial_ms / 1000, s.retry_wait_max_ms / 1000, s.retry_wait_initial_ms / 1000
+    sleeps = sum(min(initial * 2 ** k + jitter, cap) for k in range(s.retries))
+    return round((s.retries + 1) * s.lock_timeout_ms / 1000 + sleeps, 2)
 
 
 @dataclass
@@ -82,7 +91,8 @@ class Executor:
         return stmt.as_string(self._conn if self._conn and not self._conn.closed else None)
 
     # -- retries ----------------------------------------------------------------------------------
-    def retrying(self, attempts: int | None = None, online: bool = False) -> Retrying:
+    def retrying(self, attempts: int | None = None, online: bool = False,
+                 tally: dict | None = None) -> Retrying:
         s = self.settings
         retry = _transient_online if online else db.is_transient
         return Retrying(
@@ -90,14 +100,18 @@ class Executor:
             wait=wait_exponential_jitter(initial=s.retry_wait_initial_ms / 1000, max=s.retry_wait_max_ms / 1000,
                                          jitter=s.retry_wait_initial_ms / 1000),
             retry=retry_if_exception(retry),
-            before_sleep=self._before_retry,
+            before_sleep=lambda state: self._before_retry(state, tally),
             reraise=False,
         )
 
-    def _before_retry(self, state) -> None:
+    def _before_retry(self, state, tally: dict | None = None) -> None:
         exc = state.outcome.exception()
-        log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
-                    reason=" ".join(str(exc).split())[:200])
+        if tally is not None:
+            tally["retries"] += 1
+            tally["errors"][type(exc).__name__] = tally["errors"].get(type(exc).__name__, 0) + 1
+        if sys.stderr.isatty():  # on a terminal, each attempt as it happens; elsewhere one summary per step
+            log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
+                        reason=" ".join(str(exc).split())[:200])
         if isinstance(exc, psycopg.OperationalError) and self._conn is not None and self._conn.broken:
             self._conn = None  # reconnect on the next attempt
         elif isinstance(exc, pgerr.LockNotAvailable) and self.settings.cancel_autovacuum:
@@ -123,14 +137,17 @@ class Executor:
     def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None,
                      online: bool = False) -> Any:
         self._watch = None
+        tally = {"retries": 0, "errors": {}, "started": time.monotonic()}
         try:
-            for attempt in self.retrying(attempts, online):
+            for attempt in self.retrying(attempts, online, tally):
                 with attempt:
                     return fn()
         except RetryError as err:
             exc = err.last_attempt.exception()
             if isinstance(exc, (pgerr.LockNotAvailable, pgerr.DeadlockDetected)):
-                raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts, "
+                waited = time.monotonic() - tally["started"]
+                raise Refused(f"{what}: gave up after {self.settings.retries + 1} attempts in {waited:.1f}s "
+                              f"(budget: at most {max_lock_wait_s(self.settings)}s), "
                               f"lock not granted within lock_timeout={self.settings.lock_timeout_ms}ms; "
                               f"{self.describe_blockers()}; nothing of this step was applied (earlier steps "
                               f"are kept)",
@@ -141,6 +158,11 @@ class Executor:
             if not online:
                 raise
             raise self._online_gave_up(what, exc) from None
+        finally:
+            if tally["retries"]:  # off a terminal: one line per step instead of one per attempt
+                log.warning("retried", step=what, retries=tally["retries"],
+                            waited_s=round(time.monotonic() - tally["started"], 2),
+                            errors=", ".join(f"{k} x{v}" for k, v in tally["errors"].items()))
 
     def _online_gave_up(self, what: str, exc: psycopg.Error) -> Refused:
         """An online step waited its whole online timeout once: name what it waited for, if still there."""
@@ -172,7 +194,8 @@ class Executor:
         """
         seen = watch.blockers() if watch is not None else {}
         older = max(older_than_s if older_than_s is not None else 1.0, 0.0)
-        q = Q("""SELECT a.pid, a.state, left(a.query, 200), extract(epoch FROM now() - a.xact_start)::int
+        q = Q("""SELECT a.pid, a.state, left(a.query, 200), extract(epoch FROM now() - a.xact_start)::int,
+                        a.usename, a.application_name
                  FROM pg_stat_activity a
                  WHERE a.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'orchestrator:%%'
                    AND a.datname = current_database()
@@ -191,9 +214,7 @@ class Executor:
             return "blockers could not be listed"
         if not rows:
             return "the blocker has gone"
-        return "blocked by " + "; ".join(
-            f"pid {pid} ({state}{f', transaction open {age}s' if age is not None else ''}): "
-            f"{' '.join((query or '').split())}" for pid, state, query, age in rows)
+        return "blocked by " + "; ".join(_blocker(*row) for row in rows)
 
     # -- statements -------------------------------------------------------------------------------
     def _limits(self, online: bool) -> tuple[str, str]:
@@ -213,8 +234,8 @@ class Executor:
         self._watch = _WaitWatch(self.dsn, self.conn.info.backend_pid, self._what)
         return self._watch
 
-    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any]) -> Any:
-        text = self.render(stmt)
+    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any], shown: str | None = None) -> Any:
+        text = shown or self.render(stmt)
         started = time.monotonic()
         try:
             result = fn()
@@ -225,6 +246,15 @@ class Executor:
         if self.on_statement:
             self.on_statement(text, time.monotonic() - started, "ok")
         return result
+
+    def logged(self, stmt: sql.Composable, fn: Callable[[], Any], params: Any = None) -> Any:
+        """Run fn (which executes stmt) and record stmt in the run log; params are shown after the SQL."""
+        return self._logged(stmt, fn, None if params is None else f"{self.render(stmt)}  -- params {list(params)}")
+
+    def logged_query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
+        """A read of the migrated table that belongs in the run log (the verify scans), with retries."""
+        return self.with_retries("query", lambda: self.logged(
+            stmt, lambda: self.conn.execute(stmt, params).fetchall(), params), attempts=3)
 
     def atomic(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
                what: str = "DDL", online: bool = False) -> bool:
@@ -274,6 +304,8 @@ class Executor:
         A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
         """
         if self.dry_run:
+            if cleanup is not None:  # runs before every build attempt: removes a failed build's INVALID index
+                self.recorded.append(Recorded(self.render(cleanup), lock, kind="concurrent", online=True))
             self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent", online=True))
             return False
 
@@ -414,6 +446,18 @@ def _waiting_phrase(event_type: str | None, event: str | None, lock: str | None)
     if lock:
         return f"a {lock}"  # e.g. a ShareUpdateExclusiveLock on relation workflow_templates
     return f"{event_type}/{event}" if event_type else "unknown"
+
+
+def _blocker(pid, state, query, age, user, app) -> str:
+    """One blocking session as a DBA can act on it. Sessions of other roles show no state or query to a role
+    without pg_read_all_stats: say so instead of printing None and <insufficient privilege>."""
+    open_for = f"transaction open {age}s" if age is not None else ""
+    who = ", ".join(x for x in (f"user {user}" if user else "", f"application {app!r}" if app else "",
+                                state or "", open_for) if x)
+    text = " ".join((query or "").split())
+    if not text or text == "<insufficient privilege>":
+        text = "query not visible to this role (pg_read_all_stats shows it)"
+    return f"pid {pid} ({who}): {text}" if who else f"pid {pid}: {text}"
 
 
 # -- test-only fault injection --------------------------------------------------------------------------------

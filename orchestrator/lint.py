@@ -56,8 +56,17 @@ ACCEPTED = {
 }
 
 
-def accepted(rule: str, statement: str, before: list[str]) -> str | None:
-    reason, condition = ACCEPTED.get(rule, (None, None))
+# Where a rollback does what the contract does, for another reason: the reason shown is the rollback's.
+ACCEPTED_IN_ROLLBACK = {
+    "ban-drop-column": ("rollback only: drops the columns this phase added (refused first if the app wrote values "
+                        "in them); the original column is untouched", None),
+    "ban-drop-type": ("rollback only: drops a type this migration created", None),
+}
+
+
+def accepted(rule: str, statement: str, before: list[str], action: str = "") -> str | None:
+    table = ACCEPTED_IN_ROLLBACK if action == "rollback" and rule in ACCEPTED_IN_ROLLBACK else ACCEPTED
+    reason, condition = table.get(rule, (None, None))
     if reason is None or (condition is not None and not condition(statement, before)):
         return None
     return reason
@@ -131,5 +140,5 @@ def lint(phase: int, action: str, recorded: list[Recorded], settings: Settings) 
     for f in raw:
         statement = where.get(f["line"], lines[f["line"]])
         findings.append(Finding(phase, action, f["rule_name"], f["message"], statement,
-                                accepted(f["rule_name"], statement, lines[:f["line"]])))
+                                accepted(f["rule_name"], statement, lines[:f["line"]], action)))
     return findings

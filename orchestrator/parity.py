@@ -43,15 +43,34 @@ def check(ctx: Context, swapped: bool, sample_size: int = 5) -> ParityResult:
     return _by_keys(ctx, swapped, sample_size)
 
 
+BLOCK_RANGE = Q("ctid >= %s::tid AND ctid < %s::tid")
+
+
+def count_statement(ctx: Context, bad: sql.Composable, unmapped: sql.Composable,
+                    in_range: sql.Composable) -> sql.Composable:
+    return Q("SELECT count(*), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
+        bad, unmapped, ctx.table, in_range)
+
+
+def plan_note(ctx: Context, swapped: bool) -> str:
+    """The scan as `run` executes it, for `plan`: per heap-block range on PostgreSQL 14+, else per key range."""
+    bad, unmapped = conditions(ctx, swapped)
+    if ctx.x.conn.info.server_version >= 140000:
+        return (ctx.x.render(count_statement(ctx, bad, unmapped, BLOCK_RANGE))
+                + "  -- per range of heap blocks (verify_chunk_rows rows), each its own statement")
+    cond, _ = Keyset(ctx.table, ctx.facts.pk).range_condition(["<after>"], ["<upto>"])
+    return (ctx.x.render(count_statement(ctx, bad, unmapped, cond))
+            + "  -- per key range (verify_chunk_rows rows), each its own statement")
+
+
 def _tally(ctx: Context, result: ParityResult, in_range: sql.Composable, params: list, bad: sql.Composable,
            unmapped: sql.Composable, keys: Keyset, sample_size: int) -> int:
-    n, nbad, nun = ctx.x.query(Q("SELECT count(*), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}) "
-                                 "FROM {} WHERE {}").format(bad, unmapped, ctx.table, in_range), params)[0]
+    n, nbad, nun = ctx.x.logged_query(count_statement(ctx, bad, unmapped, in_range), params)[0]
     result.rows += n
     result.mismatches += nbad
     result.unmapped += nun
     if nbad and len(result.sample) < sample_size:
-        ids = ctx.x.query(Q("SELECT {} FROM {} WHERE {} AND {} ORDER BY {} LIMIT {}").format(
+        ids = ctx.x.logged_query(Q("SELECT {} FROM {} WHERE {} AND {} ORDER BY {} LIMIT {}").format(
             keys.cols, ctx.table, in_range, bad, keys.cols, sql.Literal(sample_size)), params)
         result.sample += [r[0] if len(r) == 1 else tuple(r) for r in ids][: sample_size - len(result.sample)]
     return n
@@ -71,7 +90,7 @@ def _by_blocks(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
     per_block = ctx.x.query(Q("SELECT greatest(reltuples / greatest(relpages, 1), 1)::float8 FROM pg_class "
                               "WHERE oid = {}::regclass").format(rel))[0][0]
     step = max(1, int(ctx.pb.settings.verify_chunk_rows / per_block))
-    in_range = Q("ctid >= %s::tid AND ctid < %s::tid")
+    in_range = BLOCK_RANGE
     result = ParityResult()
     lo = 0
     with Progress("verify", total=None) as progress:

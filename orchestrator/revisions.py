@@ -787,9 +787,10 @@ def alembic_status(conn: psycopg.Connection, pb: Playbook, phases: dict[int, Pha
         opts = _ini_version_options(path) if path is not None else {"version_table": VERSION_TABLE}
     table = _version_table(opts)
     out = {"revision": None, "message": None, "expected": expected,
-           "expected_message": steps[expected].message if expected else None, "in_sync": None}
+           "expected_message": steps[expected].message if expected else None, "in_sync": None, "table": False}
     if not _has_version_table(conn, opts):
-        return out
+        return out  # no Alembic here: nothing to be in or out of sync with
+    out["table"] = True
     heads = [r[0] for r in conn.execute(sql.SQL("SELECT version_num FROM {}").format(table)).fetchall()]
     ours = [h for h in heads if h in steps]
     current = ours[0] if len(ours) == 1 else None

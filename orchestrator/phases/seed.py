@@ -96,7 +96,7 @@ class SeedRowsPhase(Phase):
 
             def attempt(insert=insert, record=record):
                 with ctx.x.conn.transaction():
-                    got = ctx.x.conn.execute(insert).fetchall()
+                    got = ctx.x.logged(insert, lambda: ctx.x.conn.execute(insert).fetchall())
                     if got:
                         ctx.x.conn.execute(record, (ctx.m.label, ctx.m.label,
                                                     json.dumps([list(got[0])], default=str),

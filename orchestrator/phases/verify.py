@@ -10,17 +10,15 @@ from .base import Context, Phase
 class VerifyPhase(Phase):
     name = "verify"
     title = "verify parity of the two columns"
-    expand_doc = "scan in key ranges: count rows where shadow IS DISTINCT FROM map(column); zero or refuse"
+    expand_doc = ("scan in ranges of heap blocks (key ranges before PostgreSQL 14): count rows where shadow IS "
+                  "DISTINCT FROM map(column); zero or refuse")
     rollback_doc = "forget the verification result"
     locks_doc = "ACCESS SHARE only (plain reads)"
 
     def expand(self, ctx: Context) -> dict:
         from .. import parity
         if ctx.x.dry_run:
-            cond, _ = parity.conditions(ctx, swapped=False)
-            ctx.x.note(f"SELECT count(*) FILTER (WHERE {ctx.x.render(cond)}) FROM {ctx.x.render(ctx.table)} "
-                       "WHERE ctid in (next heap-block range)  -- per chunk; key ranges before PostgreSQL 14",
-                       lock="ACCESS SHARE")
+            ctx.x.note(parity.plan_note(ctx, swapped=False), lock="ACCESS SHARE")
             return {}
         result = parity.check(ctx, swapped=False)
         if result.mismatches:
