@@ -1,8 +1,8 @@
 """workflow_type_enum_to_varchar phase 4: verify parity of the two columns
 
 Phase 4 (verify) of the playbook, run through the orchestrator.
-  upgrade:   orchestrator run 4: scan in key ranges: count rows where shadow IS DISTINCT FROM map(column);
-             zero or refuse
+  upgrade:   orchestrator run 4: scan in ranges of heap blocks (key ranges before PostgreSQL 14): count rows
+             where shadow IS DISTINCT FROM map(column); zero or refuse
   downgrade: orchestrator rollback 4: forget the verification result
   locks:     ACCESS SHARE only (plain reads)
 
