@@ -667,7 +667,7 @@ class Rehearsal:
             except Refused as err:
                 self.end(step, "refused as designed")
                 refusals += 1
-                unit = self.check_refusal(step, j, err, unlabeled)
+                units = self.check_refusal(step, j, err, unlabeled)
                 self.policies_done.add("refuse")
                 ok = self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)")
                 ok &= self.check_rows(step, seed_expected=None)
@@ -678,7 +678,8 @@ class Rehearsal:
                                f"still refused after {refusals} fixes", step)
                     raise _Stop(f"rollback {j} kept refusing") from err
                 self.dwell()
-                self.dba_fix(cycle, j, unit)
+                for unit in units or [None]:
+                    self.dba_fix(cycle, j, unit)
                 unlabeled = self.unlabeled_now()
                 step = self.begin(cycle, "rollback", j, phase.name)
             except OrchestratorError as err:
@@ -715,36 +716,35 @@ class Rehearsal:
             self.apply_fallback_expectation(step, unlabeled)
         self.after_rollback(step, j, schemas, seeds)
 
-    def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]]) -> Unit | None:
-        """The refusal must name rows of one table that hold values with no label, and count them right.
-        Returns that table's unit (None when the refusal names no such rows)."""
+    def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]]) -> list[Unit]:
+        """The refusal must name, per table, rows that hold values with no label, and count them right.
+        Returns the units it names."""
         text = str(err)
-        m = re.search(r"would lose (\d+) values", text)
-        listed = int(m.group(1)) if m else None
-        ids_m = re.search(r"ids (\[[^\]]*\])", text)
-        try:
-            ids = [str(i) for i in ast.literal_eval(ids_m.group(1))] if ids_m else []
-        except (ValueError, SyntaxError):
-            ids = []
-        owners = [u for u in self.units if ids and set(ids) <= set(unlabeled.get(u.label, {}))]
-        unit = owners[0] if len(owners) == 1 else None
-        problems = []
-        if listed is None or not ids:
-            problems.append("the refusal names no count or no ids")
-        elif unit is None:
-            problems.append(f"ids {ids} are not rows with no enum label of one table")
-        else:
-            lo, hi = len(self.still_unlabeled(unit, unlabeled[unit.label])), len(unlabeled[unit.label])
+        named = re.findall(r"([\w.\"]+): (\d+) rows, e\.g\. ids (\[[^\]]*\])", text)
+        units, problems = [], []
+        if not named:
+            problems.append("the refusal names no table with a count and ids")
+        for label, count, ids_text in named:
+            unit = next((u for u in self.units if u.label == label), None)
+            try:
+                ids = [str(i) for i in ast.literal_eval(ids_text)]
+            except (ValueError, SyntaxError):
+                ids = []
+            if unit is None or not ids or not set(ids) <= set(unlabeled.get(label, {})):
+                problems.append(f"{label}: ids {ids} are not its rows with no enum label")
+                continue
+            units.append(unit)
+            listed = int(count)
+            lo, hi = len(self.still_unlabeled(unit, unlabeled[label])), len(unlabeled[label])
             if not lo <= listed <= hi:
-                problems.append(f"{listed} rows listed, but {unit.label} had {hi} such rows before the rollback "
+                problems.append(f"{listed} rows of {label} listed, but it had {hi} such rows before the rollback "
                                 f"and still has at least {lo}")
-        where = unit.label if unit else "?"
+        where = ", ".join(u.label for u in units) or "?"
         self.check(f"{step.cycle}: rollback {j} refused as designed ({where})", not problems,
                    "; ".join(problems) + f": {err.one_line()}" if problems else
-                   f"rollback refused as designed, {listed} rows of {where} listed (e.g. ids {ids[:5]}): "
-                   f"{err.one_line()}", step)
-        self.say(f"{'':7}rollback refused as designed, {listed} rows of {where} listed: {err.one_line()[:140]}")
-        return unit
+                   f"rollback refused as designed, naming the rows of {where}: {err.one_line()}", step)
+        self.say(f"{'':7}rollback refused as designed, rows of {where} listed: {err.one_line()[:140]}")
+        return units
 
     def after_rollback(self, step: Step, j: int, schemas: dict[int, dict],
                        seeds: dict[int, dict[str, set[str]]]) -> None:
