@@ -21,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from orchestrator import output, server
 
-from .helpers import ROOT, cli, make_playbook, orchestrator, query, seed
+from .helpers import ROOT, cli, make_playbook, orchestrator, query, real_playbook, seed, seed_chatter
 from .test_reliability_secrets import leaks, role_db  # noqa: F401  (fixture)
 from .test_reliability_support import Blocker, error_line, orch_cli, password_dsn, playbook_file
 
@@ -111,7 +111,7 @@ def test_no_make_target_prints_the_database_password(role_db, tmp_path):  # noqa
 # -- 2. exit codes -----------------------------------------------------------------------------------------------
 
 def test_exit_codes_survive_bin_orch_and_make_names_them(dsn):
-    seed(dsn, rows=200)
+    seed_chatter(dsn, rows=200)
     env = {"DATABASE_URL": dsn}
     assert bin_orch("phase-3", env=env).returncode == 3  # refused: phase 1 first
     assert bin_orch("phase-9", env=env).returncode == 2  # bad input
@@ -229,11 +229,11 @@ def test_every_hint_names_a_command_that_helps_in_that_state(dsn, tmp_path):
 
 
 def test_hints_under_make_name_make_targets(dsn):
-    seed(dsn, rows=100)
+    seed_chatter(dsn, rows=100)
     env = {"DATABASE_URL": dsn}
     line = error_line(make("phase-2", env=env))
     assert "-> make phase-1" in line, line
-    orch = orchestrator(make_playbook(), dsn)
+    orch = orchestrator(real_playbook(), dsn)
     for n in range(1, 7):
         orch.run(n)
     orch.close()

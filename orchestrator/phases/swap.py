@@ -90,7 +90,11 @@ class SwapColumns(Phase):
         labels = {ctx.m.label: None if x.dry_run and not ctx.has("column", ctx.m.column.name)
                   else self._default_label(ctx) for ctx in ctxs}
         target_check.prepare_all(ctxs)  # target.check: NOT VALID + VALIDATE on the shadow column
-        if not x.dry_run and not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
+        if x.dry_run:
+            from .. import parity
+            for ctx in ctxs:  # the parity scan again, as phase 4 runs it
+                x.note(parity.plan_note(ctx, swapped=False), lock="ACCESS SHARE")
+        elif not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
             try:
                 for ctx in ctxs:
                     recheck_parity(ctx)
