@@ -256,6 +256,7 @@ class AppStats:
     extras_read: Counter = field(default_factory=Counter)  # ("is_dynamic"|"execution_pattern", value) -> n
     foreign_reads: list[tuple[str, str, str, Any]] = field(default_factory=list)  # (stage, table, id, value)
     # read outside the version's vocabulary (the first 100)
+    latencies_ms: list[float] = field(default_factory=list)  # every operation, as the app saw it
 
     @property
     def total(self) -> int:
@@ -382,6 +383,7 @@ class AppInstance:
                 table = self.rng.choice(TABLES)
                 op = self.rng.choice(OPERATIONS)
                 name = f"{table}.{op}"
+                started = time.monotonic()
                 try:
                     await getattr(self, f"_{op}")(table)
                 except Exception as err:  # noqa: BLE001 - every failure is an app error to report
@@ -389,6 +391,7 @@ class AppInstance:
                     self.stats.errors.append(AppError(self.stage, name, message))
                 else:
                     self.stats.ops[name] += 1
+                self.stats.latencies_ms.append((time.monotonic() - started) * 1000)
                 if self._probe_wanted.is_set():
                     self._probe_result = await self._prepared_statements(engine)
                     self._probe_wanted.clear()

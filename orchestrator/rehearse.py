@@ -267,6 +267,7 @@ class RehearsalResult:
     rows_by_table: dict[str, int] = field(default_factory=dict)  # original rows per table.column
     builtin_by_table: dict[str, int] = field(default_factory=dict)  # built-in (seed) rows per table.column
     schema_source: str = ""  # what the rows and schema are: Chatter's schema, the fixture, an existing database
+    rolling_deploy: dict | None = None  # per app version: instances, operations, errors, latency (app_versions)
 
     @property
     def app_errors(self) -> list[StatementSample]:
@@ -543,7 +544,9 @@ class Rehearsal:
                 elif got != u.right_value(value, enum_state):
                     wrong.append((rid, value, got))
             extra = set(actual) - set(expected)
-            unexpected = sorted(extra - set(u.seed_ids))
+            # the rolling deploy's instances write rows of their own (checked in finish_rolling_deploy)
+            deployed = {i for i in extra if i.startswith(("RDOLD", "RDNEW"))}
+            unexpected = sorted(extra - set(u.seed_ids) - deployed)
             step.rows_by_table[u.label] = len(expected)
             step.rows_checked += len(expected)
             state = "enum column: old labels" if enum_state else "varchar column: new values"
@@ -829,12 +832,21 @@ class Rehearsal:
         self.current_pb = self.pb
         self.say(f"[bold]{label}[/]: every phase, then the contract")
         orch = Orchestrator(self.pb, self.dsn)
+        deploy = self.start_rolling_deploy()
         try:
             for j in range(1, self.n_phases + 1):
+                if deploy is not None:
+                    deploy.stage(f"phase {j}")
                 self.forward(orch, j, label)
+                if deploy is not None:
+                    for done in deploy.after_phase(j):
+                        self.say(f"{'':7}rolling deploy: {done}")
+                    deploy.settle()
                 self.dwell()
             for j in range(1, self.n_phases + 1):
                 phase = orch.phase(j)
+                if deploy is not None:
+                    deploy.stage(f"contract {j}")
                 step = self.begin(label, "contract", j, phase.name)
                 try:
                     # The rehearsal compresses the rolling deploy: its old instances stopped a moment ago.
@@ -859,9 +871,43 @@ class Rehearsal:
                 present = self.enum_exists()
                 self.check(f"after the contract: enum type {self.pb.enum_type[1]} dropped", not present,
                            "still there" if present else "no column uses it any more and it is gone", step)
+            if deploy is not None:  # the new app ran through the contract; stopped before the last row check
+                deploy.settle()
+                deploy.stop()
             self.check_rows(step, seed_expected={u.label: set(u.seed_ids) for u in self.units if u.seed_ids})
         finally:
+            if deploy is not None:
+                deploy.stop()
             orch.close()
+        if deploy is not None:
+            self.finish_rolling_deploy(deploy, self.result.steps[-1])
+
+    def start_rolling_deploy(self):
+        """With app_versions: SQLAlchemy instances of the old app (asyncpg, psycopg) through its version's views,
+        replaced one by one by the new app as the phases go (orchestrator/rolling_deploy.py)."""
+        if self.pb.app_versions is None or not self.units or len(self.units) != 2:
+            return None
+        from .rolling_deploy import RollingDeploy
+        self.say(f"{'':7}rolling deploy: 3 instances of the old app (asyncpg, psycopg, asyncpg) through "
+                 f"{self.pb.app_versions.old}, replaced after phases 4, 5 and 6 by the new app through "
+                 f"{self.pb.app_versions.new}")
+        return RollingDeploy(self.pb, self.dsn).start()
+
+    def finish_rolling_deploy(self, deploy, step: Step) -> None:
+        ids = deploy.written_ids()
+        rows = {}
+        with self.connect() as conn:
+            for table, wrote in ids.items():
+                rows[table] = dict(conn.execute(sql.SQL("SELECT id, workflow_type::text FROM {} WHERE id = ANY(%s)")
+                                                .format(sql.Identifier(table)), (sorted(wrote),)).fetchall())
+        problems = deploy.problems(rows)
+        self.result.rolling_deploy = deploy.latency()
+        old, new = self.result.rolling_deploy["old"], self.result.rolling_deploy["new"]
+        self.check("rolling deploy: both app versions side by side, zero errors, own vocabulary, no write lost",
+                   not problems and old["ops"] > 0 and new["ops"] > 0,
+                   "; ".join(problems) if problems else
+                   f"old app {old['ops']:,} operations (p99 {old['p99_ms']} ms), new app {new['ops']:,} "
+                   f"(p99 {new['p99_ms']} ms), {sum(len(v) for v in ids.values()):,} rows written, all found", step)
 
     # -- entry point --------------------------------------------------------------------------------------
     def prepare(self) -> None:

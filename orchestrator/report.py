@@ -139,6 +139,9 @@ def summary_lines(result: RehearsalResult) -> list[str]:
         f"{len(result.app_errors)} errors",
         f"checks: {len(result.checks) - len(failed)} passed, {len(failed)} failed",
     ]
+    for version, d in (result.rolling_deploy or {}).items():
+        lines.append(f"rolling deploy, {version} app ({', '.join(d['instances'])}): {d['ops']:,} operations, "
+                     f"{d['errors']} errors, p50 {d['p50_ms']} ms, p99 {d['p99_ms']} ms, max {d['max_ms']} ms")
     lines += [f"  FAILED {c.name}: {c.detail}" for c in failed]
     if result.stopped:
         lines.append(f"stopped: {result.stopped}")
@@ -362,6 +365,16 @@ def render_html(result: RehearsalResult) -> str:
                          f"<code>{e(f['to'])}</code> (enum label <code>{e(f['label'])}</code>); ids include "
                          f"{e(', '.join(f['ids']))}</li>")
         parts.append("</ul>")
+    if result.rolling_deploy:
+        parts.append("<h2>Rolling deploy: both app versions (SQLAlchemy, asyncpg and psycopg)</h2><table><tr>"
+                     "<th>version</th><th>instances</th><th>operations</th><th>errors</th><th>p50 ms</th>"
+                     "<th>p99 ms</th><th>max ms</th></tr>")
+        for version, d in result.rolling_deploy.items():
+            parts.append(f"<tr><td>{e(version)}</td><td>{e(', '.join(d['instances']))}</td>"
+                         f"<td class=\"n\">{d['ops']:,}</td><td class=\"n\">{d['errors']}</td>"
+                         f"<td class=\"n\">{d['p50_ms']}</td><td class=\"n\">{d['p99_ms']}</td>"
+                         f"<td class=\"n\">{d['max_ms']}</td></tr>")
+        parts.append("</table>")
     errors = result.app_errors
     if errors:
         parts.append("<h2>App errors</h2><table><tr><th>t (s)</th><th>statement</th><th>error</th></tr>")
@@ -387,7 +400,7 @@ def to_json(result: RehearsalResult) -> dict:
                    "p50_ms": round(st.p50, 3), "p99_ms": round(st.p99, 3), "max_ms": round(st.max, 3),
                    "lock_wait_ms": round(st.lock_wait_ms, 3)} for s, st in step_stats(result)],
         "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail, "step": c.step} for c in result.checks],
-        "fixes": result.fixes, "notes": result.notes,
+        "fixes": result.fixes, "notes": result.notes, "rolling_deploy": result.rolling_deploy,
     }
 
 

@@ -61,6 +61,13 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
     assert data["builtin_by_table"] == {TEMPLATES: 4, SPECS: 0}
     checks = data["checks"]
     assert all(c["passed"] for c in checks)
+    # the rolling deploy: SQLAlchemy instances of both app versions, on asyncpg and psycopg, replaced one by one
+    deploy = data["rolling_deploy"]
+    assert deploy["old"]["ops"] > 0 and deploy["new"]["ops"] > 0
+    assert deploy["old"]["errors"] == deploy["new"]["errors"] == 0
+    assert {i.split("(")[1].rstrip(")") for i in deploy["new"]["instances"]} == {"asyncpg", "psycopg"}
+    assert [c["passed"] for c in checks if c["name"].startswith("rolling deploy:")] == [True]
+    assert "rolling deploy, old app" in r.stdout and "Rolling deploy" in report.read_text()
     # every phase k was run and rolled back, each rollback followed by a catalog comparison and a row check
     # of BOTH tables
     rollbacks = [s for s in data["steps"] if s["action"] == "rollback"]

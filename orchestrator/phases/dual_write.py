@@ -32,10 +32,11 @@ def forward_function(ctx: Context) -> sql.Composable:
     return _function(ctx, ctx.fn("_fwd"), [body])
 
 
-def reverse_function(ctx: Context) -> sql.Composable:
+def reverse_function(ctx: Context, closing: bool = False) -> sql.Composable:
     """After the swap. The varchar column is the new version's, the retired enum column the old version's (its
     view writes it): the same, the other way round; old labels written into the varchar column by a stale
-    instance are translated."""
+    instance are translated. `closing` (while the swap is rolled back): a write giving the column a value with
+    no enum label is refused, so none can appear after the rollback has looked for them."""
     new, retired = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.retired)
     translate = [(k, v) for k, v in ctx.m.mapping.items() if k != v]
     keep_in_sync = []
@@ -45,11 +46,17 @@ def reverse_function(ctx: Context) -> sql.Composable:
             new, Q(", ").join(L(k) for k, _ in translate), ctx.col,
             case_map(new, translate, otherwise=new), _seen_old(ctx)))
     keep_in_sync.append(Q("NEW.{} := {};").format(ctx.retired, ctx.old_value(new)))
-    body = Q("IF ({}) THEN NEW.{} := {};{} ELSE {} END IF;").format(
+    body = [Q("IF ({}) THEN NEW.{} := {};{} ELSE {} END IF;").format(
         _wrote(ctx.retired, Q("{} IS DISTINCT FROM {}").format(retired, ctx.old_value(new))), ctx.col,
         ctx.forward(retired), _seen_old(ctx),
-        Q(" ").join(keep_in_sync))
-    return _function(ctx, ctx.fn("_rev"), [body])
+        Q(" ").join(keep_in_sync))]
+    if closing:
+        body.append(Q("IF ({0} IS NOT NULL AND {1} IS NULL AND (TG_OP = 'INSERT' OR {0} IS DISTINCT FROM OLD.{2})) "
+                      "THEN RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = {3} || {0} || {4}; "
+                      "END IF;").format(new, ctx.backward(new), ctx.col,
+                                        L(f"{ctx.m.label}: the value "), L(" has no label in the enum: the swap is "
+                                                                            "being rolled back")))
+    return _function(ctx, ctx.fn("_rev"), body)
 
 
 def _wrote(column: sql.Identifier, disagree: sql.Composable) -> sql.Composable:

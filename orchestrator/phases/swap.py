@@ -15,13 +15,13 @@ from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
 from . import shape, target_check, versions
-from .dual_write import create_triggers, refuse_later_triggers
+from .dual_write import create_triggers, refuse_later_triggers, reverse_function
 
 
-def lock_tables(ctxs: list[Context]) -> sql.Composable:
+def lock_tables(ctxs: list[Context], mode: str = "ACCESS EXCLUSIVE") -> sql.Composable:
     """LOCK every table of the playbook, in one fixed (sorted) order, as the first statement of the swap."""
     names = sorted({ctx.m.table.schema_ + "\x00" + ctx.m.table.name: ctx.table for ctx in ctxs}.items())
-    return Q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(Q(", ").join(t for _, t in names))
+    return Q("LOCK TABLE {} IN {} MODE").format(Q(", ").join(t for _, t in names), Q(mode))
 
 
 def all_of(queries) -> sql.Composable:
@@ -62,9 +62,6 @@ class SwapColumns(Phase):
 
     def old_check(self, ctx: Context) -> str:
         return _suffixed(f"_ec_{ctx.m.retired}", "_nn")
-
-    def label_check(self, ctx: Context) -> str:
-        return _suffixed(f"_ec_{ctx.m.column.name}", "_has_label")
 
     def swapped(self, ctx: Context) -> sql.Composable:
         return ctx.exists_query("column", ctx.m.retired)
@@ -165,26 +162,20 @@ class SwapColumns(Phase):
                          lock="ACCESS EXCLUSIVE (catalog only)", what="drop NOT NULL check")
             target_check.drop_all(ctxs)
             return
-        # From here on no new value without an enum label can be written (the new app is being rolled back), so
-        # the check for such values below cannot miss one written meanwhile; VALIDATE proves it, the un-swap
-        # drops the constraint.
+        # From here on the sync refuses new values without an enum label (the new app is being rolled back;
+        # rows holding one already stay writable), and a lock that waits for every write in flight makes sure
+        # none slipped in before: the check for such values below cannot miss one written meanwhile.
         for ctx in ctxs:
-            x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NULL OR {} IS NOT NULL) NOT VALID").format(
-                ctx.table, I(self.label_check(ctx)), ctx.col, ctx.backward(ctx.col)),
-                skip_if=Q("SELECT ({}) OR NOT ({})").format(ctx.exists_query("constraint", self.label_check(ctx)),
-                                                          self.swapped(ctx)),
-                lock="ACCESS EXCLUSIVE (catalog only)", what="hold new values to enum labels")
+            x.atomic(reverse_function(ctx, closing=True), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
+                     lock="none (function only)", what="refuse new values without an enum label")
+        x.atomic(lock_tables(ctxs, "SHARE ROW EXCLUSIVE"), lock="SHARE ROW EXCLUSIVE on every table (waits for "
+                 "the writes in flight, then released)", what="wait for writes in flight")
         try:
             self._resolve_unmapped(ctxs)
         except Refused:
-            for ctx in ctxs:  # refused: leave nothing behind
-                x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.label_check(ctx))),
-                         lock="ACCESS EXCLUSIVE (catalog only)", what="drop the label check")
+            for ctx in ctxs:  # refused: the sync as it was
+                x.atomic(reverse_function(ctx), lock="none (function only)", what="restore the sync")
             raise
-        for ctx in ctxs:
-            x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.label_check(ctx))),
-                     skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                     lock="SHARE UPDATE EXCLUSIVE", what="validate the label check", online=True)
         for ctx in ctxs:
             if ctx.facts.not_null:
                 x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
@@ -204,7 +195,7 @@ class SwapColumns(Phase):
         from .dual_write import drop_triggers
         t, f = ctx.table, ctx.facts
         stmts = [*drop_triggers(ctx),
-                 Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, I(self.label_check(ctx))),
+                 reverse_function(ctx),  # as it was before the rollback closed it, for the next swap
                  Q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, ctx.col),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.shadow),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.retired, ctx.col)]
