@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BadInput
-from .playbook import _UniqueKeyLoader, _first_error, _nul_path
+from .playbook import _first_error, _nul_path, read_yaml
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -175,18 +174,7 @@ def parse(data: Any, source: str = "inventory") -> Inventory:
 
 def load(path: str | Path) -> Inventory:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise BadInput(f"cannot read inventory {str(path)!r}: {err.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None)
-        raise BadInput(f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
-    inv = parse(data, str(path))
+    inv = parse(read_yaml(path, "inventory"), str(path))
     if inv.playbook is not None and not Path(inv.playbook).is_absolute():
         inv = inv.model_copy(update={"playbook": str(path.parent / inv.playbook)})
     return inv

@@ -591,17 +591,21 @@ def _with_environment(data: dict, name: str) -> dict:
     return merged
 
 
-def load(path: str | Path, env: str | None = None) -> Playbook:
+def read_yaml(path: str | Path, what: str = "playbook") -> Any:
+    """A YAML file's data (duplicate keys refused), or BadInput with one line saying where it is wrong."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise BadInput(f"cannot read playbook {str(path)!r}: {err.strerror}") from None
+        raise BadInput(f"cannot read {what} {str(path)!r}: {err.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None)
         raise BadInput(f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
-    return parse(data, str(path), env)
+
+
+def load(path: str | Path, env: str | None = None) -> Playbook:
+    return parse(read_yaml(path), str(path), env)

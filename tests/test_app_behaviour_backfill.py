@@ -263,7 +263,7 @@ def test_online_timeout_refusal_names_the_session_still_in_the_way(dsn, tmp_path
     assert r.returncode == 3, r.stderr[-3000:]
     line = error_line(r)
     assert still == [("idle in transaction",)], still
-    assert f"pid {report.pid} (idle in transaction" in line and "SELECT count(*) FROM audit" in line, line
+    assert f"pid {report.pid} (" in line and "idle in transaction" in line and "SELECT count(*) FROM audit" in line, line
     assert "virtualxid" in line and "online_lock_timeout_ms=1500ms" in line, line
     assert "blocker has gone" not in line, line
     builds = builds_in_run_log(dsn)
