@@ -16,7 +16,7 @@ import structlog
 from psycopg import errors as pgerr
 from psycopg import sql
 
-from . import health
+from . import health, replica
 from .keyset import Keyset
 from .phases.base import Context
 from .errors import Failure, Refused
@@ -162,7 +162,8 @@ class Backfill:
     # -- operator and server throttles -------------------------------------------------------------
     def _throttle(self) -> None:
         """Hold the next batch while a replica lags or long transactions pile up (their limits are optional)."""
-        if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None and not health.enabled(self.s):
+        if self.s.max_replica_lag_ms is None and self.s.max_replica_lag_bytes is None \
+                and self.s.max_long_transactions is None and not health.enabled(self.s):
             return
         waited, shown = 0.0, None
         try:
@@ -183,11 +184,8 @@ class Backfill:
 
     def _throttle_reason(self) -> str | None:
         s = self.s
-        if s.max_replica_lag_ms is not None:
-            lag = self.x.scalar(Q("SELECT coalesce(max(extract(epoch FROM replay_lag)) * 1000, 0) "
-                                  "FROM pg_stat_replication"))
-            if lag > s.max_replica_lag_ms:
-                return f"replica replay lag {lag:.0f} ms > max_replica_lag_ms {s.max_replica_lag_ms}"
+        if (why := replica.reason(self)) is not None:  # max_replica_lag_bytes / max_replica_lag_ms
+            return why
         if s.max_long_transactions is not None:
             n = self.x.scalar(Q("""SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
                                    AND xact_start < now() - make_interval(secs => %s)

@@ -169,6 +169,7 @@ class Settings(Strict):
     batch_pause_ms: int = Field(0, ge=0, le=600_000)
     # Throttles, checked before each batch: wait while a replica lags or long transactions pile up.
     max_replica_lag_ms: int | None = Field(None, ge=1, le=86_400_000)
+    max_replica_lag_bytes: int | None = Field(None, ge=1, le=1 << 50)  # WAL a standby has yet to replay
     max_long_transactions: int | None = Field(None, ge=0, le=100_000)
     long_transaction_s: int = Field(60, ge=1, le=86_400)
     throttle_max_wait_s: int = Field(600, ge=1, le=86_400)
