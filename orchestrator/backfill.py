@@ -70,6 +70,7 @@ class Backfill:
             return st
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
+        since_vacuum = 0
         with Progress(f"backfill {self.ctx.m.label}", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self.x.wait_while_paused()
@@ -78,12 +79,18 @@ class Backfill:
                     time.sleep(self.s.batch_pause_ms / 1000)
                 after, scanned, size = self._batch(after, end, size)
                 progress.advance(scanned)
+                since_vacuum += scanned
+                if self.s.vacuum_every_rows is not None and since_vacuum >= self.s.vacuum_every_rows:
+                    self.vacuum()
+                    since_vacuum = 0
                 if self.ctx.hooks is not None:
                     self.ctx.hooks.progress(phase=3, phase_name="backfill", action="expand", status="running",
                                             table=f"{self.ctx.m.table.schema_}.{self.ctx.m.table.name}",
                                             column=self.ctx.m.column.name,
                                             rows_done=progress.done, rows_total=progress.total,
                                             rows_per_s=progress.rate(), eta_s=progress.eta())
+            if self.s.vacuum_every_rows is not None and since_vacuum:
+                self.vacuum()
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
                 self.state.t("backfills")), (self.state.playbook, self.ctx.m.key))
         return self.state.backfill(self.ctx.m.key)
@@ -130,6 +137,36 @@ class Backfill:
 
         upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
         return upto, scanned, self._next_size(sizes[0], ms)
+
+    def vacuum(self) -> bool:
+        """Online VACUUM of the table between batch ranges (settings.vacuum_every_rows): frees the row versions
+        the batches left behind, so later batches reuse their space instead of growing the table, and sets
+        hint bits and the visibility map while the pages are fresh in the WAL (verify then writes nothing).
+        SHARE UPDATE EXCLUSIVE (reads and writes go on); TRUNCATE false, so no ACCESS EXCLUSIVE at its end.
+        Skipped, not retried, when another vacuum holds the table past lock_timeout."""
+        opts = [Q("TRUNCATE false")]
+        cleanup = self.s.vacuum_index_cleanup
+        if cleanup != "auto" or self.x.conn.info.server_version >= 140000:  # AUTO is PostgreSQL 14+
+            opts.append(Q("INDEX_CLEANUP {}").format(Q({"auto": "AUTO", "on": "ON", "off": "OFF"}[cleanup])))
+        stmt = Q("VACUUM ({}) {}").format(Q(", ").join(opts), self.ctx.table)
+        started = time.monotonic()
+        cur = self.x.conn.cursor()
+        try:
+            cur.execute(Q("SET lock_timeout = {}").format(L(f"{self.s.lock_timeout_ms}ms")))
+            cur.execute(Q("SET statement_timeout = {}").format(L(f"{self.s.online_statement_timeout_ms}ms")))
+            cur.execute(stmt)
+            outcome = "ok"
+        except pgerr.LockNotAvailable:
+            outcome = "LockNotAvailable (skipped)"
+        finally:
+            cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+        self.vacuums = getattr(self, "vacuums", 0) + 1
+        self.vacuum_s = getattr(self, "vacuum_s", 0.0) + time.monotonic() - started
+        if self.x.on_statement is not None:
+            self.x.on_statement(self.x.render(stmt), time.monotonic() - started, outcome)
+        log.info("backfill vacuum", table=self.ctx.m.label, outcome=outcome,
+                 seconds=round(time.monotonic() - started, 2))
+        return outcome == "ok"
 
     def _log_batch(self, after, upto, changed: int | None, started: float, outcome: str) -> None:
         if self.x.on_statement is not None:

@@ -10,18 +10,31 @@ class BackfillPhase(Phase):
     name = "backfill"
     title = "backfill the shadow column in batches"
     expand_doc = ("UPDATE ... SET shadow = map(column) WHERE pk in (next key range) AND shadow IS DISTINCT FROM "
-                  "map(column); one short transaction per batch, cursor committed with it (resumable)")
+                  "map(column); one short transaction per batch, cursor committed with it (resumable); with "
+                  "settings.vacuum_every_rows an online VACUUM between ranges; with indexes_after_backfill the "
+                  "CREATE INDEX CONCURRENTLY of phase 1 after the batches")
     rollback_doc = "forget the backfill cursor (values in the shadow column go with phase 1's rollback)"
     contract_doc = "nothing to remove"
     locks_doc = "ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout"
 
     def expand(self, ctx: Context) -> dict:
         from ..backfill import Backfill  # the engine imports the phase context; import late to avoid a cycle
+        from .shadow import build_indexes
         engine = Backfill(ctx)
+        s = ctx.pb.settings
         if ctx.x.dry_run:
             engine.plan()
+            if s.vacuum_every_rows is not None:
+                ctx.x.note(f"VACUUM (TRUNCATE false, INDEX_CLEANUP {s.vacuum_index_cleanup.upper()}) "
+                           f"{ctx.x.render(ctx.table)}  -- after every {s.vacuum_every_rows} rows and at the end",
+                           lock="SHARE UPDATE EXCLUSIVE (reads and writes go on); skipped past lock_timeout")
+            if s.indexes_after_backfill:
+                build_indexes(ctx)
             return {}
         st = engine.run()
+        # With settings.indexes_after_backfill phase 1 left the index builds to here; without it they exist
+        # already and each build is skipped (so a setting changed between phases still ends with every index).
+        build_indexes(ctx)
         return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
 
     def expand_all(self, ctxs: list[Context]) -> dict:
@@ -32,7 +45,16 @@ class BackfillPhase(Phase):
                 "batches": sum(t["batches"] for t in tables.values()),
                 "max_batch_ms": max((t["max_batch_ms"] or 0 for t in tables.values()), default=0), "tables": tables}
 
+    def check(self, ctx: Context) -> list[str]:
+        from .shadow import index_names
+        return [f"index {n!r} missing or invalid" for n in index_names(ctx) if not ctx.has("valid_index", n)]
+
     def rollback(self, ctx: Context) -> None:
+        if ctx.pb.settings.indexes_after_backfill:  # the indexes this phase built: back to phase 2's state
+            from .shadow import index_names
+            for name in index_names(ctx):
+                ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
+                                   lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
         ctx.x.note("-- forget the backfill cursor")
         if ctx.state is not None and not ctx.x.dry_run:
             ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = %s").format(
