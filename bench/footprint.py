@@ -3,7 +3,7 @@ streaming standby, for the orchestrator (per phase, per footprint setting) again
 
 Used by bench/run.py's `footprint` and `replica` sections; every run works on its own identical clone.
 
-WAL is the difference of pg_current_wal_lsn() around each step (the whole server: nothing else runs during
+WAL is the difference of pg_current_wal_insert_lsn() around each step (the whole server: nothing else runs during
 the section; autovacuum is off on the migrated tables, so no worker lands in one run and not another), with
 full_page_writes on for the section (the benchmark's server runs with it off otherwise), after a CHECKPOINT,
 so full-page images are counted as a production server writes them. Sizes are pg_table_size (heap, TOAST,
@@ -34,19 +34,26 @@ if TYPE_CHECKING:
 MB = 1024 * 1024
 
 
-def variants(n: int) -> dict[str, dict[str, Any]]:
+def variants(n: int, compression: str) -> dict[str, dict[str, Any]]:
     """Footprint settings measured against the default, each on its own clone (keys: playbook settings)."""
     every = max(n // 20, 1000)  # about 5% of workflow_templates per VACUUM
     return {
         "default": {},
         "indexes after backfill": {"indexes_after_backfill": True},
         f"vacuum every {every:,} rows": {"vacuum_every_rows": every},
-        "indexes after backfill + vacuum": {"indexes_after_backfill": True, "vacuum_every_rows": every},
+        f"wal_compression {compression}": {"wal_compression": compression},
+        "all three": {"indexes_after_backfill": True, "vacuum_every_rows": every, "wal_compression": compression},
     }
 
 
+def best_compression(conn: psycopg.Connection) -> str:
+    vals = conn.execute("SELECT enumvals FROM pg_settings WHERE name = 'wal_compression'").fetchone()[0] or []
+    return next((m for m in ("lz4", "zstd") if m in vals), "pglz")
+
+
 def lsn(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").fetchone()[0])
+    # The insert position: pg_current_wal_lsn() (the write position) trails it by up to wal_buffers.
+    return int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint").fetchone()[0])
 
 
 def checkpoints(conn: psycopg.Connection) -> int | None:
@@ -160,7 +167,7 @@ def instrumented(orch: Orchestrator, conn: psycopg.Connection, buckets: dict[str
         Backfill.vacuum = orig_vac
 
 
-def run_ours(bench: Bench, pb: playbook.Playbook, dsn: str) -> dict:
+def run_ours(bench: Bench, pb: playbook.Playbook, dsn: str, with_reindex: bool = False) -> dict:
     """Phases 1-6 and the contract; WAL per phase (with index builds and vacuums apart), sizes, seconds."""
     out: dict[str, Any] = {"phases": {}}
     with psycopg.connect(dsn, autocommit=True) as meter:
@@ -189,12 +196,26 @@ def run_ours(bench: Bench, pb: playbook.Playbook, dsn: str) -> dict:
         ck1 = checkpoints(meter)
         out["checkpoints"] = None if ck0 is None or ck1 is None else ck1 - ck0
         settle(bench, meter, out)
+        if with_reindex:
+            reindex(bench, meter, out)
     return out
 
 
-def run_naive(bench: Bench, dsn: str) -> dict:
-    out: dict[str, Any] = {}
+def reindex(bench: Bench, conn: psycopg.Connection, out: dict) -> None:
+    """What rebuilding every index of the migrated tables afterwards (REINDEX TABLE CONCURRENTLY) would cost
+    in WAL and give back in size: measured, not something the orchestrator does."""
+    a = lsn(conn)
+    for t in bench.tables:
+        conn.execute(sql.SQL("REINDEX TABLE CONCURRENTLY {}").format(t))
+    out["reindex_wal_mb"] = round((lsn(conn) - a) / MB, 1)
+    out["size_after_reindex"] = sizes(conn, bench.tables)
+
+
+def run_naive(bench: Bench, dsn: str, wal_compression: str | None = None) -> dict:
+    out: dict[str, Any] = {"wal_compression": wal_compression}
     with psycopg.connect(dsn, autocommit=True) as conn:
+        if wal_compression:
+            conn.execute(sql.SQL("SET wal_compression = {}").format(sql.Literal(wal_compression)))
         ck0 = checkpoints(conn)
         a, t = lsn(conn), time.monotonic()
         with conn.transaction():
@@ -214,21 +235,27 @@ def section_footprint(bench: Bench) -> dict:
         with psycopg.connect(bench.srv.dsn, autocommit=True) as c:
             out["full_page_writes"] = c.execute("SHOW full_page_writes").fetchone()[0]
             out["data_checksums"] = c.execute("SHOW data_checksums").fetchone()[0]
+            compression = best_compression(c)
         dsn = prepare(bench, "fp_naive")
         out["rows"] = bench.table_rows[bench.n]
         out["naive"] = run_naive(bench, dsn)
         bench.drop(dsn)
-        for i, (name, settings) in enumerate(variants(bench.n).items()):
+        dsn = prepare(bench, "fp_naive_c")
+        out["naive_compressed"] = run_naive(bench, dsn, compression)
+        bench.drop(dsn)
+        for i, (name, settings) in enumerate(variants(bench.n, compression).items()):
             wanted = [w.strip() for w in (bench.args.footprint_variants or "").split(",") if w.strip()]
             if wanted and not any(w in name for w in wanted):
                 continue
             bench.console.log(f"footprint: {name} …")
             dsn = prepare(bench, f"fp_{i}")
-            res = run_ours(bench, playbook_with(bench, settings), dsn)
+            res = run_ours(bench, playbook_with(bench, settings), dsn, with_reindex=name == "all three")
             bench.drop(dsn)
             res["settings"] = settings
             nv = out["naive"]
             res["wal_ratio"] = round(res["wal_mb"] / max(nv["wal_mb"], 1e-3), 2)
+            res["wal_ratio_vs_naive_compressed"] = round(res["wal_mb"] / max(out["naive_compressed"]["wal_mb"], 1e-3),
+                                                         2)
             res["size_ratio"] = round(res["size"]["total_mb"] / max(nv["size"]["total_mb"], 1e-3), 2)
             res["size_ratio_after_vacuum"] = round(res["size_after_vacuum"]["total_mb"]
                                                    / max(nv["size_after_vacuum"]["total_mb"], 1e-3), 2)

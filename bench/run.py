@@ -1143,6 +1143,12 @@ def render_footprint(console: Console, res: dict) -> None:
                   f"({nv['size']['table_mb']:,} + {nv['size']['indexes_mb']:,})", "1",
                   f"{nv['size_after_vacuum']['total_mb']:,}", "1", str(nv["vacuum_after_wal_mb"]),
                   str(nv["seconds"]), str(nv["checkpoints"]))
+        if f.get("naive_compressed"):
+            nc = f["naive_compressed"]
+            t.add_row(f"naive rewrite, wal_compression {nc['wal_compression']}", f"{nc['wal_mb']:,}",
+                      f"{round(nc['wal_mb'] / max(nv['wal_mb'], 1e-3), 2)}", f"{nc['size']['total_mb']:,}", "",
+                      f"{nc['size_after_vacuum']['total_mb']:,}", "", str(nc["vacuum_after_wal_mb"]),
+                      str(nc["seconds"]), str(nc["checkpoints"]))
         for name, v in f["variants"].items():
             t.add_row(f"orchestrator: {name}", f"{v['wal_mb']:,}", f"{v['wal_ratio']}",
                       f"{v['size']['total_mb']:,} ({v['size']['table_mb']:,} + {v['size']['indexes_mb']:,})",
@@ -1150,6 +1156,14 @@ def render_footprint(console: Console, res: dict) -> None:
                       f"{v['size_ratio_after_vacuum']}", str(v["vacuum_after_wal_mb"]), str(v["seconds"]),
                       str(v["checkpoints"]))
         console.print(t)
+        for name, v in f["variants"].items():
+            if "size_after_reindex" in v:
+                wal = v["wal_mb"] + v["vacuum_after_wal_mb"] + v["reindex_wal_mb"]
+                after = v["size_after_reindex"]
+                console.print(f"{name}, then REINDEX TABLE CONCURRENTLY of both tables (measured, not done by the "
+                              f"orchestrator): +{v['reindex_wal_mb']} MB WAL (→ {round(wal / max(nv['wal_mb'], 1e-3), 2)}× "
+                              f"naive, with the VACUUM), table + indexes {after['total_mb']} MB ({after['table_mb']} + "
+                              f"{after['indexes_mb']}) → {round(after['total_mb'] / max(nv['size']['total_mb'], 1e-3), 2)}× naive")
         names = list(f["variants"])
         t = Table(title="WAL MB per phase (of which: index builds / backfill VACUUMs)")
         t.add_column("phase")

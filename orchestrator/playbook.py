@@ -198,6 +198,9 @@ class Settings(Strict):
     indexes_after_backfill: bool = False
     vacuum_every_rows: int | None = Field(None, ge=1, le=1_000_000_000)
     vacuum_index_cleanup: Literal["auto", "on", "off"] = "auto"
+    # Compress the full-page images of phase 3's own writes (SET wal_compression in its session: superuser or
+    # GRANT SET ON PARAMETER; without the right, or a method the server lacks, it goes on uncompressed).
+    wal_compression: Literal["pglz", "lz4", "zstd"] | None = None
     cancel_autovacuum: bool = True  # an autovacuum holding the table would outlast every lock_timeout retry
     drop_enum_type: bool = True
     translate_old_writes: bool = True  # after the swap, old labels written by stale app instances are mapped

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
-from ..sqlkit import Q
+from contextlib import contextmanager
+
+import psycopg
+import structlog
+
+from ..sqlkit import L, Q
 from .base import Context, Phase
+
+log = structlog.get_logger()
+
+
+@contextmanager
+def _wal_compression(ctx: Context):
+    """settings.wal_compression for this session while phase 3 writes; never a reason to stop."""
+    method = ctx.pb.settings.wal_compression
+    applied = False
+    if method is not None:
+        try:
+            ctx.x.conn.execute(Q("SET wal_compression = {}").format(L(method)))
+            applied = True
+        except psycopg.Error as err:
+            log.warning("wal_compression not applied", method=method, error=" ".join(str(err).split()))
+    try:
+        yield
+    finally:
+        if applied and not ctx.x.conn.closed and not ctx.x.conn.broken:
+            ctx.x.conn.execute(Q("RESET wal_compression"))
 
 
 class BackfillPhase(Phase):
@@ -31,10 +56,11 @@ class BackfillPhase(Phase):
             if s.indexes_after_backfill:
                 build_indexes(ctx)
             return {}
-        st = engine.run()
-        # With settings.indexes_after_backfill phase 1 left the index builds to here; without it they exist
-        # already and each build is skipped (so a setting changed between phases still ends with every index).
-        build_indexes(ctx)
+        with _wal_compression(ctx):
+            st = engine.run()
+            # With settings.indexes_after_backfill phase 1 left the index builds to here; without it they exist
+            # already and each build is skipped (so a setting changed between phases still ends with every index).
+            build_indexes(ctx)
         return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
 
     def expand_all(self, ctxs: list[Context]) -> dict:
