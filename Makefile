@@ -10,7 +10,7 @@ ROWS     ?= 100000
 ORCH      = $(VENV)/bin/orchestrator --playbook $(PLAYBOOK) $(if $(DATABASE_URL),--dsn "$(DATABASE_URL)")
 ALEMBIC   = $(VENV)/bin/alembic -x dsn="$(if $(DATABASE_URL),$(DATABASE_URL),demo)"
 
-.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill server-stop \
+.PHONY: help venv demo demo-db plan status verify contract pause resume test test-fast test-slow bench bench-backfill bench-footprint server-stop \
         upgrade downgrade history revisions revisions-check
 
 help:
@@ -98,7 +98,11 @@ rehearse: venv
 	$(ORCH) rehearse --rows $(REHEARSE_ROWS) --writers $(REHEARSE_WRITERS)
 
 bench: venv
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# WAL, size and a real standby's replay lag vs the naive rewrite (make bench-footprint BENCH_ARGS="--rows 1000000")
+bench-footprint: venv
+	$(VENV)/bin/python bench/run.py --sections footprint,replica $(BENCH_ARGS)
 
 bench-backfill: venv
 	$(VENV)/bin/python bench/run.py --sections backfill
