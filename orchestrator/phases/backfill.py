@@ -38,7 +38,8 @@ class BackfillPhase(Phase):
                   "map(column); one short transaction per batch, cursor committed with it (resumable); with "
                   "settings.vacuum_every_rows an online VACUUM between ranges; with indexes_after_backfill the "
                   "CREATE INDEX CONCURRENTLY of phase 1 after the batches")
-    rollback_doc = "forget the backfill cursor (values in the shadow column go with phase 1's rollback)"
+    rollback_doc = ("forget the backfill cursor (values in the shadow column go with phase 1's rollback); with "
+                    "settings.indexes_after_backfill DROP INDEX CONCURRENTLY the indexes it built")
     contract_doc = "nothing to remove"
     locks_doc = "ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout"
 

@@ -11,7 +11,8 @@ class AddShadowColumn(Phase):
     name = "add_shadow_column"
     title = "add the shadow column, the new columns and their indexes"
     expand_doc = ("ADD COLUMN shadow varchar (nullable, no default) and the extra columns (constant defaults "
-                  "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes")
+                  "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes "
+                  "(in phase 3, after the backfill, with settings.indexes_after_backfill)")
     contract_doc = "DROP DEFAULT of extra columns whose backfill value served as a temporary default"
     rollback_doc = ("refuse if an extra column holds values the app wrote; DROP INDEX CONCURRENTLY; "
                     "DROP COLUMN shadow and the extra columns")
