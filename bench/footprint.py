@@ -41,6 +41,7 @@ def variants(n: int, compression: str) -> dict[str, dict[str, Any]]:
         "default": {},
         "indexes after backfill": {"indexes_after_backfill": True},
         f"vacuum every {every:,} rows": {"vacuum_every_rows": every},
+        "indexes after backfill + vacuum": {"indexes_after_backfill": True, "vacuum_every_rows": every},
         f"wal_compression {compression}": {"wal_compression": compression},
         "all three": {"indexes_after_backfill": True, "vacuum_every_rows": every, "wal_compression": compression},
     }
