@@ -296,9 +296,14 @@ class LagSampler(threading.Thread):
                 row = c.execute("""SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8,
                                           max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::float8,
                                           max(extract(epoch FROM replay_lag))::float8 * 1000
-                                   FROM pg_stat_replication""").fetchone()
+                                   FROM pg_stat_replication WHERE state = 'streaming'""").fetchone()
                 now = time.monotonic()
-                cur, behind, lag = row[0], row[1] or 0.0, row[2]
+                cur, behind, lag = row[0], row[1], row[2]
+                if behind is None:  # no standby streaming: nothing measured (never a zero lag)
+                    with self.lock:
+                        self.samples.append((now, None, None, None))
+                    self.stop_ev.wait(self.every)
+                    continue
                 self._hist.append((now, cur))
                 replay = cur - behind
                 first = next((t for t, x in self._hist if x > replay), None) if behind > 0 else None
@@ -309,11 +314,16 @@ class LagSampler(threading.Thread):
 
     def behind(self) -> float:
         with self.lock:
-            return self.samples[-1][1] if self.samples else float("inf")
+            last = self.samples[-1][1] if self.samples else None
+        return float("inf") if last is None else last
 
     def window(self, a: float, b: float) -> dict:
         with self.lock:
-            sel = [s for s in self.samples if a <= s[0] <= b]
+            every = [s for s in self.samples if a <= s[0] <= b]
+        sel = [s for s in every if s[1] is not None]
+        if len(sel) < len(every):
+            raise RuntimeError(f"the standby stopped streaming during the run ({len(every) - len(sel)} of "
+                               f"{len(every)} samples without it)")
         if not sel:
             return {}
         return {"max_lag_mb": round(max(s[1] for s in sel) / MB, 1),
@@ -324,7 +334,9 @@ class LagSampler(threading.Thread):
 
     def wait_caught_up(self, timeout: float = 600) -> float:
         t = time.monotonic()
-        while self.behind() > 0 and time.monotonic() - t < timeout:
+        while self.behind() > 0:
+            if time.monotonic() - t > timeout:
+                raise RuntimeError(f"the standby has not caught up (or is not streaming) after {timeout:.0f} s")
             time.sleep(0.05)
         return time.monotonic() - t
 

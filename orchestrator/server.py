@@ -247,9 +247,11 @@ def start_binaries(data_dir: Path | None = None, bin_dir: Path | None = None) ->
 def start_standby(primary: Server, timeout_s: float = 60) -> Server:
     """A hot standby of `primary` (a server we started: embedded or binaries), streaming from it.
 
-    `pg_basebackup -R -X stream` from the primary's own binaries into a temp dir, then `pg_ctl start`; runs as
+    `pg_basebackup -R -X stream` from the primary's own binaries into a temp dir, with a physical replication
+    slot (so the primary keeps the WAL a slow or paused standby still needs), then `pg_ctl start`; runs as
     the OS user that owns the primary's data dir (initdb and postgres refuse root), listens on a unix socket
-    only. Returns once pg_stat_replication on the primary shows it streaming. stop() stops it and deletes it.
+    only. Returns once pg_stat_replication on the primary shows it streaming. stop() stops it, drops its slot
+    and deletes it.
     The primary needs wal_level replica (the default), a free WAL sender and a `replication` pg_hba entry for
     local connections (initdb --auth=trust writes one); each is checked with a clear error.
     """
@@ -275,8 +277,24 @@ def start_standby(primary: Server, timeout_s: float = 60) -> Server:
         ent = pwd.getpwnam(user)
         os.chown(tmp, ent.pw_uid, ent.pw_gid)
     started = False
+    slot = f"orch_standby_{os.getpid()}_{tmp.name[3:].lower()}"
+
+    def drop_slot() -> None:
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 30  # the walsender lets go of the slot shortly after the standby stops
+            while True:
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                 "WHERE slot_name = %s", (slot,))
+                    return
+                except psycopg.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
     try:
         _run([str(bin_dir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+              "-C", "-S", slot,
               "-h", params.get("host", "/tmp"), "-p", str(params.get("port", 5432)),
               "-U", params.get("user", "postgres"), "-w"], user, tmp)
         opts = f"-k {tmp} -h '' -c hot_standby=on -c hot_standby_feedback=off"
@@ -291,15 +309,19 @@ def start_standby(primary: Server, timeout_s: float = 60) -> Server:
                     raise RuntimeError(f"standby in {data} not streaming after {timeout_s:.0f}s")
                 time.sleep(0.1)
     except Exception:
-        if started:
-            _run([str(bin_dir / "pg_ctl"), "-w", "-D", str(data), "-m", "immediate", "stop"], user, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if started:
+                _run([str(bin_dir / "pg_ctl"), "-w", "-D", str(data), "-m", "immediate", "stop"], user, tmp)
+            drop_slot()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     dsn = f"postgresql://postgres@/postgres?host={tmp}"
 
     def stop() -> None:
         try:
             _run([str(bin_dir / "pg_ctl"), "-w", "-D", str(data), "-m", "immediate", "stop"], user, tmp)
+            drop_slot()  # else the primary would keep every WAL segment from here on
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -128,7 +128,11 @@ def test_start_standby_streams_and_stops(pg_server):
         with psycopg.connect(sb.dsn, autocommit=True) as c:
             assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
         assert query(pg_server.dsn, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")[0][0] >= 1
+        assert query(pg_server.dsn, "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE "
+                                    "'orch_standby_%%'")[0][0] == 1
     finally:
         sb.stop()
     wait_until("walsender gone", lambda: query(pg_server.dsn, "SELECT count(*) FROM pg_stat_replication")[0][0] == 0,
                timeout=30)
+    assert query(pg_server.dsn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'orch_standby_%%'"
+                 )[0][0] == 0  # its slot is gone with it: the primary keeps no WAL for it
