@@ -156,12 +156,11 @@ class Backfill:
             cur.execute(Q("SET statement_timeout = {}").format(L(f"{self.s.online_statement_timeout_ms}ms")))
             cur.execute(stmt)
             outcome = "ok"
-        except pgerr.LockNotAvailable:
-            outcome = "LockNotAvailable (skipped)"
+        except (pgerr.LockNotAvailable, pgerr.QueryCanceled) as err:  # an aid, never a reason to stop
+            outcome = f"{type(err).__name__} (skipped)"
         finally:
-            cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
-        self.vacuums = getattr(self, "vacuums", 0) + 1
-        self.vacuum_s = getattr(self, "vacuum_s", 0.0) + time.monotonic() - started
+            if not self.x.conn.closed and not self.x.conn.broken:
+                cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
         if self.x.on_statement is not None:
             self.x.on_statement(self.x.render(stmt), time.monotonic() - started, outcome)
         log.info("backfill vacuum", table=self.ctx.m.label, outcome=outcome,
