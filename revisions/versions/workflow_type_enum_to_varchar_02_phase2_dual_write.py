@@ -2,7 +2,8 @@
 
 Phase 2 (dual_write) of the playbook, run through the orchestrator.
   upgrade:   orchestrator run 2: CREATE FUNCTION (old label -> new value); CREATE TRIGGER BEFORE INSERT and
-             BEFORE UPDATE OF the column, so every write from now on fills the shadow column
+             BEFORE UPDATE WHEN the copy would change, named to fire after the app's own triggers, so every
+             write from now on fills the shadow column
   downgrade: orchestrator rollback 2: DROP TRIGGER; DROP FUNCTION
   locks:     CREATE TRIGGER: SHARE ROW EXCLUSIVE, DROP TRIGGER: ACCESS EXCLUSIVE, each for milliseconds and
              waiting at most lock_timeout
