@@ -125,3 +125,13 @@ def test_vacuum_every_rows_lets_later_batches_reuse_the_space(dsn, pg_server):
     assert none == 0
     # Without it every row's old version stays: the table about doubles. With it, it grows by about one range.
     assert with_vacuum < 0.75 * without, (with_vacuum, without)
+
+
+def test_wal_compression_the_server_lacks_is_skipped_not_fatal(dsn):
+    methods = query(dsn, "SELECT enumvals FROM pg_settings WHERE name = 'wal_compression'")[0][0]
+    missing = next((m for m in ("lz4", "zstd") if m not in methods), None)
+    seed_chatter(dsn, 300)
+    pb = real_playbook(**{"settings.wal_compression": missing or "pglz"})
+    run(pb, dsn, 1, 2, 3)  # a method this server was built without: a warning, the backfill goes on uncompressed
+    assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type_new IS NULL")[0][0] == 0
+    assert query(dsn, "SELECT bool_and(finished_at IS NOT NULL) FROM _orchestrator.backfills")[0][0] is True
