@@ -20,7 +20,7 @@ ORCH      = ORCHESTRATOR_FRONTEND=make bin/orch
 ALEMBIC   = $(VENV)/bin/alembic $(if $(DATABASE_URL),,-x dsn=demo)
 
 .PHONY: help venv demo demo-db plan status log verify contract pause resume test test-slow bench \
-        bench-backfill server-stop upgrade downgrade history revisions revisions-check
+        bench-backfill bench-footprint server-stop upgrade downgrade history revisions revisions-check
 
 help:
 	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract (leaves the local"
@@ -84,7 +84,11 @@ rehearse: venv
 	@$(ORCH) rehearse --rows $(REHEARSE_ROWS) --writers $(REHEARSE_WRITERS)
 
 bench: venv
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# WAL, size and a real standby's replay lag vs the naive rewrite (make bench-footprint BENCH_ARGS="--rows 1000000")
+bench-footprint: venv
+	$(VENV)/bin/python bench/run.py --sections footprint,replica $(BENCH_ARGS)
 
 bench-backfill: venv
 	$(VENV)/bin/python bench/run.py --sections backfill

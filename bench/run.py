@@ -19,6 +19,8 @@ Sections
   backfill   rows/s vs one UPDATE, longest batch, peak RSS at 100k and N rows, app p99 before/during
   trigger    app throughput (pgbench) with and without the dual-write trigger
   verify     rows/s of the parity check vs a plain count(*)
+  footprint  WAL and table + index size, per phase and per footprint setting, vs the naive rewrite
+  replica    replay lag on a real streaming standby: naive vs orchestrator with the lag throttle off and on
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from orchestrator.traffic import AppTraffic, TrafficReport  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import postmaster_pid, server_cpu_s  # noqa: E402
 
-SECTIONS = ("downtime", "lockqueue", "backfill", "trigger", "verify")
+SECTIONS = ("downtime", "lockqueue", "backfill", "trigger", "verify", "footprint", "replica")
 DEFAULT_PLAYBOOK = REPO / "playbooks" / "workflow_type_enum_to_varchar.yaml"
 CHILD = Path(__file__).resolve().parent / "child.py"
 
@@ -926,6 +928,15 @@ class Bench:
                 "orch_verify_s": round(verify_s, 3), "chunk_rows": self.pb.settings.verify_chunk_rows,
                 "tables": tables, "setup_one_update_s": one["seconds"]}
 
+    # -- footprint and replica (issue 16): bench/footprint.py ------------------------------------------
+    def section_footprint(self) -> dict:
+        import footprint
+        return footprint.section_footprint(self)
+
+    def section_replica(self) -> dict:
+        import footprint
+        return footprint.section_replica(self)
+
 
 # --------------------------------------------------------------------------------------------- goals
 
@@ -1096,6 +1107,7 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
                       f"{x['parity_s']} / {x['count_s']} / {x['count_serial_s']}")
             t.add_row(f"  {k}: ratio", f"{x['ratio']}× ({x['ratio_vs_serial_count']}×)", "")
         console.print(t)
+    render_footprint(console, res)
     g = Table(title="Goals")
     for c in ("section", "goal", "figure", "target", "met"):
         g.add_column(c)
@@ -1103,6 +1115,97 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
         g.add_row(row["section"], row["goal"] + (f" ({row['note']})" if row["note"] else ""), row["figure"],
                   row["target"], "[green]yes[/]" if row["met"] else "[red]NO[/]")
     console.print(g)
+
+
+def footprint_goals(res: dict) -> list[dict]:
+    """Issue 16's goals: WAL <= 2x and table + indexes <= 1.2x the naive rewrite's, once migrated."""
+    out = []
+    if res.get("footprint", {}).get("variants"):
+        for name, v in res["footprint"]["variants"].items():
+            out.append({"section": "footprint", "goal": f"WAL / naive ({name})", "figure": f"{v['wal_ratio']}×",
+                        "target": "≤ 2×", "met": v["wal_ratio"] <= 2, "note": f"{v['wal_mb']} MB"})
+            if "wal_ratio_settled" in v:
+                out.append({"section": "footprint", "goal": f"WAL / naive, each with the VACUUM after it ({name})",
+                            "figure": f"{v['wal_ratio_settled']}×", "target": "≤ 2×", "met": v["wal_ratio_settled"] <= 2,
+                            "note": f"{round(v['wal_mb'] + v['vacuum_after_wal_mb'], 1)} MB"})
+            out.append({"section": "footprint", "goal": f"table + indexes / naive ({name})",
+                        "figure": f"{v['size_ratio']}×", "target": "≤ 1.2×", "met": v["size_ratio"] <= 1.2,
+                        "note": f"{v['size_ratio_after_vacuum']}× after one VACUUM"})
+    return out
+
+
+def render_footprint(console: Console, res: dict) -> None:
+    if res.get("footprint", {}).get("variants"):
+        f = res["footprint"]
+        nv = f["naive"]
+        t = Table(title=f"Footprint: WAL and size vs the naive rewrite (full_page_writes {f['full_page_writes']}, "
+                        f"checksums {f['data_checksums']}, after a CHECKPOINT, autovacuum off on the tables)")
+        for c in ("run", "WAL MB", "× naive", "table + indexes MB", "× naive", "after VACUUM MB", "× naive",
+                  "VACUUM WAL MB", "seconds", "checkpoints"):
+            t.add_column(c, justify="left" if c == "run" else "right")
+        t.add_row("naive rewrite (one transaction)", f"{nv['wal_mb']:,}", "1", f"{nv['size']['total_mb']:,} "
+                  f"({nv['size']['table_mb']:,} + {nv['size']['indexes_mb']:,})", "1",
+                  f"{nv['size_after_vacuum']['total_mb']:,}", "1", str(nv["vacuum_after_wal_mb"]),
+                  str(nv["seconds"]), str(nv["checkpoints"]))
+        if f.get("naive_compressed"):
+            nc = f["naive_compressed"]
+            t.add_row(f"naive rewrite, wal_compression {nc['wal_compression']}", f"{nc['wal_mb']:,}",
+                      f"{round(nc['wal_mb'] / max(nv['wal_mb'], 1e-3), 2)}", f"{nc['size']['total_mb']:,}", "",
+                      f"{nc['size_after_vacuum']['total_mb']:,}", "", str(nc["vacuum_after_wal_mb"]),
+                      str(nc["seconds"]), str(nc["checkpoints"]))
+        for name, v in f["variants"].items():
+            t.add_row(f"orchestrator: {name}", f"{v['wal_mb']:,}", f"{v['wal_ratio']}",
+                      f"{v['size']['total_mb']:,} ({v['size']['table_mb']:,} + {v['size']['indexes_mb']:,})",
+                      f"{v['size_ratio']}", f"{v['size_after_vacuum']['total_mb']:,}",
+                      f"{v['size_ratio_after_vacuum']}", str(v["vacuum_after_wal_mb"]), str(v["seconds"]),
+                      str(v["checkpoints"]))
+        console.print(t)
+        for name, v in f["variants"].items():
+            if "size_after_reindex" in v:
+                wal = v["wal_mb"] + v["vacuum_after_wal_mb"] + v["reindex_wal_mb"]
+                after = v["size_after_reindex"]
+                console.print(f"{name}, then REINDEX TABLE CONCURRENTLY of both tables (measured, not done by the "
+                              f"orchestrator): +{v['reindex_wal_mb']} MB WAL (→ {round(wal / max(nv['wal_mb'], 1e-3), 2)}× "
+                              f"naive, with the VACUUM), table + indexes {after['total_mb']} MB ({after['table_mb']} + "
+                              f"{after['indexes_mb']}) → {round(after['total_mb'] / max(nv['size']['total_mb'], 1e-3), 2)}× naive")
+        names = list(f["variants"])
+        t = Table(title="WAL MB per phase (of which: index builds / backfill VACUUMs)")
+        t.add_column("phase")
+        for name in names:
+            t.add_column(name, justify="right")
+        for ph in f["variants"][names[0]]["phases"]:
+            cells = []
+            for name in names:
+                p = f["variants"][name]["phases"].get(ph, {})
+                extra = [f"{k[9:-3]} {v}" for k, v in p.items() if k.startswith("of which") and v]
+                cells.append(f"{p.get('wal_mb', '-')}" + (f" ({'; '.join(extra)})" if extra else ""))
+            t.add_row(ph, *cells)
+        console.print(t)
+    if res.get("replica", {}).get("runs"):
+        rp = res["replica"]
+        t = Table(title="Streaming standby (same machine): replay lag during the migration")
+        for c in ("run", "seconds", "WAL MB", "max lag MB", "median lag MB", "max lag s", "replay_lag column max s",
+                  "catch-up after s", "throttle held s (holds)"):
+            t.add_column(c, justify="left" if c == "run" else "right")
+        for name, v in rp["runs"].items():
+            lag = v.get("lag", {})
+            t.add_row(name, str(v["seconds"]), str(v["wal_mb"]), str(lag.get("max_lag_mb")),
+                      str(lag.get("p50_lag_mb")), str(lag.get("max_lag_s")), str(lag.get("max_replay_lag_column_s")),
+                      str(v["catch_up_after_s"]),
+                      f"{v['throttle_held_s']} ({v['throttle_holds']})" if "throttle_held_s" in v else "-")
+        console.print(t)
+        t = Table(title="Replay lag per phase of the orchestrator's runs: max MB / max s (the throttle holds phase 3 only)")
+        t.add_column("phase")
+        ours = {k: v for k, v in rp["runs"].items() if "lag_by_phase" in v}
+        for name in ours:
+            t.add_column(name, justify="right")
+        for ph in (next(iter(ours.values()))["lag_by_phase"] if ours else {}):
+            t.add_row(ph, *[f"{v['lag_by_phase'].get(ph, {}).get('max_lag_mb', '-')} / "
+                            f"{v['lag_by_phase'].get(ph, {}).get('max_lag_s', '-')}  ({v['phases'][ph]['wal_mb']} MB WAL)"
+                            for v in ours.values()])
+        console.print(t)
+    elif res.get("replica", {}).get("skipped"):
+        console.print(f"replica: skipped, {res['replica']['skipped']}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -1130,6 +1233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trigger-driver", choices=("auto", "pgbench", "python"), default="auto")
     p.add_argument("--verify-rounds", type=int, default=5)
     p.add_argument("--child-timeout", type=float, default=3600)
+    p.add_argument("--footprint-variants", help="footprint: only the variants whose name contains one of these "
+                                                "(comma-separated; default: all)")
+    p.add_argument("--replica-lag-bytes", type=int, default=16 * 1024 * 1024,
+                   help="replica: max_replica_lag_bytes of the throttled run (default 16 MiB)")
     p.add_argument("--keep", action="store_true", help="keep the databases (only useful with --dsn)")
     a = p.parse_args(argv)
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
@@ -1168,7 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["section_seconds"], meta["setup_seconds"], meta["section_loadavg"] = timings, bench.setup_s, loads
     meta["table_rows"] = {str(k): v for k, v in bench.table_rows.items()}
     meta["schema"] = "Chatter (orchestrator/chatter.py): " + ", ".join(m.label for m in bench.pb.migrations)
-    goal_rows = goals(results, bench.pb)
+    goal_rows = goals(results, bench.pb) + footprint_goals(results)
     render(console, results, goal_rows, meta)
     out = Path(args.json)
     if not out.is_absolute():

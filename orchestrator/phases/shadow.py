@@ -11,7 +11,8 @@ class AddShadowColumn(Phase):
     name = "add_shadow_column"
     title = "add the shadow column, the new columns and their indexes"
     expand_doc = ("ADD COLUMN shadow varchar (nullable, no default) and the extra columns (constant defaults "
-                  "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes")
+                  "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes "
+                  "(in phase 3, after the backfill, with settings.indexes_after_backfill)")
     contract_doc = "DROP DEFAULT of extra columns whose backfill value served as a temporary default"
     rollback_doc = ("refuse if an extra column holds values the app wrote; DROP INDEX CONCURRENTLY; "
                     "DROP COLUMN shadow and the extra columns")
@@ -35,12 +36,10 @@ class AddShadowColumn(Phase):
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(adds)),
                      skip_if=Q("SELECT ({})").format(Q(") AND (").join(present)),
                      lock="ACCESS EXCLUSIVE (catalog only, no rewrite)", what="add columns")
-        for ix in ctx.facts.indexes:
-            cols = [ctx.m.shadow if c == ctx.m.column.name else c for c in ix.columns]
-            self._build(ctx, ix.shadow_name, cols, ix.unique)
-        for c in ctx.m.extra_columns:
-            if c.index:
-                self._build(ctx, ctx.extra_index_name(c.name), [c.name], False)
+        if ctx.pb.settings.indexes_after_backfill:
+            ctx.x.note("-- settings.indexes_after_backfill: the index builds run in phase 3, after its batches")
+            return
+        build_indexes(ctx)
 
     def contract(self, ctx: Context) -> None:
         temporary = [Q("ALTER COLUMN {} DROP DEFAULT").format(I(c.name)) for c in ctx.m.extra_columns
@@ -50,7 +49,8 @@ class AddShadowColumn(Phase):
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(temporary)),
                      lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop temporary defaults")
 
-    def _build(self, ctx: Context, name: str, cols: list[str], unique: bool) -> None:
+    @staticmethod
+    def _build(ctx: Context, name: str, cols: list[str], unique: bool) -> None:
         ctx.x.concurrently(
             Q("CREATE {}INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
                 Q("UNIQUE ") if unique else Q(""), I(name), ctx.table, join(I(c) for c in cols)),
@@ -60,9 +60,7 @@ class AddShadowColumn(Phase):
 
     def rollback(self, ctx: Context) -> None:
         self._refuse_losing_app_values(ctx)
-        names = [ix.shadow_name for ix in ctx.facts.indexes]
-        names += [ctx.extra_index_name(c.name) for c in ctx.m.extra_columns if c.index]
-        for name in names:
+        for name in index_names(ctx):
             ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
                                lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
         drops = [Q("DROP COLUMN IF EXISTS {}").format(ctx.shadow)]
@@ -97,6 +95,24 @@ class AddShadowColumn(Phase):
     def check(self, ctx: Context) -> list[str]:
         problems = [f"column {n!r} missing" for n in [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)]
                     if not ctx.has("column", n)]
-        problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
-                     if not ctx.has("valid_index", ix.shadow_name)]
+        if not ctx.pb.settings.indexes_after_backfill:  # else phase 3 builds them, and checks them
+            problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
+                         if not ctx.has("valid_index", ix.shadow_name)]
         return problems
+
+
+def index_names(ctx: Context) -> list[str]:
+    """The indexes the migration adds: copies of the column's indexes on the shadow, the extra columns' ones."""
+    return [ix.shadow_name for ix in ctx.facts.indexes] + [ctx.extra_index_name(c.name)
+                                                           for c in ctx.m.extra_columns if c.index]
+
+
+def build_indexes(ctx: Context) -> None:
+    """CREATE INDEX CONCURRENTLY each of index_names (skipped when valid): in phase 1, or in phase 3 after the
+    backfill with settings.indexes_after_backfill."""
+    for ix in ctx.facts.indexes:
+        cols = [ctx.m.shadow if c == ctx.m.column.name else c for c in ix.columns]
+        AddShadowColumn._build(ctx, ix.shadow_name, cols, ix.unique)
+    for c in ctx.m.extra_columns:
+        if c.index:
+            AddShadowColumn._build(ctx, ctx.extra_index_name(c.name), [c.name], False)

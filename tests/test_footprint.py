@@ -1,0 +1,137 @@
+"""Footprint settings (issue 16): index builds after the backfill, and an online VACUUM between batch ranges.
+
+Each keeps every guarantee of the phases (order, rollback, contract, the final schema) and does what it says:
+the builds move from phase 1 to phase 3 (and `plan` shows them there), and the table stops doubling."""
+
+from __future__ import annotations
+
+import secrets
+
+import psycopg
+
+from orchestrator import server
+from orchestrator.runner import Orchestrator
+
+from .helpers import query, real_playbook, seed_chatter
+
+NEW_INDEXES = {"workflow_templates": {"ix_workflow_templates_workflow_type_ecnew", "ix_workflow_templates_is_dynamic",
+                                      "ix_workflow_templates_execution_pattern"},
+               "template_specs": {"ix_template_specs_workflow_type_ecnew"}}
+DEFER = {"settings.indexes_after_backfill": True}
+
+
+def valid_indexes(dsn: str) -> dict[str, set[str]]:
+    rows = query(dsn, """SELECT c.relname, i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                         JOIN pg_class c ON c.oid = x.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = 'public' AND x.indisvalid""")
+    out: dict[str, set[str]] = {}
+    for table, index in rows:
+        out.setdefault(table, set()).add(index)
+    return out
+
+
+def ours_present(dsn: str) -> set[str]:
+    have = valid_indexes(dsn)
+    return {ix for t, names in NEW_INDEXES.items() for ix in names if ix in have.get(t, set())}
+
+
+def index_defs(dsn: str) -> list[tuple]:
+    return query(dsn, "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+                      "ORDER BY 1, 2")
+
+
+def run(pb, dsn, *steps) -> None:
+    o = Orchestrator(pb, dsn)
+    try:
+        for s in steps:
+            if s == "contract":
+                o.contract()
+            elif isinstance(s, str) and s.startswith("rollback"):
+                o.rollback(int(s.split()[1]))
+            else:
+                o.run(s)
+    finally:
+        o.close()
+
+
+def test_plan_shows_the_index_builds_in_phase_3_with_indexes_after_backfill(dsn):
+    seed_chatter(dsn, 200)
+    for settings, where in (({}, 1), (DEFER, 3)):
+        o = Orchestrator(real_playbook(**settings), dsn, dry_run=True)
+        try:
+            plans = {p.phase.number: p for p in o.plan()}
+        finally:
+            o.close()
+        builds = {n: [r.sql for r in p.expand if "CREATE INDEX CONCURRENTLY" in r.sql] for n, p in plans.items()}
+        assert len(builds[where]) == 4, builds
+        assert all(not v for n, v in builds.items() if n != where), builds
+
+
+def test_indexes_after_backfill_phase_1_leaves_them_phase_3_builds_them_rollback_and_contract_hold(dsn, pg_server):
+    seed_chatter(dsn, 2000)
+    pb = real_playbook(**DEFER)
+    run(pb, dsn, 1, 2)
+    assert ours_present(dsn) == set()  # phase 1 built none: the batches maintain fewer indexes
+    run(pb, dsn, 3)
+    assert ours_present(dsn) == set().union(*NEW_INDEXES.values())
+    run(pb, dsn, "rollback 3")  # what phase 3 built goes with it: back to phase 2's state
+    assert ours_present(dsn) == set()
+    run(pb, dsn, 3, 4, 5, 6, "contract")
+    # The same schema, index for index, as the default order gives on an identical database.
+    other = server.create_database(pg_server.dsn, f"t_{secrets.token_hex(6)}")
+    try:
+        seed_chatter(other, 2000)
+        run(real_playbook(), other, 1, 2, 3, 4, 5, 6, "contract")
+        assert index_defs(dsn) == index_defs(other)
+    finally:
+        server.drop_database(pg_server.dsn, psycopg.conninfo.conninfo_to_dict(other)["dbname"])
+    assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type IS NULL")[0][0] == 0
+
+
+def test_rollback_of_phase_1_after_a_deferred_build_leaves_nothing(dsn):
+    seed_chatter(dsn, 500)
+    pb = real_playbook(**DEFER)
+    run(pb, dsn, 1, 2, 3, "rollback 3", "rollback 2", "rollback 1")
+    assert ours_present(dsn) == set()
+    assert query(dsn, "SELECT count(*) FROM information_schema.columns WHERE column_name IN "
+                      "('workflow_type_new', 'is_dynamic', 'execution_pattern')")[0][0] == 0
+
+
+def _backfilled_table_size(dsn: str, settings: dict) -> tuple[int, int, list[str]]:
+    seed_chatter(dsn, 3000)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for t in ("workflow_templates", "template_specs"):
+            c.execute(f"ALTER TABLE {t} SET (autovacuum_enabled = off)")
+            c.execute(f"VACUUM (FREEZE) {t}")
+    pb = real_playbook(**{"settings.batch_size": 200, "settings.min_batch_size": 200,
+                          "settings.max_batch_size": 200, **settings})
+    run(pb, dsn, 1, 2, 3)
+    size = query(dsn, "SELECT pg_relation_size('workflow_templates')")[0][0]
+    log = [r[0] for r in query(dsn, "SELECT statement FROM _orchestrator.run_log WHERE statement LIKE 'VACUUM%%' "
+                                    "AND outcome = 'ok' ORDER BY id")]
+    vacuums = sum(1 for s in log if '"workflow_templates"' in s)
+    return size, vacuums, log
+
+
+def test_vacuum_every_rows_lets_later_batches_reuse_the_space(dsn, pg_server):
+    with_vacuum, vacuums, log = _backfilled_table_size(dsn, {"settings.vacuum_every_rows": 500})
+    assert vacuums == 5, log  # once 500 rows were walked since the last one, in whole batches of 200: at 600, ..., 3000
+    assert all("TRUNCATE false" in s for s in log), log  # never the ACCESS EXCLUSIVE of a truncation
+    other = server.create_database(pg_server.dsn, f"t_{secrets.token_hex(6)}")
+    try:
+        without, none, _ = _backfilled_table_size(other, {})
+    finally:
+        server.drop_database(pg_server.dsn, psycopg.conninfo.conninfo_to_dict(other)["dbname"])
+    assert none == 0
+    # Without it every row's old version stays: the table about doubles. With it, it grows by about one range.
+    assert with_vacuum < 0.75 * without, (with_vacuum, without)
+
+
+def test_wal_compression_the_server_lacks_is_skipped_not_fatal(dsn):
+    methods = query(dsn, "SELECT enumvals FROM pg_settings WHERE name = 'wal_compression'")[0][0]
+    missing = next((m for m in ("lz4", "zstd") if m not in methods), None)
+    seed_chatter(dsn, 300)
+    pb = real_playbook(**{"settings.wal_compression": missing or "pglz"})
+    run(pb, dsn, 1, 2, 3)  # a method this server was built without: a warning, the backfill goes on uncompressed
+    assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type_new IS NULL")[0][0] == 0
+    assert query(dsn, "SELECT bool_and(finished_at IS NOT NULL) FROM _orchestrator.backfills")[0][0] is True
