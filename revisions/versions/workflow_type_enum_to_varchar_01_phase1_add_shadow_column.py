@@ -3,7 +3,7 @@
 Phase 1 (add_shadow_column) of the playbook, run through the orchestrator.
   upgrade:   orchestrator run 1: ADD COLUMN shadow varchar (nullable, no default) and the extra columns
              (constant defaults are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's
-             indexes and extra indexes
+             indexes and extra indexes (in phase 3, after the backfill, with settings.indexes_after_backfill)
   downgrade: orchestrator rollback 1: refuse if an extra column holds values the app wrote; DROP INDEX
              CONCURRENTLY; DROP COLUMN shadow and the extra columns
   locks:     ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take SHARE

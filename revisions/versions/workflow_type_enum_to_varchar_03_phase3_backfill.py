@@ -3,9 +3,10 @@
 Phase 3 (backfill) of the playbook, run through the orchestrator.
   upgrade:   orchestrator run 3: UPDATE ... SET shadow = map(column) WHERE pk in (next key range) AND shadow
              IS DISTINCT FROM map(column); one short transaction per batch, cursor committed with it
-             (resumable)
+             (resumable); with settings.vacuum_every_rows an online VACUUM between ranges; with
+             indexes_after_backfill the CREATE INDEX CONCURRENTLY of phase 1 after the batches
   downgrade: orchestrator rollback 3: forget the backfill cursor (values in the shadow column go with phase
-             1's rollback)
+             1's rollback); with settings.indexes_after_backfill DROP INDEX CONCURRENTLY the indexes it built
   locks:     ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most
              lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)
 
