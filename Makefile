@@ -35,6 +35,7 @@ help:
 	@echo "make venv            create .venv and install the package (the CLI: .venv/bin/orchestrator)"
 	@echo "make test            the test suite (real PostgreSQL 18 and 15); make test-slow: the wider sweeps"
 	@echo "make bench           benchmarks vs the naive migration; make bench-backfill: the backfill alone"
+	@echo "make bench-footprint WAL, size and a real standby's replay lag vs the naive rewrite (BENCH_ARGS=...)"
 	@echo "make upgrade TO=rev | downgrade TO=-1 | history   the same phases through Alembic"
 	@echo "make revisions       regenerate the Alembic revisions; make revisions-check: compare them"
 	@echo "make rehearse        rehearse every rollback under app traffic ($(REHEARSE_ROWS) rows), report in reports/"
