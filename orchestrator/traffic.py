@@ -302,6 +302,19 @@ class AppTraffic:
             ids = [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {} LIMIT %s").format(t), [want])]
         return ids
 
+    def _execute(self, w: _Worker, kind: str, query, params) -> tuple | None:
+        """One app statement, timed and recorded: (cursor, first row), or None when it failed."""
+        assert w.conn is not None
+        t = time.monotonic()
+        error = row = cur = None
+        try:
+            cur = w.conn.execute(query, params)
+            row = cur.fetchone() if cur.description else None
+        except Exception as exc:
+            error = _one_line(exc)
+        w.samples.append(StatementSample(t - self._t0, kind, (time.monotonic() - t) * 1000, error))
+        return None if error is not None else (cur, row)
+
     def _run(self, w: _Worker) -> None:
         while not self._stop.is_set():
             vocab = self._vocab
@@ -358,17 +371,10 @@ class AppTraffic:
         else:  # count
             query, params = self._sql["count"], [value]
 
-        assert w.conn is not None
-        t = time.monotonic()
-        error = None
-        try:
-            cur = w.conn.execute(query, params)
-            row = cur.fetchone() if cur.description else None
-        except Exception as exc:
-            error = _one_line(exc)
-        w.samples.append(StatementSample(t - self._t0, kind, (time.monotonic() - t) * 1000, error))
-        if error is not None:
+        done = self._execute(w, kind, query, params)
+        if done is None:
             return
+        cur, row = done
         # Autocommit: a statement that returned without error is committed.
         if kind == "insert":
             w.written[rid] = value
@@ -428,17 +434,10 @@ class AppTraffic:
         else:  # count
             query, params = self._sql["count"], [value]
 
-        assert w.conn is not None
-        t = time.monotonic()
-        error = None
-        try:
-            cur = w.conn.execute(query, params)
-            row = cur.fetchone() if cur.description else None
-        except Exception as exc:
-            error = _one_line(exc)
-        w.samples.append(StatementSample(t - self._t0, kind, (time.monotonic() - t) * 1000, error))
-        if error is not None:
+        done = self._execute(w, kind, query, params)
+        if done is None:
             return
+        cur, row = done
         # Autocommit: a statement that returned without error is committed.
         if kind == "insert":
             w.written[rid] = value
