@@ -67,22 +67,26 @@ def check_app_triggers(ctxs: list[Context]) -> None:
         return
     if policy == "skip":
         # session_replication_role = replica skips triggers enabled the default way (O) only.
-        firing = {label: [n for n, e in trig if e in ("A", "R")] for label, trig in found.items()}
-        named = "; ".join(f"{label}: {', '.join(names)}" for label, names in firing.items() if names)
+        named = _named(found, ("A", "R"))
         if named:
             raise Refused(f"backfill cannot skip triggers enabled ALWAYS or REPLICA (they fire even with "
                           f"session_replication_role = replica): {named}; nothing was changed",
                           hint="disable them for the backfill, or set settings.app_triggers: fire, then re-run "
                                "phase 3")
         return
-    firing = {label: [n for n, e in trig if e in ("O", "A")] for label, trig in found.items()}
-    named = "; ".join(f"{label}: {', '.join(names)}" for label, names in firing.items() if names)
+    named = _named(found, ("O", "A"))
     if named:
         raise Refused(f"the backfill would fire the application's UPDATE triggers on every row ({named}): "
                       f"timestamps rewritten, audit rows written, updates rejected; nothing was changed",
                       hint="set settings.app_triggers: skip (batches run with session_replication_role = replica; "
                            "needs superuser or, on PostgreSQL 15+, GRANT SET ON PARAMETER "
                            "session_replication_role) or fire (accept their effects), then re-run phase 3")
+
+
+def _named(found: dict[str, list[tuple[str, str]]], enabled: tuple[str, ...]) -> str:
+    """'table.column: trigger, trigger; ...' for the triggers whose tgenabled is one of `enabled`."""
+    return "; ".join(f"{label}: {', '.join(n for n, e in trig if e in enabled)}" for label, trig in found.items()
+                     if any(e in enabled for _, e in trig))
 
 
 def analyze(ctx: Context) -> None:
