@@ -26,8 +26,12 @@ from .sqlkit import I, L, Q, join, placeholders
 log = structlog.get_logger()
 
 
-def update_statement(ctx: Context) -> tuple[sql.Composable, sql.Composable]:
-    """SET list and the 'still needs it' condition of a batch."""
+def update_statement(ctx: Context, reverse: bool = False) -> tuple[sql.Composable, sql.Composable]:
+    """SET list and the 'still needs it' condition of a batch. `reverse`: after the contract, filling the
+    re-added enum column from the varchar one (a reverse migration, phases/restore_enum.py)."""
+    if reverse:
+        want = ctx.old_value(ctx.col)  # the label, the fallback label, or NULL for a value with none (refused later)
+        return Q("{} = {}").format(ctx.retired, want), Q("{} IS DISTINCT FROM {}").format(ctx.retired, want)
     want = ctx.forward(ctx.col)
     # Extra columns need nothing here: their backfill value is a temporary column default (phase 1).
     # Rows the new version wrote (a value with no label) agree already and are left alone.
@@ -38,7 +42,12 @@ def update_statement(ctx: Context) -> tuple[sql.Composable, sql.Composable]:
 OUR_TRIGGER_PATTERNS = (r"\_ec\_%", r"~ec\_%")
 
 
-def app_triggers(ctx: Context) -> list[tuple[str, str]]:
+def progress_key(ctx: Context, reverse: bool = False) -> str:
+    """The backfill's row in the state table: ColumnMigration.key, or its reverse migration's."""
+    return json.dumps([*json.loads(ctx.m.key), "reverse"]) if reverse else ctx.m.key
+
+
+def app_triggers(ctx: Context, column: str | None = None) -> list[tuple[str, str]]:
     """(name, tgenabled) of the app's triggers that an UPDATE of the shadow column fires: not internal (foreign
     keys), not ours, not disabled, on UPDATE (row or statement level), with no `UPDATE OF` list or one that
     names the shadow column. tgenabled: O fires in the default mode, A always, R only as a replica."""
@@ -50,15 +59,15 @@ def app_triggers(ctx: Context) -> list[tuple[str, str]]:
           AND (cardinality(t.tgattr::int2[]) = 0 OR EXISTS (
                SELECT FROM pg_attribute a WHERE a.attrelid = t.tgrelid AND a.attname = %s
                  AND a.attnum = ANY (t.tgattr::int2[])))
-        ORDER BY t.tgname""").format(L(ctx.x.render(ctx.table))), (list(OUR_TRIGGER_PATTERNS), ctx.m.shadow))]
+        ORDER BY t.tgname""").format(L(ctx.x.render(ctx.table))), (list(OUR_TRIGGER_PATTERNS), column or ctx.m.shadow))]
 
 
-def check_app_triggers(ctxs: list[Context]) -> None:
+def check_app_triggers(ctxs: list[Context], reverse: bool = False) -> None:
     """Before phase 3: the backfill UPDATEs every row, which fires the app's UPDATE triggers (an updated_at
     rewritten on every row, audit or outbox rows, a trigger rejecting the update). Refuse unless the playbook
     says what to do with them (settings.app_triggers: fire or skip)."""
     policy = ctxs[0].pb.settings.app_triggers
-    found = {c.m.label: app_triggers(c) for c in ctxs}
+    found = {c.m.label: app_triggers(c, c.m.retired if reverse else None) for c in ctxs}
     if policy == "fire":
         for label, trig in found.items():
             if trig:
@@ -89,19 +98,25 @@ def _named(found: dict[str, list[tuple[str, str]]], enabled: tuple[str, ...]) ->
                      if any(e in enabled for _, e in trig))
 
 
-def analyze(ctx: Context) -> None:
+def analyze(ctx: Context, reverse: bool = False) -> None:
     """Planner statistics for the backfilled column (and the new columns): without them, plans right after the
     swap use an empty histogram (measured: 246 estimated rows for ~5,000). SHARE UPDATE EXCLUSIVE: online."""
-    cols = join(I(c) for c in [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)])
+    names = [ctx.m.retired] if reverse else [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)]
+    cols = join(I(c) for c in names)
     ctx.x.online(Q("ANALYZE {} ({})").format(ctx.table, cols), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
                  what=f"analyze {ctx.m.label}")
 
 
 class Backfill:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, reverse: bool = False):
+        """reverse: the enum column re-added after the contract, filled from the varchar one (phase 5's undo)."""
         self.ctx, self.x, self.state = ctx, ctx.x, ctx.state
         self.keys = Keyset(ctx.table, ctx.facts.pk)
-        self.sets, self.needs = update_statement(ctx)
+        self.sets, self.needs = update_statement(ctx, reverse)
+        self.key = progress_key(ctx, reverse)
+        self.title = f"{'reverse backfill' if reverse else 'backfill'} {ctx.m.label}"
+        self.phase, self.action = (5, "uncontract") if reverse else (3, "expand")
+        self.rerun = "re-run the same rollback" if reverse else "re-run phase 3"
         self.s = ctx.pb.settings
 
     def statement(self, cond: sql.Composable) -> sql.Composable:
@@ -114,7 +129,7 @@ class Backfill:
 
     # -- progress row -----------------------------------------------------------------------------
     def _start(self) -> dict:
-        st = self.state.backfill(self.ctx.m.key)
+        st = self.state.backfill(self.key)
         if st is not None:
             return st
         end = self.x.query(self.keys.last_key_query())
@@ -123,9 +138,9 @@ class Backfill:
         self.x.conn.execute(Q("""INSERT INTO {} (playbook, target, cursor, end_key, rows_estimate, batch_size,
                                                   started_at, updated_at) VALUES (%s, %s, NULL, %s, %s, %s, now(), now())
                                  ON CONFLICT (playbook, target) DO NOTHING""").format(self.state.t("backfills")),
-                            (self.state.playbook, self.ctx.m.key, json.dumps(list(end[0]) if end else None, default=str), estimate,
+                            (self.state.playbook, self.key, json.dumps(list(end[0]) if end else None, default=str), estimate,
                              self.s.batch_size))
-        return self.state.backfill(self.ctx.m.key)
+        return self.state.backfill(self.key)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -135,7 +150,7 @@ class Backfill:
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
         since_vacuum = 0
-        with Progress(f"backfill {self.ctx.m.label}", total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
+        with Progress(self.title, total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self.x.wait_while_paused()
                 self._throttle()
@@ -148,7 +163,8 @@ class Backfill:
                     self.vacuum()
                     since_vacuum = 0
                 if self.ctx.hooks is not None:
-                    self.ctx.hooks.progress(phase=3, phase_name="backfill", action="expand", status="running",
+                    self.ctx.hooks.progress(phase=self.phase, phase_name="swap" if self.phase == 5 else "backfill",
+                                            action=self.action, status="running",
                                             table=f"{self.ctx.m.table.schema_}.{self.ctx.m.table.name}",
                                             column=self.ctx.m.column.name,
                                             rows_done=progress.done, rows_total=progress.total,
@@ -156,8 +172,8 @@ class Backfill:
             if self.s.vacuum_every_rows is not None and since_vacuum:
                 self.vacuum()
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
-                self.state.t("backfills")), (self.state.playbook, self.ctx.m.key))
-        return self.state.backfill(self.ctx.m.key)
+                self.state.t("backfills")), (self.state.playbook, self.key))
+        return self.state.backfill(self.key)
 
     def _batch(self, after: list | None, end: list, size: int) -> tuple[list, int, int]:
         """One key range in one transaction, with the cursor; returns (new cursor, rows scanned, next size)."""
@@ -190,7 +206,7 @@ class Backfill:
                                         updated_at = now() WHERE playbook = %s AND target = %s""").format(
                                     self.state.t("backfills")),
                                 (json.dumps(upto, default=str), changed, scanned, sizes[0], ms, ms,
-                                 self.state.playbook, self.ctx.m.key))
+                                 self.state.playbook, self.key))
             except pgerr.QueryCanceled:
                 self._log_batch(after, upto, None, started, "QueryCanceled")
                 sizes[0] = max(self.s.min_batch_size, sizes[0] // 2)  # too big for statement_timeout: split
@@ -261,9 +277,9 @@ class Backfill:
                     self.x.conn.execute(self.statement(one), list(key))
             except psycopg.Error as row_err:
                 return Failure(f"backfill stopped: the row with primary key {_key(key)} cannot be migrated: "
-                               f"{' '.join(str(row_err).split())}", hint="fix that row, then re-run phase 3")
+                               f"{' '.join(str(row_err).split())}", hint=f"fix that row, then {self.rerun}")
         return Failure(f"backfill stopped on bad data between keys {_key(after)} and {_key(upto)}: {reason}",
-                       hint="fix the data, then re-run phase 3")
+                       hint=f"fix the data, then {self.rerun}")
 
     # -- operator and server throttles -------------------------------------------------------------
     def _throttle(self) -> None:
@@ -281,7 +297,7 @@ class Backfill:
                     shown = health.kind_of(reason)
                 if waited >= self.s.throttle_max_wait_s:
                     raise Refused(f"backfill held for {waited:.0f}s: {reason}",
-                                  hint="re-run phase 3 when the server has recovered; it resumes where it stopped")
+                                  hint=f"{self.rerun} when the server has recovered; it resumes where it stopped")
                 time.sleep(0.5)
                 waited += 0.5
         finally:

@@ -43,6 +43,9 @@ class Facts:
     default_label: str | None
     indexes: list[IndexFact] = field(default_factory=list)
     attnum: int | None = None
+    # The enum type as it was (shared by every column of the playbook): what a reverse migration after the
+    # contract recreates. None in state recorded before these were kept (the playbook's mapping order is used).
+    enum: EnumFacts | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,7 +53,26 @@ class Facts:
     @classmethod
     def from_json(cls, data: dict) -> Facts:
         return cls(pk=data["pk"], not_null=data["not_null"], default_label=data["default_label"],
-                   indexes=[IndexFact(**i) for i in data["indexes"]], attnum=data.get("attnum"))
+                   indexes=[IndexFact(**i) for i in data["indexes"]], attnum=data.get("attnum"),
+                   enum=EnumFacts(**data["enum"]) if data.get("enum") else None)
+
+
+@dataclass
+class EnumFacts:
+    labels: list[str]  # in their sort order
+    owner: str
+    comment: str | None = None
+    acl: list[list] | None = None  # [grantee or None for PUBLIC, privilege, grantable]; None: the default ACL
+
+
+def enum_facts(conn: psycopg.Connection, type_oid: int) -> EnumFacts:
+    owner, comment, default_acl = conn.execute(
+        """SELECT pg_get_userbyid(typowner), obj_description(oid, 'pg_type'), typacl IS NULL FROM pg_type
+           WHERE oid = %s""", (type_oid,)).fetchone()
+    acl = None if default_acl else [list(r) for r in conn.execute(
+        """SELECT (SELECT rolname FROM pg_roles WHERE oid = p.grantee), p.privilege_type, p.is_grantable
+           FROM pg_type t, aclexplode(t.typacl) p WHERE t.oid = %s ORDER BY 1 NULLS FIRST, 2""", (type_oid,))]
+    return EnumFacts(labels=enum_labels(conn, type_oid), owner=owner, comment=comment, acl=acl)
 
 
 def facts_to_json(pb: Playbook, facts: list[Facts]) -> dict:
@@ -395,4 +417,4 @@ def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) 
     if blockers:
         raise BadInput(f"{where}.{col} cannot be migrated online: " + "; ".join(blockers))
     return Facts(pk=pk, not_null=info["not_null"], default_label=label, indexes=indexes,
-                 attnum=info["attnum"]), info["type_oid"], oid
+                 attnum=info["attnum"], enum=enum_facts(conn, info["type_oid"])), info["type_oid"], oid

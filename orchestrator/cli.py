@@ -95,7 +95,8 @@ def plan(ctx: typer.Context,
         out.print(f"[bold cyan]Phase {p.number}: {p.name}[/] - {p.title}")
         out.print(f"  locks: {p.locks_doc}")
         for action, recs, doc in (("expand", pp.expand, p.expand_doc), ("contract", pp.contract, p.contract_doc),
-                                  ("rollback", pp.rollback, p.rollback_doc)):
+                                  ("rollback", pp.rollback, p.rollback_doc),
+                                  ("rollback after contract", pp.uncontract, p.uncontract_doc)):
             out.print(f"  [bold]{action}[/]: {doc}")
             for r in recs:
                 tx = f" [tx {r.transaction}]" if r.transaction else ""
@@ -155,11 +156,15 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
              yes: bool = typer.Option(False, "--yes", "-y", help="confirm a rollback the app can notice (the swap)")):
     """Undo phase N (every later phase must be rolled back first). Refuses rather than lose data.
 
+    After the contract, rollback N undoes phase N's contract step, from the last phase down (for the swap: a
+    reverse migration, online, that brings the enum column back); then the phases themselves, 6 down to 1.
+
     Rolling back the swap changes what the app sees: roll the app back first, then confirm (prompt on a
     terminal, --yes otherwise). Example: orchestrator rollback 5 --yes
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
-    if not dry_run and orch.phase(phase).visible_to_app and not _nothing_to_do(ctx, "rollback", phase):
+    if not dry_run and orch.phase(phase).visible_to_app and not orch.undoes_contract(phase) \
+            and not _nothing_to_do(ctx, "rollback", phase):
         _confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
                       "has the app been rolled back first?")
     try:
@@ -173,7 +178,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
 @app.command(epilog=output.EXIT_CODES)
 def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
-             yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back"),
+             yes: bool = typer.Option(False, "--yes", "-y", help="confirm the contract (going back after it is a reverse migration)"),
              old_version_gone: bool = typer.Option(False, "--old-version-gone",
                                                    help="contract although the old app version wrote recently")):
     """Remove what the phases left behind, in order, once every phase is applied. Ends the rollback window.
@@ -182,8 +187,8 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
     if not dry_run and not _nothing_to_do(ctx, "contract", phase):
-        _confirm(yes, "the contract drops the trigger, the retired column and the enum type; "
-                      "it cannot be rolled back. Continue?")
+        _confirm(yes, "the contract drops the trigger, the retired column and the enum type; going back "
+                      "afterwards is a reverse migration (orchestrator rollback N, from the last phase). Continue?")
     try:
         results = orch.contract(phase, old_version_gone=old_version_gone)
         _print_recorded(orch)

@@ -3,7 +3,8 @@
 The chain of a playbook with N phases is 2N revisions, in this order:
 
     phase 1 .. phase N        upgrade = `orchestrator run n`,      downgrade = `orchestrator rollback n`
-    contract 1 .. contract N  upgrade = `orchestrator contract n`, downgrade = refused (nothing left to undo with)
+    contract 1 .. contract N  upgrade = `orchestrator contract n`, downgrade = `orchestrator rollback n` (the undo
+                              of that contract step: for the swap, an online reverse migration)
 
 Revision ids are stable hashes of (playbook name, step), so regenerating the files is a no-op and the
 orchestrator can name a phase's revision from the playbook alone.
@@ -110,7 +111,7 @@ def chain(pb: Playbook) -> list[Step]:
             else:
                 message = f"{pb.name} contract {p.number} ({p.name}): {p.contract_doc}"
                 up = f"orchestrator contract {p.number}: {p.contract_doc}"
-                back = "refused: a contract step removes what a rollback would need"
+                back = f"orchestrator rollback {p.number} (after the contract): {p.uncontract_doc}"
                 filename = f"{pb.name}_{seq:02d}_contract{p.number}_{p.name}.py"
             steps.append(Step(seq, action, p.number, p.name, rev, down, message, up, back, p.locks_doc, filename))
             down = rev
@@ -489,10 +490,6 @@ def _apply(playbook: str, playbook_name: str, fingerprint: str, action: str, pha
     from alembic.util import CommandError
 
     what = f"{playbook_name} {'phase' if action == EXPAND else 'contract'} {phase}"
-    if action == CONTRACT and not up:
-        raise CommandError(f"{what} cannot be downgraded: a contract step removes what the rollback would need "
-                           f"(the retired columns, the triggers, the enum type). Downgrade only below the first "
-                           f"contract revision, before contracting.")
     mctx = op.get_context()
     if mctx.as_sql:
         raise CommandError(f"{what}: offline (--sql) mode is not supported; the orchestrator runs each phase "
@@ -511,7 +508,7 @@ def _apply(playbook: str, playbook_name: str, fingerprint: str, action: str, pha
         with mctx.autocommit_block():
             orch = Orchestrator(pb, dsn)
             try:
-                if action == CONTRACT:
+                if action == CONTRACT and up:
                     result = orch.contract(phase)[0]
                 elif up:
                     result = orch.run(phase)

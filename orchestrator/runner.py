@@ -37,6 +37,7 @@ class PhasePlan:
     expand: list[Recorded]
     contract: list[Recorded]
     rollback: list[Recorded]
+    uncontract: list[Recorded]  # `rollback N` once phase N is contracted: the undo of its contract step
 
 
 class Orchestrator:
@@ -165,10 +166,13 @@ class Orchestrator:
             # Only `run 1` registers the migration: a refused `run 3` on a fresh database must change nothing.
             facts = self.facts(register=not self.dry_run and n == 1)
             rows = self.state.phases()
-            if any(r.status == CONTRACTED for r in rows.values()):
-                done = all(r.status == CONTRACTED for r in rows.values())
-                raise Refused(f"{self.pb.name} is {'fully contracted' if done else 'being contracted'}; there is "
-                              f"nothing left to run", hint=_DONE_HINT if done else "orchestrator contract")
+            contracted = _contracted(rows)
+            if contracted:
+                done = len(contracted) == len(rows)
+                raise Refused(f"{self.pb.name} is {'fully contracted' if done else 'partly contracted'}; there is "
+                              f"nothing left to run", hint=_DONE_HINT if done else
+                              f"orchestrator contract (to finish), or orchestrator rollback {max(contracted)} (to go "
+                              f"back)")
             for k in range(1, n):
                 if rows and rows[k].status != APPLIED:
                     raise Refused(f"phase {n} ({phase.name}) needs phase {k} ({self.phases[k - 1].name}) applied "
@@ -213,10 +217,14 @@ class Orchestrator:
                 return "nothing to do"
             facts = self.facts(register=False)
             rows = self.state.phases()
-            contracted = [k for k, r in rows.items() if r.status == CONTRACTED]
-            if contracted:
-                raise Refused(f"phase {contracted[0]} is contracted: the migration can no longer be rolled back",
-                              hint=_DONE_HINT if len(contracted) == len(rows) else "finish it with orchestrator contract")
+            contracted = _contracted(rows)
+            if contracted:  # contract steps are undone from the last one: each is a reverse migration step
+                last = max(contracted)
+                if n != last:
+                    raise Refused(f"phase {last} ({self.phases[last - 1].name}) is contracted; undo the contract "
+                                  f"steps from the last one: phase {last} first",
+                                  hint=f"orchestrator rollback {last}")
+                return self._uncontract(n, facts)
             for k in range(len(self.phases), n, -1):  # the last one first: that is the one to roll back now
                 if rows and rows[k].status != PENDING:
                     raise Refused(f"phase {k} ({self.phases[k - 1].name}) is {_shown(rows[k])}; roll it back before "
@@ -235,6 +243,23 @@ class Orchestrator:
             if all(r.status == PENDING for k, r in self.state.phases().items()):
                 self.state.forget()  # fully rolled back: the playbook may now be edited freely
             return "rolled back"
+
+    def _uncontract(self, n: int, facts: list[Facts]) -> str:
+        """Undo phase n's contract step (phases after it are undone already): online, resumable, and itself
+        undone by `contract n`."""
+        phase = self.phases[n - 1]
+        ctxs = self.contexts(facts)
+        if self.dry_run:
+            phase.uncontract_all(ctxs)
+            return "dry run"
+        phase.before_uncontract_all(ctxs)
+        self._step(n, "uncontract", lambda: phase.uncontract_all(ctxs), CONTRACTED, CONTRACTED, APPLIED,
+                   lambda details: {"details": details or {}})
+        return "contract undone"
+
+    def undoes_contract(self, n: int) -> bool:
+        """Whether `rollback n` now is the undo of a contract step (which the app does not see)."""
+        return n in _contracted(self.state.phases())
 
     def contract(self, n: int | None = None, *, old_version_gone: bool = False) -> list[str]:
         """old_version_gone: contract although the old app version wrote within settings.old_version_quiet_s."""
@@ -256,7 +281,7 @@ class Orchestrator:
                 if rows[k].status != CONTRACTED:
                     raise Refused(f"contract the phases in order: phase {k} ({self.phases[k - 1].name}) first",
                                   hint=f"orchestrator contract {k}")
-            if rows[n].status == CONTRACTED:
+            if rows[n].status == CONTRACTED and rows[n].step != "uncontract":  # an undo stopped part-way: redo
                 return "already contracted"
             ctxs = self.contexts(facts)
             if self.dry_run:
@@ -289,7 +314,7 @@ class Orchestrator:
         out = []
         for phase in self.phases:
             steps = {}
-            for action in ("expand", "contract", "rollback"):
+            for action in ("expand", "contract", "rollback", "uncontract"):
                 self.x.recorded = []
                 getattr(phase, f"{action}_all")(ctxs)
                 steps[action] = self.x.recorded
@@ -304,8 +329,9 @@ class Orchestrator:
         for p in self.phases:
             r = rows.get(p.number)
             status = r.status if r else PENDING
-            # A contract step in progress leaves its phase 'applied' with step 'contract' until it finishes.
-            if (status == RUNNING or (status == APPLIED and r.step == "contract")) and not busy:
+            # A contract step in progress leaves its phase 'applied' with step 'contract' until it finishes, an
+            # undo of one leaves it 'contracted' with step 'uncontract'.
+            if _stopped_part_way(r) and not busy:
                 status = "interrupted"  # nobody holds the lock: a crash or kill; re-running resumes
             phases.append({"phase": p.number, "name": p.name, "status": status,
                            "step": r.step if r else None, "started_at": r.started_at if r else None,
@@ -330,9 +356,20 @@ class Orchestrator:
 _DONE_HINT = "nothing left to do: the migration is complete (orchestrator status shows it)"
 
 
+def _stopped_part_way(row) -> bool:
+    """Running, or in a contract step or its undo, as the state row says (a live command, or a stopped one)."""
+    return row is not None and (row.status == RUNNING or (row.status == APPLIED and row.step == "contract")
+                                or (row.status == CONTRACTED and row.step == "uncontract"))
+
+
+def _contracted(rows: dict) -> list[int]:
+    """Phases whose contract step ran, even part-way (its undo is idempotent, so it is what mends both)."""
+    return [k for k, r in rows.items() if r.status == CONTRACTED or (r.status == APPLIED and r.step == "contract")]
+
+
 def _shown(row) -> str:
     """A phase's status as an order message shows it. We hold the operator lock, so a phase stored as
     'running' is not running: a command stopped part-way through it."""
-    if row.status == RUNNING or (row.status == APPLIED and row.step == "contract"):
+    if _stopped_part_way(row):
         return f"interrupted (its {row.step or 'last'} step stopped part-way)"
     return row.status

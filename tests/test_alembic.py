@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 from orchestrator import chatter, runner
 from orchestrator import revisions as ec
 from orchestrator.cli import app
-from orchestrator.demo import REFERENCE_MAPPING, SeedNames, create_seed_schema, insert_rows, schema_snapshot, \
-    snapshot_diff
+from orchestrator.demo import REFERENCE_MAPPING, SeedNames, create_seed_schema, ignoring_column_order, insert_rows, \
+    schema_snapshot, snapshot_diff
 from orchestrator.playbook import load
 from orchestrator.runner import Orchestrator
 from orchestrator.state import APPLIED, CONTRACTED, PENDING
@@ -202,12 +202,38 @@ def test_upgrade_head_reaches_the_final_schema(seeded):
         assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS DISTINCT FROM 'chat'").format(
             sql.Identifier("public", chatter.TEMPLATES), sql.Identifier("execution_pattern"))).fetchone()[0] == 0
 
-    # head again: nothing to do; a contract revision refuses to go down, clearly, and changes nothing
+    # head again: nothing to do; one contract revision down undoes that contract step, and up does it again
     command.upgrade(config(dsn), "head")
-    with pytest.raises(CommandError, match="contract 6 cannot be downgraded"):
-        command.downgrade(config(dsn), "-1")
+    assert version_rows(dsn) == [CONTRACT[-1]] and statuses(dsn) == [CONTRACTED] * 6
+    command.downgrade(config(dsn), "-1")
+    assert version_rows(dsn) == [CONTRACT[-2]] and statuses(dsn) == [CONTRACTED] * 5 + [APPLIED]
+    command.upgrade(config(dsn), "head")
     assert version_rows(dsn) == [CONTRACT[-1]] and statuses(dsn) == [CONTRACTED] * 6
     assert snapshot(dsn) == snap
+
+
+def test_downgrade_base_from_head_restores_the_original_and_upgrade_head_runs_again(seeded):
+    """The seed's "complete downgrade path to restore the enum": after the contract, `alembic downgrade base`
+    undoes every contract step (the swap's is an online reverse migration) and then every phase, revision by
+    revision, with alembic_version and the state table in step; then `upgrade head` runs it all again."""
+    dsn = seeded
+    before, before_values = snapshot(dsn), values(dsn)
+    command.upgrade(config(dsn), "head")
+    assert statuses(dsn) == [CONTRACTED] * 6
+    for n in range(6, 0, -1):  # each contract revision down: that contract step undone
+        command.downgrade(config(dsn), "-1")
+        assert version_rows(dsn) == [CONTRACT[n - 2] if n > 1 else EXPAND[-1]]
+        assert statuses(dsn) == [CONTRACTED] * (n - 1) + [APPLIED] * (7 - n)
+    command.downgrade(config(dsn), "base")
+    assert version_rows(dsn) == [] and statuses(dsn) == [PENDING] * 6
+    after = snapshot(dsn)
+    assert ignoring_column_order(after) == ignoring_column_order(before), "\n".join(snapshot_diff(
+        ignoring_column_order(before), ignoring_column_order(after)))
+    assert values(dsn) == before_values
+    command.upgrade(config(dsn), "head")
+    assert version_rows(dsn) == [CONTRACT[-1]] and statuses(dsn) == [CONTRACTED] * 6
+    assert {c["type"] for t in TABLES for n, c in columns(snapshot(dsn), t).items() if n == "workflow_type"} == {
+        "character varying(50)"}
 
 
 def test_downgrade_step_by_step_restores_the_original_schema(seeded):

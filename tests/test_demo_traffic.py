@@ -53,7 +53,8 @@ def test_create_seed_schema(conn, names):
     assert cols[names.column]["not_null"] and cols[names.column]["default"].startswith("'rag'::")
     assert cols["description"]["not_null"] is False
     assert cols["default_params"]["default"] == "'{}'::jsonb"
-    assert snap["enums"] == [{"name": names.enum, "labels": list(names.labels)}]
+    assert [{k: e[k] for k in ("name", "labels")} for e in snap["enums"]] == [
+        {"name": names.enum, "labels": list(names.labels)}]
     idx = {i["name"]: i for i in snap["indexes"]}
     assert idx[f"ix_{names.table}_{names.column}"]["valid"]
     assert any(c["type"] == "p" for c in snap["constraints"])
@@ -156,6 +157,8 @@ def test_schema_snapshot_sees_every_object_kind_but_not_orchestrator_schema(conn
         "constraints": "ALTER TABLE workflow_templates ADD CONSTRAINT name_len CHECK (length(name) > 0) NOT VALID",
         "indexes": "CREATE INDEX ix_extra ON workflow_templates (owner_id)",
         "enums": "ALTER TYPE workflowtype ADD VALUE 'medical'",
+        "comments": "COMMENT ON COLUMN workflow_templates.workflow_type IS 'kind'",
+        "privileges": "GRANT SELECT (workflow_type) ON workflow_templates TO PUBLIC",
     }
     for key, ddl in steps.items():
         before = schema_snapshot(conn)

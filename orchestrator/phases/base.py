@@ -151,6 +151,8 @@ class Phase:
     title: ClassVar[str]
     expand_doc: ClassVar[str]
     contract_doc: ClassVar[str] = "nothing to remove"
+    # Undoing the contract step (a rollback after the contract): put back, online, what the contract removed.
+    uncontract_doc: ClassVar[str] = "nothing to put back"
     rollback_doc: ClassVar[str]
     locks_doc: ClassVar[str]
     visible_to_app: ClassVar[bool] = False  # its rollback changes what the app sees: ask before doing it
@@ -163,6 +165,9 @@ class Phase:
 
     def contract(self, ctx: Context) -> None:
         ctx.x.note(f"-- phase {self.name}: {self.contract_doc}")
+
+    def uncontract(self, ctx: Context) -> None:
+        ctx.x.note(f"-- phase {self.name}: undo the contract step: {self.uncontract_doc}")
 
     def check(self, ctx: Context) -> list[str]:
         """Problems left after expand (empty when the phase is really in place)."""
@@ -185,6 +190,13 @@ class Phase:
     def contract_all(self, ctxs: list[Context]) -> None:
         for c in ctxs:
             self.contract(c)
+
+    def uncontract_all(self, ctxs: list[Context]) -> None:
+        for c in reversed(ctxs):
+            self.uncontract(c)
+
+    def before_uncontract_all(self, ctxs: list[Context]) -> None:
+        """Before undoing the contract step: raise Refused (nothing changed) if it could not finish."""
 
     def check_all(self, ctxs: list[Context]) -> list[str]:
         return [f"{c.m.label}: {p}" for c in ctxs for p in self.check(c)]

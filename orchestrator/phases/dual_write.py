@@ -134,6 +134,35 @@ def drop_functions(ctx: Context) -> sql.Composable:
     return Q("DROP FUNCTION IF EXISTS {}(), {}()").format(ctx.fn("_fwd"), ctx.fn("_rev"))
 
 
+def _triggers_present(ctx: Context, every: bool) -> sql.Composable:
+    checks = [ctx.exists_query("trigger", ctx.trigger_name(t)) for t in (INSERT, UPDATE)]
+    return Q("SELECT ({})").format(Q(") AND (" if every else ") OR (").join(checks))
+
+
+def install_sync(ctxs: list[Context], swapped: bool) -> None:
+    """Both functions, the triggers and the old version's note, skipping triggers already in place: the undo of
+    a contract puts the sync back in the swapped state (the enum copy follows the varchar column)."""
+    versions.install_tracking(ctxs)
+    for ctx in ctxs:
+        ctx.x.atomic(forward_function(ctx), reverse_function(ctx), lock="none (function only)",
+                     what="create sync functions")
+        ctx.x.atomic(*create_triggers(ctx, swapped), skip_if=_triggers_present(ctx, every=True),
+                     lock="SHARE ROW EXCLUSIVE (milliseconds, under lock_timeout)", what="create sync triggers")
+
+
+def drop_sync(ctx: Context) -> None:
+    """One column's triggers and functions; no lock is taken when the triggers are gone already."""
+    ctx.x.atomic(*drop_triggers(ctx), skip_if=Q("SELECT NOT ({})").format(_triggers_present(ctx, every=False)),
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop sync triggers")
+    ctx.x.atomic(drop_functions(ctx), lock="none", what="drop sync functions")
+
+
+def remove_sync(ctxs: list[Context]) -> None:
+    for ctx in reversed(ctxs):
+        drop_sync(ctx)
+    versions.remove_tracking(ctxs)  # after the triggers that call it
+
+
 class DualWrite(Phase):
     name = "dual_write"
     title = "install the dual-write trigger"
@@ -142,6 +171,8 @@ class DualWrite(Phase):
                   "on fills the shadow column")
     rollback_doc = "DROP TRIGGER; DROP FUNCTION"
     contract_doc = "DROP TRIGGER and DROP FUNCTION (ends the rollback window: run after the app is on the new column)"
+    uncontract_doc = ("the sync triggers (in place already after phase 5's undo) and, with app_versions, both "
+                      "versions' views, pointed at the swapped columns")
     locks_doc = ("CREATE TRIGGER: SHARE ROW EXCLUSIVE, DROP TRIGGER: ACCESS EXCLUSIVE, each for milliseconds "
                  "and waiting at most lock_timeout")
 
@@ -153,9 +184,7 @@ class DualWrite(Phase):
                           "them first); milliseconds, under lock_timeout", what="create sync triggers")
 
     def rollback(self, ctx: Context) -> None:
-        ctx.x.atomic(*drop_triggers(ctx), lock="ACCESS EXCLUSIVE (catalog only, milliseconds)",
-                     what="drop sync triggers")
-        ctx.x.atomic(drop_functions(ctx), lock="none", what="drop sync functions")
+        drop_sync(ctx)
 
     contract = rollback
 
@@ -171,11 +200,15 @@ class DualWrite(Phase):
 
     def rollback_all(self, ctxs: list[Context]) -> None:
         versions.remove_views(ctxs)  # at contract 2 both versions' (the new one falls through to the tables)
-        super().rollback_all(ctxs)
-        versions.remove_tracking(ctxs)
+        remove_sync(ctxs)
 
     def contract_all(self, ctxs: list[Context]) -> None:
         self.rollback_all(ctxs)
+
+    def uncontract_all(self, ctxs: list[Context]) -> None:
+        # The sync is back already: the undo of the swap's contract (before this one) needed it for its backfill.
+        install_sync(ctxs, swapped=True)
+        versions.install_views(ctxs, ("old", "new"), swapped=True)
 
     def check_all(self, ctxs: list[Context]) -> list[str]:
         problems = super().check_all(ctxs)

@@ -14,6 +14,7 @@ class AddShadowColumn(Phase):
                   "are metadata-only); CREATE INDEX CONCURRENTLY for copies of the column's indexes and extra indexes "
                   "(in phase 3, after the backfill, with settings.indexes_after_backfill)")
     contract_doc = "DROP DEFAULT of extra columns whose backfill value served as a temporary default"
+    uncontract_doc = "SET DEFAULT again on the extra columns whose backfill value served as a temporary default"
     rollback_doc = ("refuse if an extra column holds values the app wrote; DROP INDEX CONCURRENTLY; "
                     "DROP COLUMN shadow and the extra columns")
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take "
@@ -48,6 +49,14 @@ class AddShadowColumn(Phase):
             return super().contract(ctx)
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(temporary)),
                      lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="drop temporary defaults")
+
+    def uncontract(self, ctx: Context) -> None:
+        temporary = [Q("ALTER COLUMN {} SET DEFAULT {}").format(I(c.name), typed_literal(c.backfill, extra_type(c)))
+                     for c in ctx.m.extra_columns if c.backfill is not None]
+        if not temporary:
+            return super().uncontract(ctx)
+        ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(temporary)),
+                     lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what="restore temporary defaults")
 
     @staticmethod
     def _build(ctx: Context, name: str, cols: list[str], unique: bool) -> None:

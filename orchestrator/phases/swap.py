@@ -14,8 +14,8 @@ from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
 from .base import Context, Phase
-from . import shape, target_check, versions
-from .dual_write import create_triggers, refuse_later_triggers, reverse_function
+from . import restore_enum, shape, target_check, versions
+from .dual_write import create_triggers, refuse_later_triggers, remove_sync, reverse_function
 
 
 def lock_tables(ctxs: list[Context], mode: str = "ACCESS EXCLUSIVE") -> sql.Composable:
@@ -52,6 +52,10 @@ class SwapColumns(Phase):
     rollback_doc = ("refuse (listing rows) or apply the fallback label where a value has no enum label; CHECK "
                     "NOT VALID + VALIDATE on the enum column; one transaction renaming everything back")
     contract_doc = "DROP INDEX CONCURRENTLY the retired indexes; DROP COLUMN retired; DROP TYPE the enum"
+    uncontract_doc = ("a reverse migration: CREATE TYPE (original labels, order, owner, comment, grants); ADD COLUMN "
+                      "retired enum (catalog only) with the column's comment and grants; the sync triggers; backfill "
+                      "retired = reverse mapping in resumable batches; CREATE INDEX CONCURRENTLY the retired "
+                      "indexes; parity scan. Ends swapped, as before the contract: rollback 5 then swaps back")
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout, retried); "
                  "VALIDATE takes SHARE UPDATE EXCLUSIVE, which does not block the app")
     visible_to_app = True
@@ -262,6 +266,9 @@ class SwapColumns(Phase):
     # -- contract ---------------------------------------------------------------------------------
     def contract_all(self, ctxs: list[Context]) -> None:
         x = ctxs[0].x
+        # After an undo of this contract (the sync came back with the enum column): the triggers go first, they
+        # read the column. Otherwise contract 2 removed them already, and nothing is locked here.
+        remove_sync(ctxs)
         for ctx in ctxs:
             for ix in ctx.facts.indexes:
                 x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(ix.retired_name)),
@@ -271,6 +278,18 @@ class SwapColumns(Phase):
         if ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
             x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctxs[0].enum_type), lock="ACCESS EXCLUSIVE on the type only",
                      what="drop the enum type")
+
+        if ctxs[0].state is not None and not x.dry_run:  # a later undo must backfill again, from the start
+            from ..backfill import progress_key  # the engine imports the phase context: import late (cycle)
+            x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = ANY(%s)").format(
+                ctxs[0].state.t("backfills")), (ctxs[0].state.playbook, [progress_key(c, reverse=True) for c in ctxs]))
+
+    # -- undo of the contract: a reverse migration ------------------------------------------------
+    def before_uncontract_all(self, ctxs: list[Context]) -> None:
+        restore_enum.before(ctxs)
+
+    def uncontract_all(self, ctxs: list[Context]) -> dict:
+        return restore_enum.restore(ctxs)
 
     def check(self, ctx: Context) -> list[str]:
         return [] if ctx.has("column", ctx.m.retired) else [f"column {ctx.m.retired!r} missing after the swap"]

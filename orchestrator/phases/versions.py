@@ -64,9 +64,10 @@ def install_tracking(ctxs: list[Context]) -> None:
              lock="none (sequence and function only)", what="note the old version's writes")
 
 
-def install_views(ctxs: list[Context], which: tuple[str, ...]) -> None:
+def install_views(ctxs: list[Context], which: tuple[str, ...], swapped: bool = False) -> None:
     """The old version's views come with the sync (phase 2); the new version's once every row has its new
-    value (phase 4, after parity): before that it would read NULL for rows the backfill has not reached."""
+    value (phase 4, after parity): before that it would read NULL for rows the backfill has not reached.
+    `swapped`: both at once after the swap, when the undo of contract 2 brings them back."""
     pb, x = ctxs[0].pb, ctxs[0].x
     if not enabled(pb):
         return
@@ -74,7 +75,7 @@ def install_views(ctxs: list[Context], which: tuple[str, ...]) -> None:
     stmts = [Q("CREATE SCHEMA IF NOT EXISTS {}").format(I(getattr(pb.app_versions, v))) for v in which]
     for ctx in ctxs:
         for version in which:
-            stmts += [_view(ctx, version, swapped=False), *_defaults(ctx, version), *_grants(ctx, version)]
+            stmts += [_view(ctx, version, swapped), *_defaults(ctx, version), *_grants(ctx, version)]
     x.atomic(*stmts, lock=SCHEMA_LOCK, what=f"create the {' and '.join(which)} version schema")
 
 

@@ -3,7 +3,8 @@
 Contract step of phase 1 (add_shadow_column): ends the rollback window of that phase.
   upgrade:   orchestrator contract 1: DROP DEFAULT of extra columns whose backfill value served as a temporary
              default
-  downgrade: refused: a contract step removes what a rollback would need
+  downgrade: orchestrator rollback 1 (after the contract): SET DEFAULT again on the extra columns whose
+             backfill value served as a temporary default
   locks:     ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take SHARE
              UPDATE EXCLUSIVE, which does not block reads or writes
 

@@ -3,7 +3,8 @@
 Contract step of phase 2 (dual_write): ends the rollback window of that phase.
   upgrade:   orchestrator contract 2: DROP TRIGGER and DROP FUNCTION (ends the rollback window: run after the
              app is on the new column)
-  downgrade: refused: a contract step removes what a rollback would need
+  downgrade: orchestrator rollback 2 (after the contract): the sync triggers (in place already after phase 5's
+             undo) and, with app_versions, both versions' views, pointed at the swapped columns
   locks:     CREATE TRIGGER: SHARE ROW EXCLUSIVE, DROP TRIGGER: ACCESS EXCLUSIVE, each for milliseconds and
              waiting at most lock_timeout
 

@@ -2,7 +2,7 @@
 
 Contract step of phase 3 (backfill): ends the rollback window of that phase.
   upgrade:   orchestrator contract 3: nothing to remove
-  downgrade: refused: a contract step removes what a rollback would need
+  downgrade: orchestrator rollback 3 (after the contract): nothing to put back
   locks:     ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most
              lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)
 

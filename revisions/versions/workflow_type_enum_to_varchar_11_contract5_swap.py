@@ -3,7 +3,11 @@
 Contract step of phase 5 (swap): ends the rollback window of that phase.
   upgrade:   orchestrator contract 5: DROP INDEX CONCURRENTLY the retired indexes; DROP COLUMN retired; DROP
              TYPE the enum
-  downgrade: refused: a contract step removes what a rollback would need
+  downgrade: orchestrator rollback 5 (after the contract): a reverse migration: CREATE TYPE (original labels,
+             order, owner, comment, grants); ADD COLUMN retired enum (catalog only) with the column's comment
+             and grants; the sync triggers; backfill retired = reverse mapping in resumable batches; CREATE
+             INDEX CONCURRENTLY the retired indexes; parity scan. Ends swapped, as before the contract:
+             rollback 5 then swaps back
   locks:     ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout, retried); VALIDATE takes
              SHARE UPDATE EXCLUSIVE, which does not block the app
 
