@@ -21,11 +21,11 @@ import pytest
 from orchestrator import executor
 from orchestrator.runner import Orchestrator
 
-from .test_reliability_support import (BACKWARD, FORWARD, SETTINGS, Chain, argv, build_chain, clone, crash_points, drop,
-                                       error_line, in_process, load_playbook, orch_cli, outcome, outcome_diff, playbook_file,
-                                       spread, status_json)
+from .test_reliability_support import (BACKWARD, FORWARD, SETTINGS, UNDO, Chain, argv, build_chain, clone,
+                                       crash_points, drop, error_line, in_process, load_playbook, orch_cli, outcome,
+                                       outcome_diff, playbook_file, spread, status_json)
 
-ACTION = {"run": "expand", "rollback": "rollback", "contract": "contract"}
+ACTION = {"run": "expand", "rollback": "rollback", "contract": "contract", "undo": "uncontract"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def status_problems(chain: Chain, command: tuple, st: dict, raw: dict, failed: b
         stored, step = raw.get(n, ("pending", None))
         if shown == "running":
             problems.append(f"phase {n} shown 'running' with nobody holding the lock")
-        unfinished = stored == "running" or (stored == "applied" and step == "contract")
+        unfinished = stored == "running" or (stored == "applied" and step == "contract") or (
+            stored == "contracted" and step == "uncontract")
         if unfinished and shown != "interrupted":
             problems.append(f"phase {n} is stored {stored}/{step} but shown {shown!r}, not 'interrupted'")
         if shown == "interrupted" and p["step"] != ACTION[command[0]]:
@@ -151,15 +152,22 @@ NAMED = [
     (("rollback", "2"), "DROP FUNCTION#1"),
     (("rollback", "1"), "DROP INDEX CONCURRENTLY#2"),
     (("rollback", "1"), "DROP COLUMN#1"),
+    (("undo", "5"), "CREATE TYPE#1"),  # the type created, not committed
+    (("undo", "5"), "ADD COLUMN#1"),  # the enum column added, its comment and grants not yet
+    (("undo", "5"), "CREATE TRIGGER#1"),  # between the two CREATE TRIGGERs
+    (("undo", "5"), 'SET "workflow_type_old" =#3'),  # a reverse batch updated, its cursor not yet
+    (("undo", "5"), "CREATE INDEX CONCURRENTLY#1"),
+    (("undo", "1"), "SET DEFAULT#1"),
 ]
 
 
 # The fast set: one kill in each phase's run, in the contract and in two rollbacks, mostly mid-transaction.
-FAST = [NAMED[i] for i in (1, 2, 3, 5, 7, 8, 10, 12, 15)]
+FAST = [NAMED[i] for i in (1, 2, 3, 5, 7, 8, 10, 12, 15, 17, 19)]
 
 
 def test_crash_at_named_points_then_rerun_completes(chain):
-    """Kills at the riskiest statements: every phase, the contract and rollbacks (fast set, 9 points)."""
+    """Kills at the riskiest statements: every phase, the contract, rollbacks and the reverse migration after
+    the contract (fast set, 11 points)."""
     assert {c for c, _ in FAST} >= {("run", str(n)) for n in range(1, 7)} | {("contract",)}
     problems = run_cases(chain, [(command, at, "kill") for command, at in FAST])
     assert problems == [], "\n".join(problems)
@@ -174,10 +182,10 @@ def test_crash_at_every_named_point(chain):
 @pytest.mark.slow
 def test_crash_sweep_over_every_command(chain):
     """Kills right after a change (before its commit) or right after it committed, spread over every
-    command: 6 runs, the contract, 6 rollbacks - 60 points per server."""
+    command: 6 runs, the contract, 6 rollbacks, 6 undos of contract steps - about 80 points per server."""
     cases = []
-    for command in FORWARD + BACKWARD:
-        points = spread(crash_points(chain.statements[command]), 12 if command == ("contract",) else 4)
+    for command in FORWARD + BACKWARD + UNDO:
+        points = spread(crash_points(chain.statements[command]), 12 if command in (("contract",), ("undo", "5")) else 4)
         cases += [(command, str(n), "kill") for n in points]
     assert len(cases) >= 55
     problems = run_cases(chain, cases, light=True)
@@ -195,7 +203,7 @@ def test_lost_connection_at_named_points(chain):
 @pytest.mark.slow
 def test_lost_connection_sweep_over_every_command(chain):
     cases = []
-    for command in FORWARD + BACKWARD:
+    for command in FORWARD + BACKWARD + UNDO:
         points = spread(crash_points(chain.statements[command]), 3)
         cases += [(command, str(n), "terminate") for n in points]
     problems = run_cases(chain, cases, light=True)

@@ -2,7 +2,7 @@
 
 * A second orchestrator on the same playbook (or the same table) and database refuses at once, naming the
   first (its pid, from the advisory lock); a different playbook on a different table runs meanwhile.
-* Out-of-order run / rollback / contract, contract before verify, rollback after a contract, a playbook
+* Out-of-order run / rollback / contract, contract before verify, a rollback not from the last contract step, a playbook
   edited between phases: exit 3, one line saying what to do instead, nothing changed.
 * A wrong DSN or database: exit 2 (cannot connect, or the table is not there), nothing changed.
 """
@@ -137,11 +137,11 @@ def test_out_of_order_commands_are_refused_with_the_command_to_run(dsn, tmp_path
     line = refused(dsn, pb, "contract", "2", "--yes")
     assert "contract the phases in order" in line and "-> orchestrator contract 1" in line, line
     ok(dsn, pb, "contract", "1")
-    # rollback once a contract step ran
+    # rollback once a contract step ran: contract steps are undone from the last one (here, 1)
     line = refused(dsn, pb, "rollback", "6", "--yes")
-    assert "can no longer be rolled back" in line and "-> finish it with orchestrator contract" in line, line
+    assert "phase 1 (add_shadow_column) is contracted" in line and "-> orchestrator rollback 1" in line, line
     line = refused(dsn, pb, "run", "6")
-    assert "being contracted" in line and "-> orchestrator contract" in line, line
+    assert "partly contracted" in line and "orchestrator contract" in line and "rollback 1" in line, line
     ok(dsn, pb, "contract")
 
 

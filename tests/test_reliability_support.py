@@ -38,6 +38,9 @@ SETTINGS = {"settings.batch_size": 100, "settings.min_batch_size": 100, "setting
 FORWARD = [("run", "1"), ("run", "2"), ("run", "3"), ("run", "4"), ("run", "5"), ("run", "6"), ("contract",)]
 BACKWARD = [("rollback", "6"), ("rollback", "5"), ("rollback", "4"), ("rollback", "3"), ("rollback", "2"),
             ("rollback", "1")]
+# After the contract, `rollback N` undoes contract step N (the last first): named "undo" here, to keep each
+# state of the chain apart from the ordinary rollback of the same phase.
+UNDO = [("undo", "6"), ("undo", "5"), ("undo", "4"), ("undo", "3"), ("undo", "2"), ("undo", "1")]
 
 
 # -- playbooks ------------------------------------------------------------------------------------------------
@@ -70,6 +73,8 @@ def orch_cli(dsn: str | None, pb_path: Path | None, *args: str, env: dict | None
 
 def argv(command: tuple[str, ...]) -> list[str]:
     """The command line of a command: contract and rollback need --yes when not on a terminal."""
+    if command[0] == "undo":
+        return ["rollback", *command[1:], "--yes"]
     return [*command, "--yes"] if command[0] in ("contract", "rollback") else list(command)
 
 
@@ -90,7 +95,8 @@ def in_process(dsn: str, pb, command: tuple[str, ...]):
     try:
         verb, *rest = command
         n = int(rest[0]) if rest else None
-        return {"run": orch.run, "rollback": orch.rollback}[verb](n) if verb != "contract" else orch.contract(n)
+        return {"run": orch.run, "rollback": orch.rollback, "undo": orch.rollback}[verb](n) if verb != "contract" \
+            else orch.contract(n)
     finally:
         orch.close()
 
@@ -206,7 +212,8 @@ def spread(points: list[int], k: int) -> list[int]:
 
 
 def build_chain(admin_dsn: str, pb_path: Path) -> Chain:
-    """seed -> run 1 .. run 6 -> contract, and run 6 -> rollback 6 .. rollback 1, one template per state."""
+    """seed -> run 1 .. run 6 -> contract -> undo 6 .. undo 1, and run 6 -> rollback 6 .. rollback 1, one
+    template per state."""
     chain = Chain(admin_dsn, pb_path)
     tag = secrets.token_hex(4)
     start = f"tpl_{tag}_seed"
@@ -218,7 +225,7 @@ def build_chain(admin_dsn: str, pb_path: Path) -> Chain:
     old = {k: os.environ.get(k) for k in CRASH_ENVS}
     os.environ[executor.CRASH_AT_ENV] = "record"  # the hook's counting, with a recorder in place of the injector
     try:
-        for path, origin in ((FORWARD, None), (BACKWARD, ("run", "6"))):
+        for path, origin in ((FORWARD + UNDO, None), (BACKWARD, ("run", "6"))):
             if origin is not None:
                 previous = chain.after[origin]
             for command in path:
