@@ -27,7 +27,7 @@ help:
 	@echo "                     PostgreSQL running: make server-stop stops it)"
 	@echo "make demo-db         set up and seed only (then make phase-1 ... phase-6)"
 	@echo "make plan            every phase's SQL and locks, touching nothing"
-	@echo "make phase-N         run phase N     make rollback-N   undo phase N"
+	@echo "make phase-N         run phase N     make rollback-N   undo phase N (once contracted: its contract step)"
 	@echo "make contract-N      contract phase N (make contract: all, in order)"
 	@echo "make status | verify | pause | resume"
 	@echo "make log [PHASE=N]   the run log: every statement the orchestrator ran"

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from . import health, replica
 from .keyset import Keyset
+from .playbook import ColumnMigration
 from .phases.base import Context
 from .errors import Failure, Refused
 from .progress import Progress
@@ -42,9 +43,13 @@ def update_statement(ctx: Context, reverse: bool = False) -> tuple[sql.Composabl
 OUR_TRIGGER_PATTERNS = (r"\_ec\_%", r"~ec\_%")
 
 
+def reverse_key(m: ColumnMigration) -> str:
+    return json.dumps([*json.loads(m.key), "reverse"])
+
+
 def progress_key(ctx: Context, reverse: bool = False) -> str:
     """The backfill's row in the state table: ColumnMigration.key, or its reverse migration's."""
-    return json.dumps([*json.loads(ctx.m.key), "reverse"]) if reverse else ctx.m.key
+    return reverse_key(ctx.m) if reverse else ctx.m.key
 
 
 def app_triggers(ctx: Context, column: str | None = None) -> list[tuple[str, str]]:

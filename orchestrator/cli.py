@@ -290,7 +290,8 @@ def _status_view(st: dict):
         if "rows_done" not in b:
             continue
         total = b["rows_estimate"] or 0
-        parts.append(f"backfill {b['table']}: {b['rows_done']:,} rows updated in {b['batches']} batches"
+        what = "reverse backfill" if b.get("direction") == "reverse" else "backfill"
+        parts.append(f"{what} {b['table']}: {b['rows_done']:,} rows updated in {b['batches']} batches"
                   + (f" (table ~{total:,} rows)" if total else "")
                   + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
                   + (", finished" if b["finished_at"] else "")

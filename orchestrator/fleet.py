@@ -277,8 +277,9 @@ class Fleet:
         g = self.inv.gates
         # 1. Every target of the wave is where the command put it, read back from its own database.
         statuses = self._statuses(w.targets)
+        undone = {o.target for o in outcomes if o.result == "contract undone"}
         for st in statuses:
-            problem = self._not_reached(st, command, n)
+            problem = self._not_reached(st, command, n, undid_contract=st["name"] in undone)
             if problem:
                 raise GateFailed(f"target {st['name']} {problem}")
         # 2. Parity, on every target whose backfill has run and whose retired column still exists.
@@ -312,7 +313,8 @@ class Fleet:
                 self.echo(f"  gate: soaking {remaining:.0f}s after wave {w.name}")
                 time.sleep(remaining)
 
-    def _not_reached(self, st: dict, command: str, n: int | None) -> str | None:
+    def _not_reached(self, st: dict, command: str, n: int | None, undid_contract: bool = False) -> str | None:
+        """undid_contract: the rollback undid phase n's contract step there (phase n is applied again)."""
         if not st["reachable"]:
             return f"is unreachable: {st['error']}"
         statuses = {p["phase"]: p["status"] for p in st.get("phases", [])}
@@ -324,7 +326,9 @@ class Fleet:
             for k in ([n] if n else range(1, len(self.phases) + 1)):
                 if statuses.get(k) != CONTRACTED:
                     return f"phase {k} is {statuses.get(k, PENDING)}, not contracted"
-        elif command == "rollback" and statuses.get(n, PENDING) != PENDING:
+        elif command == "rollback" and undid_contract and statuses.get(n) != APPLIED:
+            return f"phase {n} is {statuses.get(n)}, not applied again after the undo of its contract step"
+        elif command == "rollback" and not undid_contract and statuses.get(n, PENDING) != PENDING:
             return f"phase {n} is {statuses.get(n)}, not rolled back"
         return None
 
@@ -414,9 +418,10 @@ class Fleet:
             phase = p["phase"]
         statuses = [p["status"] for p in phases]
         busy = next((p for p in phases if p["status"] in (RUNNING, "interrupted", FAILED)
-                     or (p["status"] == APPLIED and p["step"] == "contract")), None)
+                     or (p["status"] == APPLIED and p["step"] == "contract")
+                     or (p["status"] == CONTRACTED and p["step"] == "uncontract")), None)
         if busy is not None:
-            state, step = (busy["status"] if busy["status"] != APPLIED else
+            state, step = (busy["status"] if busy["status"] not in (APPLIED, CONTRACTED) else
                            ("running" if st["running_now"] else "interrupted")), busy["step"]
         elif all(s == CONTRACTED for s in statuses):
             state, step = "contracted", None
@@ -442,6 +447,8 @@ class Fleet:
 
     @staticmethod
     def _backfill(rows: list[dict]) -> dict | None:
+        # The reverse migration's backfill (the undo of contract 5) once it exists, else phase 3's.
+        rows = [b for b in rows if b.get("direction") == "reverse"] or [b for b in rows if not b.get("direction")]
         have = [b for b in rows if "rows_done" in b]
         if not have:
             return None

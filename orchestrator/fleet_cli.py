@@ -200,14 +200,14 @@ def fleet_run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase n
 
 @fleet_app.command("contract")
 def fleet_contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase; default all"),
-                   yes: bool = typer.Option(False, "--yes", "-y", help="confirm: the contract cannot be rolled back"),
+                   yes: bool = typer.Option(False, "--yes", "-y", help="confirm the contract (going back after it is a reverse migration)"),
                    as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON")):
     """Contract every target, wave by wave (ends the rollback window). Needs --yes off a terminal.
 
     Example: orchestrator fleet -i fleet.yaml contract --yes
     """
-    _confirm(yes, "the contract drops the trigger, the retired column and the enum type on every target; "
-                  "it cannot be rolled back. Continue?")
+    _confirm(yes, "the contract drops the trigger, the retired column and the enum type on every target; going "
+                  "back afterwards is a reverse migration (fleet rollback N, from the last phase). Continue?")
     _finish(ctx, ctx.obj.fleet.execute("contract", phase), as_json)
 
 

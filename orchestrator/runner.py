@@ -11,7 +11,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from . import catalog, parity, preflight
-from .backfill import summary as backfill_summary
+from .backfill import reverse_key, summary as backfill_summary
 from .catalog import Facts, facts_from_json, facts_to_json
 from .errors import BadInput, Failure, OrchestratorError, Refused
 from .control import pause_path
@@ -341,6 +341,9 @@ class Orchestrator:
         progress = self.state.backfills()
         backfills = [{"table": m.label, **(backfill_summary(progress[m.key]) if m.key in progress else {})}
                      for m in self.pb.migrations]
+        # The reverse migration's (the undo of contract 5), while it exists.
+        backfills += [{"table": m.label, "direction": "reverse", **backfill_summary(progress[key])}
+                      for m in self.pb.migrations if (key := reverse_key(m)) in progress]
         out = {"playbook": self.pb.name, "running_now": busy, "phases": phases,
                "tables": [m.label for m in self.pb.migrations], "backfill": backfills}
         hints = versions.connection_hints(self.pb)

@@ -208,3 +208,35 @@ def test_a_kill_in_the_middle_of_the_reverse_backfill_is_resumed_by_the_same_com
     assert r.returncode == 0, r.stdout + r.stderr
     assert query(dsn, "SELECT status FROM _orchestrator.phases ORDER BY phase") == [
         (CONTRACTED,)] * 4 + [(APPLIED,)] * 2
+
+
+def test_old_app_instances_come_back_through_their_views_during_the_way_back(dsn):
+    """With app_versions, the undo of contract 2 brings both versions' views back, pointed at the swapped
+    columns and in the table's original column order: an old-version instance reads and writes its enum labels,
+    with prepared statements, before and after the swap back."""
+    from .test_app_versions import NEW, OLD, connect, table_columns, view_columns
+    seed_chatter(dsn, rows=300)
+    original = table_columns(dsn, chatter.SPECS)
+    orch = Orchestrator(real_playbook(), dsn)
+    try:
+        forward_through_contract(orch)
+        assert query(dsn, "SELECT to_regnamespace('chatter_v1')") == [(None,)]
+        for k in range(6, 1, -1):
+            orch.rollback(k)
+        old_view, new_view = view_columns(dsn, OLD, chatter.SPECS), view_columns(dsn, NEW, chatter.SPECS)
+        assert [c for c, _ in old_view] == original and dict(old_view)["workflow_type"] == "workflowtype"
+        assert dict(new_view)["workflow_type"] == "character varying(50)"
+        (rid,) = query(dsn, "SELECT min(id) FROM template_specs")[0]
+        with connect(dsn, OLD) as old, connect(dsn, NEW) as new:
+            read = "SELECT workflow_type::text FROM template_specs WHERE id = %s"
+            old.execute("UPDATE template_specs SET workflow_type = 'tools' WHERE id = %s", (rid,))
+            assert old.execute(read, (rid,)).fetchone() == ("tools",)
+            assert new.execute(read, (rid,)).fetchone() == ("function_chat",)
+            orch.rollback(1)  # the last contract step undone: every phase is applied again
+            assert orch.rollback(6) == "rolled back" and orch.rollback(5) == "rolled back"  # the swap back
+            assert old.execute(read, (rid,)).fetchone() == ("tools",)  # the same prepared statements
+            old.execute("UPDATE template_specs SET workflow_type = 'full' WHERE id = %s", (rid,))
+            assert new.execute(read, (rid,)).fetchone() == ("advanced_chat",)
+        assert [c for c, _ in view_columns(dsn, OLD, chatter.SPECS)] == original
+    finally:
+        orch.close()

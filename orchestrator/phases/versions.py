@@ -140,29 +140,38 @@ def _seen_old_definition(ctx: Context) -> sql.Composable:
 
 
 # -- the views ----------------------------------------------------------------------------------------------
+def _numbered_columns(ctx: Context) -> list[tuple[str, int]]:
+    return [tuple(r) for r in ctx.x.conn.execute(
+        "SELECT attname, attnum FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT "
+        "attisdropped ORDER BY attnum", (ctx.x.render(ctx.table),)).fetchall()]
+
+
 def _columns(ctx: Context) -> list[str]:
-    return [r[0] for r in ctx.x.conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
-        "ORDER BY attnum", (ctx.x.render(ctx.table),)).fetchall()]
+    return [name for name, _ in _numbered_columns(ctx)]
 
 
 def _view(ctx: Context, version: str, swapped: bool) -> sql.Composable:
-    """The table's columns in its order; the migrated column where the enum column stands, taken from the
-    enum column (old version) or the varchar one (new version) as they are named when `swapped` says."""
+    """The table's columns in its order; the migrated column at its original place, taken from the enum column
+    (old version) or the varchar one (new version) as they are named when `swapped` says."""
     m = ctx.m
     enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
     varchar_now = m.column.name if enum_now == m.retired else m.shadow
     enum_then, varchar_then = (m.retired, m.column.name) if swapped else (m.column.name, m.shadow)
     extras = {c.name for c in m.extra_columns}
-    items = []
-    for name in _columns(ctx):
-        if name == enum_now:
-            source = enum_then if version == "old" else varchar_then
-            items.append(Q("{} AS {}").format(I(source), I(m.column.name)))
-        elif name == varchar_now or (name in extras and version == "old"):
-            continue
-        else:
+    migrated = Q("{} AS {}").format(I(enum_then if version == "old" else varchar_then), I(m.column.name))
+    # At the column's original place (phase 1 recorded its attnum): where the enum column stands, or, once a
+    # reverse migration after the contract re-added it as the last column, where it stood.
+    ours = (enum_now, varchar_now)
+    place = ctx.facts.attnum
+    items, placed = [], False
+    for name, attnum in _numbered_columns(ctx):
+        if not placed and (name in ours if place is None else attnum >= place and name not in ours):
+            items.append(migrated)
+            placed = True
+        if name not in ours and not (name in extras and version == "old"):
             items.append(I(name))
+    if not placed:
+        items.append(migrated)
     options = Q(" WITH (security_invoker = true)") if ctx.x.conn.info.server_version >= 150000 else Q("")
     return Q("CREATE OR REPLACE VIEW {}{} AS SELECT {} FROM {}").format(
         view_name(ctx, version), options, join(items), ctx.table)
