@@ -458,7 +458,7 @@ def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> boo
             return dry.rollback(phase) == "nothing to do"
         rows = dry.state.phases()
         todo = [k for k in ([phase] if phase else range(1, len(dry.phases) + 1))
-                if not rows or k not in rows or rows[k].status != CONTRACTED]
+                if not rows or k not in rows or rows[k].status != CONTRACTED or rows[k].step == "uncontract"]
         if not todo:
             return True
         dry.contract(todo[0])  # the first one still to do: the later ones depend on it

@@ -30,7 +30,11 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
                            FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                            WHERE n.nspname = %s AND t.typname = %s""",
                         (enum_schema, enum_name)).fetchone()
-    if enum is not None:  # gone after the contract
+    if enum is None:  # gone after the contract: the way back recreates it
+        if conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (enum_schema,)).fetchone()[0] is False:
+            missing.append(f"CREATE on schema {enum_schema} (the way back after the contract recreates the enum "
+                           f"type {enum_schema}.{enum_name})")
+    else:
         is_owner, owner, usage = enum
         type_name = f"{enum_schema}.{enum_name}"
         if not usage:

@@ -212,28 +212,62 @@ def test_upgrade_head_reaches_the_final_schema(seeded):
     assert snapshot(dsn) == snap
 
 
+def old_version_quiet_since(dsn: str, seconds: int) -> None:
+    """What `orchestrator contract --old-version-gone` says, for the Alembic path: the old version's last write
+    (app_versions) was `seconds` ago."""
+    from orchestrator.phases import versions
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("SELECT setval({}::regclass, extract(epoch FROM now())::bigint - %s)").format(
+            sql.Literal(versions.sequence(PB).as_string(conn))), (seconds,))
+
+
 def test_downgrade_base_from_head_restores_the_original_and_upgrade_head_runs_again(seeded):
     """The seed's "complete downgrade path to restore the enum": after the contract, `alembic downgrade base`
     undoes every contract step (the swap's is an online reverse migration) and then every phase, revision by
-    revision, with alembic_version and the state table in step; then `upgrade head` runs it all again."""
+    revision, with alembic_version and the state table in step, under app traffic on both tables; then
+    `upgrade head` runs it all again."""
+    from orchestrator.traffic import AppTraffic, TrafficReport
+    from .test_real_schema import check_rows
+
     dsn = seeded
-    before, before_values = snapshot(dsn), values(dsn)
-    command.upgrade(config(dsn), "head")
-    assert statuses(dsn) == [CONTRACTED] * 6
-    for n in range(6, 0, -1):  # each contract revision down: that contract step undone
-        command.downgrade(config(dsn), "-1")
-        assert version_rows(dsn) == [CONTRACT[n - 2] if n > 1 else EXPAND[-1]]
-        assert statuses(dsn) == [CONTRACTED] * (n - 1) + [APPLIED] * (7 - n)
-    command.downgrade(config(dsn), "base")
+    before, original = snapshot(dsn), values(dsn)
+    reports = []
+    traffic = AppTraffic(dsn, chatter.chatter_names(), writers=2, readers=1, chatter=True, new_only_values=())
+    with traffic:
+        command.upgrade(config(dsn), EXPAND[4])  # through the swap: the app moves to the new column
+        traffic.use_new_app(allow_new_only=False)
+        old_version_quiet_since(dsn, 400)  # the rolling deploy finished long enough ago for the contract
+        command.upgrade(config(dsn), "head")
+        assert statuses(dsn) == [CONTRACTED] * 6
+        for n in range(6, 0, -1):  # each contract revision down: that contract step undone
+            command.downgrade(config(dsn), "-1")
+            assert version_rows(dsn) == [CONTRACT[n - 2] if n > 1 else EXPAND[-1]]
+            assert statuses(dsn) == [CONTRACTED] * (n - 1) + [APPLIED] * (7 - n)
+        command.downgrade(config(dsn), EXPAND[4])  # the built-in rows go; the app moves back before the swap back
+        traffic.use_old_app()
+        command.downgrade(config(dsn), "base")
+    reports.append(traffic.stop())
     assert version_rows(dsn) == [] and statuses(dsn) == [PENDING] * 6
     after = snapshot(dsn)
     assert ignoring_column_order(after) == ignoring_column_order(before), "\n".join(snapshot_diff(
         ignoring_column_order(before), ignoring_column_order(after)))
-    assert values(dsn) == before_values
-    command.upgrade(config(dsn), "head")
+    check_rows(dsn, original, reports[0], new_vocabulary=False)
+
+    traffic = AppTraffic(dsn, chatter.chatter_names(), writers=2, readers=1, chatter=True, new_only_values=(), seed=1)
+    with traffic:
+        command.upgrade(config(dsn), EXPAND[4])
+        traffic.use_new_app(allow_new_only=False)
+        old_version_quiet_since(dsn, 400)
+        command.upgrade(config(dsn), "head")
+    reports.append(traffic.stop())
     assert version_rows(dsn) == [CONTRACT[-1]] and statuses(dsn) == [CONTRACTED] * 6
     assert {c["type"] for t in TABLES for n, c in columns(snapshot(dsn), t).items() if n == "workflow_type"} == {
         "character varying(50)"}
+    for report in reports:
+        assert report.errors == [], report.errors[:5]
+    both = TrafficReport(samples=[], written={**reports[0].written, **reports[1].written},
+                         written_specs={**reports[0].written_specs, **reports[1].written_specs})
+    check_rows(dsn, original, both, new_vocabulary=True)
 
 
 def test_downgrade_step_by_step_restores_the_original_schema(seeded):

@@ -1,5 +1,6 @@
 """Lock storms: another session holds a lock that conflicts with a DDL step for longer than the whole retry
-budget (settings.retries: 3). For every DDL step of every phase, the contract and the rollbacks:
+budget (settings.retries: 3). For every DDL step of every phase, the contract, the rollbacks and the undo of
+contract steps (the reverse migration after the contract):
 
 * the orchestrator gives up with exit 3 and one line naming the blocking pid and its query;
 * an application writing meanwhile (small INSERTs and UPDATEs) never waits longer than lock_timeout + 150 ms;
@@ -66,8 +67,16 @@ STORMS = [
     Storm("rollback1-drop-index", ("rollback", "1"), ("rollback", "1"), SUE, step="drop index"),
     Storm("rollback1-drop-columns", ("rollback", "1"), ("rollback", "1"), AS, position="DROP COLUMN#1",
           step="drop columns"),
+    # After the contract: the undo of contract 5 (the reverse migration) and of contract 1.
+    Storm("undo5-add-column", ("undo", "5"), ("undo", "5"), AS, position="ADD COLUMN#1",
+          step="add the enum column"),
+    Storm("undo5-triggers", ("undo", "5"), ("undo", "5"), SUE, position="CREATE TRIGGER#1",
+          step="create sync triggers"),
+    Storm("undo5-index-build", ("undo", "5"), ("undo", "5"), SUE, position="DROP INDEX CONCURRENTLY IF EXISTS#1",
+          step="build index"),
+    Storm("undo1-restore-defaults", ("undo", "1"), ("undo", "1"), AS, step="restore temporary defaults"),
 ]
-FAST = {"run1-add-columns", "run5-swap", "rollback1-drop-index"}
+FAST = {"run1-add-columns", "run5-swap", "rollback1-drop-index", "undo5-add-column"}
 
 
 @pytest.fixture(scope="module")
