@@ -31,7 +31,9 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
                            WHERE n.nspname = %s AND t.typname = %s""",
                         (enum_schema, enum_name)).fetchone()
     if enum is None:  # gone after the contract: the way back recreates it
-        if conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (enum_schema,)).fetchone()[0] is False:
+        can = conn.execute("SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = %s",
+                           (enum_schema,)).fetchone()  # no row: no such schema, which inspect names
+        if can is not None and not can[0]:
             missing.append(f"CREATE on schema {enum_schema} (the way back after the contract recreates the enum "
                            f"type {enum_schema}.{enum_name})")
     else:
