@@ -240,3 +240,23 @@ def test_old_app_instances_come_back_through_their_views_during_the_way_back(dsn
         assert [c for c, _ in view_columns(dsn, OLD, chatter.SPECS)] == original
     finally:
         orch.close()
+
+
+def test_an_index_created_on_the_column_after_the_contract_stops_the_way_back(dsn):
+    """The swap back would leave it on the varchar column, which rollback 1 drops: refused, named, unchanged."""
+    seed_chatter(dsn, rows=100)
+    orch = Orchestrator(real_playbook(), dsn)
+    try:
+        forward_through_contract(orch)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE INDEX ix_specs_type_name ON template_specs (workflow_type, name)")
+        assert orch.rollback(6) == "contract undone"
+        unchanged = snapshot(dsn)
+        with pytest.raises(Refused, match="template_specs.workflow_type: index 'ix_specs_type_name'"):
+            orch.rollback(5)
+        assert snapshot(dsn) == unchanged
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP INDEX ix_specs_type_name")
+        assert orch.rollback(5) == "contract undone"
+    finally:
+        orch.close()

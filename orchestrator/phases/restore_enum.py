@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from .. import parity
+from .. import catalog, parity
 from ..errors import Refused
 from ..sqlkit import I, L, Q, case_map
-from . import shape
+from . import shape, target_check
 from .base import Context
 from .dual_write import install_sync
 from .shadow import AddShadowColumn
@@ -54,9 +54,34 @@ def refuse_unlabeled(ctxs: list[Context]) -> None:
                            "fallback in the playbook")
 
 
+def refuse_new_dependents(ctxs: list[Context]) -> None:
+    """Indexes, views or constraints created on the column since the contract: the swap back would leave them
+    on the varchar column, which `rollback 1` drops (an index silently, with what it guaranteed). Refuse, naming
+    them all, as the swap does for objects created since phase 1."""
+    x, pb = ctxs[0].x, ctxs[0].pb
+    if x.dry_run:
+        return
+    ours = (pb.app_versions.old, pb.app_versions.new) if pb.app_versions else ()
+    found = []
+    for ctx in ctxs:
+        oid = catalog.table_oid(x.conn, *ctx.table_name)
+        attnum = catalog.column(x.conn, oid, ctx.m.column.name)["attnum"]
+        simple, blockers = catalog.column_indexes(x.conn, oid, attnum)
+        known = {ix.name for ix in ctx.facts.indexes}
+        found += [f"{ctx.m.label}: index {ix.name!r}" for ix in simple if ix.name not in known]
+        found += [f"{ctx.m.label}: {b}" for b in blockers]
+        found += [f"{ctx.m.label}: {d}" for d in catalog.column_dependents(x.conn, oid, attnum, ours)
+                  if not d.startswith(f"constraint {target_check.name(ctx)} ")]
+    if found:
+        raise Refused(f"the way back cannot carry objects created on the column since the contract: "
+                      f"{'; '.join(found)}; nothing was changed",
+                      hint="drop them (re-create them once the enum column is back), then re-run the rollback")
+
+
 def before(ctxs: list[Context]) -> None:
     """Refusals that must come before anything changes."""
     from ..backfill import check_app_triggers
+    refuse_new_dependents(ctxs)
     refuse_unlabeled(ctxs)
     if not ctxs[0].x.dry_run:
         check_app_triggers(ctxs, reverse=True)  # its batches update every row, as phase 3's did
