@@ -400,7 +400,7 @@ def rehearse(ctx: typer.Context,
              dwell: float = typer.Option(0.2, help="seconds of app traffic between two steps"),
              after_contract: bool = typer.Option(True, "--after-contract/--no-after-contract",
                                                  help="after the contract, undo it and roll all the way back, "
-                                                      "then forward again (default: on)"),
+                                                      "then forward again"),
              verbose: bool = typer.Option(False, "--verbose", help="also print the orchestrator's log lines"),
              playbook: Optional[str] = typer.Option(None, "--playbook", "-p",
                                                     help="playbook YAML (default: the global --playbook)"),
