@@ -31,6 +31,15 @@ app before the swap is rolled back. Values with no label therefore exist when th
 The playbook's own policy is exercised first; the last cycle that rolls back the swap uses a copy of the
 playbook with the other policy (an extra cycle is added when needed), so every rehearsal shows both.
 
+After the contract, the "after contract" cycle takes the migration all the way back under the same traffic:
+`rollback n`..`1` undo each contract step (the swap's undo is the reverse migration; the new app stays, but
+under `refuse` it first stops writing values with no label, the undo must refuse naming the rows and change
+nothing, the DBA fixes them and it runs again; under `fallback` the enum copy must hold the fallback label),
+then the ordinary rollbacks n..1 (the new app's values in the extra columns reset by the DBA before rollback 1
+drops them), each compared with the catalog after that phase of the final cycle, column order aside (the enum
+column comes back as the last one); then forward through the contract again, whose catalog must be the first
+contract's.
+
 Row checks need a consistent view of "what the app last wrote": the app is held between two statements
 for the moment of the check (no statement is in flight, none is timed), never during a phase or rollback.
 """
