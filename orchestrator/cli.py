@@ -399,6 +399,9 @@ def rehearse(ctx: typer.Context,
                                                    help="HTML report path (a .json copy goes next to it); "
                                                         "default: reports/rehearsal-<timestamp>.html"),
              dwell: float = typer.Option(0.2, help="seconds of app traffic between two steps"),
+             after_contract: bool = typer.Option(True, "--after-contract/--no-after-contract",
+                                                 help="after the contract, undo it and roll all the way back, "
+                                                      "then forward again"),
              verbose: bool = typer.Option(False, "--verbose", help="also print the orchestrator's log lines"),
              playbook: Optional[str] = typer.Option(None, "--playbook", "-p",
                                                     help="playbook YAML (default: the global --playbook)"),
@@ -407,7 +410,10 @@ def rehearse(ctx: typer.Context,
     """Rehearse every rollback under simulated app traffic; print the report table and write it as HTML.
 
     For each phase k: run 1..k, roll back k..1 checking the schema and every row after each rollback;
-    then run every phase and the contract. Exit 0 only when every check passed (1 otherwise).
+    then run every phase and the contract. Then, under the same traffic, undo every contract step (rollback
+    6..1: the swap's undo is the online reverse migration) and roll back 6..1 to the original schema (column
+    order aside) and values, then run forward through the contract again (--no-after-contract skips this).
+    Exit 0 only when every check passed (1 otherwise).
     With no --dsn / DATABASE_URL: a scratch PostgreSQL (embedded) seeded with --rows rows, removed afterwards.
     With --dsn: that staging database as it is (the migration ends contracted there).
     Example: orchestrator rehearse --playbook playbooks/workflow_type_enum_to_varchar.yaml --rows 200000 --writers 4
@@ -424,7 +430,8 @@ def rehearse(ctx: typer.Context,
     pb = playbook_mod.load(source, ctx.obj.env)
     path = report or Path("reports") / f"rehearsal-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.html"
     result = rehearse_mod.rehearse(pb, dsn, rows=rows, writers=writers, readers=readers,
-                                   cycles=phases or None, dwell_s=dwell, console=out, playbook_source=source)
+                                   cycles=phases or None, after_contract=after_contract, dwell_s=dwell, console=out,
+                                   playbook_source=source)
     report_mod.write(result, path)
     wide = out if out.is_terminal else Console(width=max(out.width, 170))
     wide.print(report_mod.rich_table(result))

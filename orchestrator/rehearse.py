@@ -31,6 +31,15 @@ app before the swap is rolled back. Values with no label therefore exist when th
 The playbook's own policy is exercised first; the last cycle that rolls back the swap uses a copy of the
 playbook with the other policy (an extra cycle is added when needed), so every rehearsal shows both.
 
+After the contract, the "after contract" cycle takes the migration all the way back under the same traffic:
+`rollback n`..`1` undo each contract step (the swap's undo is the reverse migration; the new app stays, but
+under `refuse` it first stops writing values with no label, the undo must refuse naming the rows and change
+nothing, the DBA fixes them and it runs again; under `fallback` the enum copy must hold the fallback label),
+then the ordinary rollbacks n..1 (the new app's values in the extra columns reset by the DBA before rollback 1
+drops them), each compared with the catalog after that phase of the final cycle, column order aside (the enum
+column comes back as the last one); then forward through the contract again, whose catalog must be the first
+contract's.
+
 Row checks need a consistent view of "what the app last wrote": the app is held between two statements
 for the moment of the check (no statement is in flight, none is timed), never during a phase or rollback.
 """
@@ -52,10 +61,13 @@ from psycopg import sql
 
 from .db import safe_dsn
 from . import chatter
-from .demo import SeedNames, create_seed_schema, insert_rows, is_chatter, schema_snapshot, snapshot_diff
+from .demo import (SeedNames, create_seed_schema, ignoring_column_order, insert_rows, is_chatter, schema_snapshot,
+                   snapshot_diff)
 from .errors import BadInput, OrchestratorError, Refused
 from .playbook import ColumnMigration, Playbook
+from .phases.shadow import AddShadowColumn
 from .runner import Orchestrator
+from .sqlkit import extra_type, typed_literal
 from .state import State
 from .traffic import AppTraffic, StatementSample
 
@@ -64,6 +76,7 @@ log = structlog.get_logger()
 APP_NAME = "app-traffic"  # the application_name AppTraffic connects with
 PAUSE_TIMEOUT_S = 30.0
 NEW_ONLY_WAIT_S = 10.0
+AFTER_CONTRACT = "after contract"  # the cycle that takes the contracted migration all the way back and forward
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,8 +214,8 @@ class LockSampler:
 @dataclass
 class Step:
     n: int
-    cycle: str  # "cycle 3", "cycle 6 (fallback)", "forward", "setup"
-    action: str  # run | rollback | rollback (refused) | dba fix | contract
+    cycle: str  # "cycle 3", "cycle 6 (fallback)", "final: forward + contract", "after contract"
+    action: str  # run | rollback | rollback (refused) | dba fix | contract | undo contract | undo contract (refused)
     phase: int | None
     name: str
     t0: float
@@ -229,6 +242,8 @@ class Step:
             return f"+{self.phase}"
         if self.action.startswith("rollback"):
             return f"-{self.phase}"
+        if self.action.startswith("undo contract"):
+            return f"-C{self.phase}"
         if self.action == "contract":
             return f"C{self.phase}"
         return "fix" if self.action == "dba fix" else self.action[:3]
@@ -377,8 +392,8 @@ def _count_by_value(values: dict[str, str]) -> dict[str, int]:
 class Rehearsal:
     def __init__(self, pb: Playbook, dsn: str, *, rows: int, writers: int, readers: int = 1,
                  cycles: Sequence[int] | None = None, both_policies: bool = True, final: bool = True,
-                 dwell_s: float = 0.2, console=None, playbook_source: str = "", server_label: str = "",
-                 traffic_seed: int = 0):
+                 after_contract: bool = True, dwell_s: float = 0.2, console=None, playbook_source: str = "",
+                 server_label: str = "", traffic_seed: int = 0):
         self.pb, self.dsn = pb, dsn
         self.chatter = is_chatter(pb)
         if self.chatter:
@@ -400,6 +415,7 @@ class Rehearsal:
         self.rows, self.writers, self.readers = rows, writers, readers
         self.cycles = list(cycles) if cycles else None
         self.both_policies, self.do_final, self.dwell_s = both_policies, final, dwell_s
+        self.do_after_contract = after_contract
         self.console = console
         self.traffic_seed = traffic_seed
         self.result = RehearsalResult(
@@ -416,6 +432,11 @@ class Rehearsal:
         self.current_pb = pb
         self._new_app = False  # the simulated app writes the new vocabulary
         self._log_id = 0  # last run-log row seen
+        # the final cycle's catalog after each phase, after each contract step (0: before the first), and its
+        # built-in rows after each phase: what the "after contract" cycle's undo and rollbacks must restore
+        self.forward_schemas: dict[int, dict] = {}
+        self.forward_seeds: dict[int, dict[str, set[str]]] = {}
+        self.contract_schemas: dict[int, dict] = {}
 
     # -- output ---------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -441,10 +462,15 @@ class Rehearsal:
         with self.connect() as conn:
             return {s: schema_snapshot(conn, s) for s in self.schemas}
 
-    def schema_diff(self, want: dict[str, dict], got: dict[str, dict]) -> list[str]:
+    def schema_diff(self, want: dict[str, dict], got: dict[str, dict], *, ignore_order: bool = False) -> list[str]:
+        """ignore_order: compare each table's columns by name (after the undo of the swap's contract the enum
+        column is back as the table's last column)."""
         out: list[str] = []
         for s in self.schemas:
-            diff = snapshot_diff(want.get(s, {}), got.get(s, {}))
+            a, b = want.get(s, {}), got.get(s, {})
+            if ignore_order:
+                a, b = (ignoring_column_order(x) if x else x for x in (a, b))
+            diff = snapshot_diff(a, b)
             out += [f"{s}: {d}" for d in diff] if len(self.schemas) > 1 else diff
         return out
 
@@ -570,9 +596,10 @@ class Rehearsal:
                                  step).passed
         return ok
 
-    def check_schema(self, step: Step, want: dict, what: str) -> bool:
-        diff = self.schema_diff(want, self.snapshot())
+    def check_schema(self, step: Step, want: dict, what: str, *, ignore_order: bool = False) -> bool:
+        diff = self.schema_diff(want, self.snapshot(), ignore_order=ignore_order)
         step.schema = "differs" if diff else "identical"
+        what += " (ignoring column order)" if ignore_order else ""
         return self.check(f"{step.cycle}: {step.action} {step.phase}: schema identical to {what}", not diff,
                           "; ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
                           if diff else "catalog comparison of " + ", ".join(self.schemas) + ": tables ("
@@ -655,7 +682,8 @@ class Rehearsal:
         step.note = (step.note + " " if step.note else "") + "app rolled back to the old version first"
 
     def roll_back(self, orch: Orchestrator, j: int, cycle: str, policy: str, schemas: dict[int, dict],
-                  seeds: dict[int, dict[str, set[str]]]) -> None:
+                  seeds: dict[int, dict[str, set[str]]], *, ignore_order: bool = False) -> None:
+        """ignore_order: compare the catalog with `schemas` column order aside (after the contract was undone)."""
         phase = orch.phase(j)
         unswap = self.swap_phase == j and self.swapped_any()
         step = self.begin(cycle, "rollback", j, phase.name)
@@ -672,7 +700,8 @@ class Rehearsal:
                 refusals += 1
                 units = self.check_refusal(step, j, err, unlabeled)
                 self.policies_done.add("refuse")
-                ok = self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)")
+                ok = self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)",
+                                       ignore_order=ignore_order)
                 ok &= self.check_rows(step, seed_expected=None)
                 if not ok:
                     raise _Stop("the refused rollback changed the database") from err
@@ -705,7 +734,7 @@ class Rehearsal:
                                    "rollback did not refuse", step)
                 if not missed:  # the app rewrote every such row before the rollback looked: nothing to refuse
                     step.note += " (the app had rewritten every row with no label before the rollback looked)"
-                self.after_rollback(step, j, schemas, seeds)
+                self.after_rollback(step, j, schemas, seeds, ignore_order=ignore_order)
                 return
         try:
             outcome = orch.rollback(j)
@@ -717,16 +746,18 @@ class Rehearsal:
         if unswap and policy == "fallback" and any(unlabeled.values()):
             self.policies_done.add("fallback")
             self.apply_fallback_expectation(step, unlabeled)
-        self.after_rollback(step, j, schemas, seeds)
+        self.after_rollback(step, j, schemas, seeds, ignore_order=ignore_order)
 
-    def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]]) -> list[Unit]:
-        """The refusal must name, per table, rows that hold values with no label, and count them right.
-        Returns the units it names."""
+    def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]], *,
+                      what: str = "", expect: Sequence[str] = ()) -> list[Unit]:
+        """The refusal must name, per table, rows that hold values with no label, and count them right (and
+        say every phrase of `expect`). Returns the units it names."""
         text = str(err)
         named = re.findall(r"([\w.\"]+): (\d+) rows, e\.g\. ids (\[[^\]]*\])", text)
         units, problems = [], []
         if not named:
             problems.append("the refusal names no table with a count and ids")
+        problems += [f"the refusal does not say {phrase!r}" for phrase in expect if phrase not in text]
         for label, count, ids_text in named:
             unit = next((u for u in self.units if u.label == label), None)
             try:
@@ -743,20 +774,21 @@ class Rehearsal:
                 problems.append(f"{listed} rows of {label} listed, but it had {hi} such rows before the rollback "
                                 f"and still has at least {lo}")
         where = ", ".join(u.label for u in units) or "?"
-        self.check(f"{step.cycle}: rollback {j} refused as designed ({where})", not problems,
+        self.check(f"{step.cycle}: {what or f'rollback {j}'} refused as designed ({where})", not problems,
                    "; ".join(problems) + f": {err.one_line()}" if problems else
                    f"rollback refused as designed, naming the rows of {where}: {err.one_line()}", step)
         self.say(f"{'':7}rollback refused as designed, rows of {where} listed: {err.one_line()[:140]}")
         return units
 
     def after_rollback(self, step: Step, j: int, schemas: dict[int, dict],
-                       seeds: dict[int, dict[str, set[str]]]) -> None:
+                       seeds: dict[int, dict[str, set[str]]], *, ignore_order: bool = False) -> None:
         what = "the original" if j == 1 else f"after phase {j - 1}"
-        ok = self.check_schema(step, schemas[j - 1], what)
+        ok = self.check_schema(step, schemas[j - 1], what, ignore_order=ignore_order)
         ok &= self.check_rows(step, seed_expected=seeds[j - 1])
         if not ok:
             raise _Stop(f"rollback of phase {j} did not restore the database")
-        self.say(f"{'':7}schema identical to {what}; rows present with the right value: "
+        self.say(f"{'':7}schema identical to {what}{' (column order aside)' if ignore_order else ''}; rows "
+                 "present with the right value: "
                  + ", ".join(f"{label} {n:,}" for label, n in step.rows_by_table.items()))
         self.dwell()
 
@@ -833,6 +865,7 @@ class Rehearsal:
         self.say(f"[bold]{label}[/]: every phase, then the contract")
         orch = Orchestrator(self.pb, self.dsn)
         deploy = self.start_rolling_deploy()
+        self.forward_schemas, self.forward_seeds = {0: self.original_schema}, {0: self.original_seeds}
         try:
             for j in range(1, self.n_phases + 1):
                 if deploy is not None:
@@ -842,45 +875,251 @@ class Rehearsal:
                     for done in deploy.after_phase(j):
                         self.say(f"{'':7}rolling deploy: {done}")
                     deploy.settle()
+                self.forward_schemas[j], self.forward_seeds[j] = self.snapshot(), self.seed_present()
                 self.dwell()
-            for j in range(1, self.n_phases + 1):
-                phase = orch.phase(j)
-                if deploy is not None:
-                    deploy.stage(f"contract {j}")
-                step = self.begin(label, "contract", j, phase.name)
-                try:
-                    # The rehearsal compresses the rolling deploy: its old instances stopped a moment ago.
-                    outcome = orch.contract(j, old_version_gone=True)[0]
-                except OrchestratorError as err:
-                    self.end(step, "FAILED")
-                    self.check(f"contract {j} ({phase.name})", False, err.one_line(), step)
-                    raise _Stop(f"contract {j} failed") from err
-                self.end(step, outcome)
-                self.dwell()
-            step = self.result.steps[-1]
-            with self.connect() as conn:
-                for u in self.units:
-                    want = (f"character varying({u.m.target.length})" if u.m.target.type == "varchar" else "text")
-                    info = self.column_info(conn, u, u.m.column.name)
-                    retired = self.column_info(conn, u, u.m.retired) is not None
-                    self.check(f"after the contract: {u.label} has the target type, retired column gone",
-                               info is not None and info[1] == want and not retired,
-                               f"{u.label} is {info[1] if info else 'missing'} (want {want})"
-                               + ("; retired column still there" if retired else "; retired column gone"), step)
-            if self.pb.settings.drop_enum_type:
-                present = self.enum_exists()
-                self.check(f"after the contract: enum type {self.pb.enum_type[1]} dropped", not present,
-                           "still there" if present else "no column uses it any more and it is gone", step)
-            if deploy is not None:  # the new app ran through the contract; stopped before the last row check
-                deploy.settle()
-                deploy.stop()
-            self.check_rows(step, seed_expected={u.label: set(u.seed_ids) for u in self.units if u.seed_ids})
+            self.contract_schemas = {0: self.forward_schemas[self.n_phases]}
+            self.contract_through(orch, label, deploy, first=True)
         finally:
             if deploy is not None:
                 deploy.stop()
             orch.close()
         if deploy is not None:
             self.finish_rolling_deploy(deploy, self.result.steps[-1])
+
+    def contract_through(self, orch: Orchestrator, label: str, deploy=None, *, first: bool = True) -> None:
+        """contract 1..n, then the checks of a contracted migration: target type, retired column and enum type
+        gone, every row with the mapped value of what the app last wrote. Keeps the catalog after each contract
+        step (self.contract_schemas[j]) when it is the first contract, for the undo of each step to compare with."""
+        for j in range(1, self.n_phases + 1):
+            phase = orch.phase(j)
+            if deploy is not None:
+                deploy.stage(f"contract {j}")
+            step = self.begin(label, "contract", j, phase.name)
+            try:
+                # The rehearsal compresses the rolling deploy: its old instances stopped a moment ago.
+                outcome = orch.contract(j, old_version_gone=True)[0]
+            except OrchestratorError as err:
+                self.end(step, "FAILED")
+                self.check(f"contract {j} ({phase.name})", False, err.one_line(), step)
+                raise _Stop(f"contract {j} failed") from err
+            self.end(step, outcome)
+            if first:
+                self.contract_schemas[j] = self.snapshot()
+            self.dwell()
+        step = self.result.steps[-1]
+        prefix = "after the contract" if first else f"{label}: after the contract"
+        with self.connect() as conn:
+            for u in self.units:
+                want = (f"character varying({u.m.target.length})" if u.m.target.type == "varchar" else "text")
+                info = self.column_info(conn, u, u.m.column.name)
+                retired = self.column_info(conn, u, u.m.retired) is not None
+                self.check(f"{prefix}: {u.label} has the target type, retired column gone",
+                           info is not None and info[1] == want and not retired,
+                           f"{u.label} is {info[1] if info else 'missing'} (want {want})"
+                           + ("; retired column still there" if retired else "; retired column gone"), step)
+        if self.pb.settings.drop_enum_type:
+            present = self.enum_exists()
+            self.check(f"{prefix}: enum type {self.pb.enum_type[1]} dropped", not present,
+                       "still there" if present else "no column uses it any more and it is gone", step)
+        if not first:  # the same contracted catalog as the first time, but for the order of the columns
+            self.check_schema(step, self.contract_schemas[self.n_phases], "the first contract's", ignore_order=True)
+        if deploy is not None:  # the new app ran through the contract; stopped before the last row check
+            deploy.settle()
+            deploy.stop()
+        self.check_rows(step, seed_expected={u.label: set(u.seed_ids) for u in self.units if u.seed_ids})
+
+    # -- after the contract: all the way back, then forward again ---------------------------------------------
+    def after_contract(self) -> None:
+        """The contracted migration taken all the way back under the same traffic: every contract step undone,
+        the last one first (the swap's undo is the online reverse migration; the new app stays), then the
+        ordinary rollbacks 6..1 (the old app back before the swap's), to the original schema (column order
+        aside) and rows; then forward again through the contract."""
+        label = AFTER_CONTRACT
+        pb = self.current_pb = self.pb  # the contracted migration's own playbook (its fingerprint is stored)
+        self.say(f"[bold]{label}[/]: undo contract {self.n_phases}..1, roll back {self.n_phases}..1, then every "
+                 f"phase and the contract again   (rollback.unmapped: {pb.rollback.unmapped})")
+        orch = Orchestrator(pb, self.dsn)
+        try:
+            for j in range(self.n_phases, 0, -1):
+                self.undo_contract(orch, j, label)
+            for j in range(self.n_phases, 0, -1):
+                # the new app's data in the new columns: the rollback that drops them must refuse
+                if isinstance(orch.phase(j), AddShadowColumn) and self.extra_values():
+                    self.reset_extra_values(j, label)
+                self.roll_back(orch, j, label, pb.rollback.unmapped, self.forward_schemas, self.forward_seeds,
+                               ignore_order=True)
+                self.check_app_clean(self.result.steps[-1])
+            for j in range(1, self.n_phases + 1):
+                self.forward(orch, j, label)
+                self.dwell()
+            self.contract_through(orch, label, first=False)
+        finally:
+            orch.close()
+
+    def undo_contract(self, orch: Orchestrator, j: int, cycle: str) -> None:
+        """`rollback j` on a contracted phase: the undo of its contract step, with the new app still running.
+        Under `refuse`, values with no enum label stop the swap's undo (the reverse migration) before it starts:
+        the team first stops the new app writing them, the refusal must name the rows and change nothing, the
+        DBA fixes them, and the undo runs again. Under `fallback` the enum copy gets the fallback label."""
+        assert self.traffic is not None
+        phase = orch.phase(j)
+        policy = self.current_pb.rollback.unmapped
+        reverse = j == self.swap_phase  # the undo that brings the enum column back
+        step = self.begin(cycle, "undo contract", j, phase.name)
+        unlabeled: dict[str, dict[str, str]] = {}
+        if reverse and policy == "refuse":
+            self.traffic.use_new_app(allow_new_only=False)
+            step.note = ("the new app stays but stops writing values with no enum label ("
+                         + ", ".join(self.traffic.new_only_values) + ") before going back to the enum")
+            unlabeled = self.unlabeled_now()
+        refusals = 0
+        while True:
+            before = self.snapshot() if unlabeled and any(unlabeled.values()) else None
+            try:
+                outcome = orch.rollback(j)
+            except Refused as err:
+                if before is None:
+                    self.end(step, "FAILED")
+                    self.check(f"{cycle}: rollback {j} (undo of contract {j}, {phase.name})", False, err.one_line(),
+                               step)
+                    raise _Stop(f"the undo of contract {j} was refused") from err
+                step.action = "undo contract (refused)"
+                self.end(step, "refused as designed")
+                refusals += 1
+                units = self.check_refusal(step, j, err, unlabeled, what=f"rollback {j} (undo of contract {j})",
+                                           expect=("reverse migration would lose", "nothing was changed"))
+                self.policies_done.add("refuse")
+                ok = self.check_schema(step, before, "before the refused undo (nothing changed)")
+                ok &= self.check_rows(step, seed_expected=None)
+                if not ok:
+                    raise _Stop("the refused undo of the contract changed the database") from err
+                if refusals > len(self.units):
+                    self.check(f"{cycle}: rollback {j}: the DBA fixes let the undo through", False,
+                               f"still refused after {refusals} fixes", step)
+                    raise _Stop(f"the undo of contract {j} kept refusing") from err
+                self.dwell()
+                for unit in units or [None]:
+                    self.dba_fix(cycle, j, unit)
+                unlabeled = self.unlabeled_now()
+                step = self.begin(cycle, "undo contract", j, phase.name)
+                continue
+            except OrchestratorError as err:
+                self.end(step, "FAILED")
+                self.check(f"{cycle}: rollback {j} (undo of contract {j}, {phase.name})", False, err.one_line(), step)
+                raise _Stop(f"the undo of contract {j} failed") from err
+            break
+        self.end(step, outcome)
+        if outcome != "contract undone":
+            self.check(f"{cycle}: rollback {j} undid contract {j}", False, f"rollback {j} answered {outcome!r}", step)
+            raise _Stop(f"rollback {j} did not undo contract {j}")
+        still = {u.label: self.still_unlabeled(u, unlabeled.get(u.label, {})) for u in self.units}
+        if any(still.values()):
+            self.check(f"{cycle}: rollback {j} (undo of contract {j}) refused as designed", False,
+                       "rows held values with no enum label yet the reverse migration did not refuse: "
+                       + "; ".join(f"{t}: {len(v)}, e.g. {v[:5]}" for t, v in still.items() if v), step)
+        ok = True
+        if reverse:
+            ok &= self.check_enum_back(step)
+            if policy == "fallback":
+                self.policies_done.add("fallback")
+                ok &= self.check_fallback_copy(step)
+        if j == 1:
+            # In between, the catalog is no earlier state: the swap's undo brings back the sync triggers that
+            # contract 2 dropped (the reverse backfill needs them), and the undo of contract 2 then keeps them.
+            ok &= self.check_schema(step, self.contract_schemas[0], "before the contract", ignore_order=True)
+        ok &= self.check_rows(step, seed_expected=self.forward_seeds[self.n_phases])
+        ok &= self.check_app_clean(step)
+        if not ok:
+            raise _Stop(f"the undo of contract {j} did not restore the database")
+        self.dwell()
+
+    def extra_values(self) -> dict[tuple[str, str], dict[str, str]]:
+        """(table.column, extra column) -> {id: value} of rows whose extra column (is_dynamic, execution_pattern)
+        holds a value the app wrote (neither its default nor its backfill value): the rollback that drops the
+        extra columns refuses to lose them. Only the rolling deploy's new app writes them."""
+        out: dict[tuple[str, str], dict[str, str]] = {}
+        with self.connect() as conn:
+            for u in self.units:
+                for c in u.m.extra_columns:
+                    if self.column_info(conn, u, c.name) is None:
+                        continue
+                    ours = [typed_literal(v, extra_type(c)) for v in (c.default, c.backfill) if v is not None]
+                    where = sql.SQL("{} IS NOT NULL").format(sql.Identifier(c.name))
+                    if ours:
+                        where = sql.SQL("{} AND {} NOT IN ({})").format(where, sql.Identifier(c.name),
+                                                                       sql.SQL(", ").join(ours))
+                    rows = conn.execute(sql.SQL("SELECT id::text, {}::text FROM {} WHERE {}").format(
+                        sql.Identifier(c.name), u.ident, where)).fetchall()
+                    if rows:
+                        out[(u.label, c.name)] = dict(rows)
+        return out
+
+    def reset_extra_values(self, j: int, cycle: str) -> None:
+        """Before `rollback j` drops the extra columns (is_dynamic, execution_pattern), which hold the new app's
+        values after a contract (the rolling deploy's new instances wrote them): the rollback would refuse to
+        lose them, so the DBA first copies them elsewhere (here: the report) and sets them back to the default.
+        Done before the rollback, not after a refusal: that refusal is raised by the second table after the
+        first one's columns are already dropped, although it says that nothing was changed."""
+        step = self.begin(cycle, "dba fix", j, "reset new columns")
+        notes, total = [], 0
+        assert self.traffic is not None
+        with self.traffic.paused(), self.connect() as conn:
+            for (label, col), rows in self.extra_values().items():
+                u = next(u for u in self.units if u.label == label)
+                c = next(c for c in u.m.extra_columns if c.name == col)
+                value = c.default if c.default is not None else c.backfill
+                new = typed_literal(value, extra_type(c)) if value is not None else sql.SQL("NULL")
+                conn.execute(sql.SQL("UPDATE {} SET {} = {} WHERE id::text = ANY(%s)").format(
+                    u.ident, sql.Identifier(col), new), (sorted(rows),))
+                total += len(rows)
+                notes.append(f"UPDATE {u.m.table.name} SET {col} = {value if value is not None else 'NULL'} on "
+                             f"{len(rows)} rows ({', '.join(f'{v}: {n}' for v, n in _count_by_value(rows).items())}; "
+                             f"e.g. ids {sorted(rows)[:3]})")
+        step.note = ("; ".join(notes) + f": rollback {j} drops these columns and refuses to lose the new app's "
+                     "values; they were copied elsewhere first")
+        self.result.notes.append(f"{cycle}: before rollback {j} dropped the new columns, the DBA copied the new "
+                                 f"app's values in them elsewhere and reset them: {'; '.join(notes)}")
+        self.end(step, f"{total} values reset")
+        self.dwell()
+
+    def check_enum_back(self, step: Step) -> bool:
+        """After the swap's undo: the enum type and, in every table, the enum column beside the varchar one."""
+        found = {}
+        with self.connect() as conn:
+            for u in self.units:
+                info = self.column_info(conn, u, u.m.retired)
+                found[u.label] = info[1] if info and info[0] else None
+        return self.check(f"{step.cycle}: rollback {step.phase} (undo of contract {step.phase}): the enum column is "
+                          f"back in every table", all(found.values()),
+                          ", ".join(f"{t}: {u_retired} {v or 'missing'}" for (t, v), u_retired in
+                                    zip(found.items(), (u.m.retired for u in self.units))), step).passed
+
+    def check_fallback_copy(self, step: Step) -> bool:
+        """Under `fallback`, the reverse migration's enum copy holds the fallback label for every value with no
+        label (the varchar column keeps it until the swap is rolled back)."""
+        label = fallback_label(self.current_pb)
+        counts: dict[str, tuple[int, int]] = {}
+        with self.connect() as conn:
+            for u in self.units:
+                no_label = sql.SQL("{} IS NOT NULL AND NOT ({}::text = ANY(%s))").format(u.col, u.col)
+                total, wrong = conn.execute(sql.SQL(
+                    "SELECT count(*), count(*) FILTER (WHERE {}::text IS DISTINCT FROM %s) FROM {} WHERE {}").format(
+                    sql.Identifier(u.m.retired), u.ident, no_label), (label, sorted(u.m.reverse))).fetchone()
+                counts[u.label] = (total, wrong)
+        return self.check(f"{step.cycle}: rollback {step.phase} (undo of contract {step.phase}): the enum copy "
+                          f"holds the fallback label", not any(w for _, w in counts.values()),
+                          ", ".join(f"{t}: {n} rows with no enum label, {w} without {label!r} in the enum copy"
+                                    for t, (n, w) in counts.items()), step).passed
+
+    def check_app_clean(self, step: Step) -> bool:
+        """No app statement that overlapped the step failed."""
+        assert self.traffic is not None
+        during = [s for s in self.traffic.samples_now() if s.t <= step.t1 and s.t + s.latency_ms / 1000 >= step.t0]
+        errors = [s for s in during if s.error]
+        return self.check(f"{step.cycle}: {step.action} {step.phase}: zero app errors during the step", not errors,
+                          f"{len(errors)} of {len(during):,} app statements failed, e.g. "
+                          + "; ".join(f"{e.kind}: {e.error}" for e in errors[:3]) if errors else
+                          f"{len(during):,} app statements, none failed", step).passed
 
     def start_rolling_deploy(self):
         """With app_versions: SQLAlchemy instances of the old app (asyncpg, psycopg) through its version's views,
@@ -1029,6 +1268,8 @@ class Rehearsal:
                     queue.append(k)  # one more cycle, with the other policy
             if self.do_final:
                 self.final()
+                if self.do_after_contract:
+                    self.after_contract()
         except _Stop as stop:
             self.result.stopped = f"{stop}; later steps were not run (the database no longer matches the original)"
             self.say(f"[red]stopped[/]: {self.result.stopped}")
@@ -1062,7 +1303,8 @@ class Rehearsal:
 
 def rehearse(pb: Playbook, dsn: str | None = None, *, rows: int = 200_000, writers: int = 4, readers: int = 1,
              cycles: Sequence[int] | None = None, both_policies: bool = True, final: bool = True,
-             dwell_s: float = 0.2, console=None, playbook_source: str = "") -> RehearsalResult:
+             after_contract: bool = True, dwell_s: float = 0.2, console=None,
+             playbook_source: str = "") -> RehearsalResult:
     """Run a rehearsal on `dsn` (used as it is: a staging database), or on a scratch database of a
     PostgreSQL started for the occasion (embedded) and thrown away afterwards."""
     from . import server
@@ -1080,7 +1322,8 @@ def rehearse(pb: Playbook, dsn: str | None = None, *, rows: int = 200_000, write
                 console.print(f"started {label}", highlight=False)
     try:
         r = Rehearsal(pb, dsn, rows=rows, writers=writers, readers=readers, cycles=cycles,
-                      both_policies=both_policies, final=final, dwell_s=dwell_s, console=console,
+                      both_policies=both_policies, final=final, after_contract=after_contract, dwell_s=dwell_s,
+                      console=console,
                       playbook_source=playbook_source, server_label=label)
         return r.run()
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .rehearse import RehearsalResult, Step
+from .rehearse import AFTER_CONTRACT, RehearsalResult, Step
 from .traffic import StatementSample
 
 
@@ -152,7 +152,7 @@ def summary_lines(result: RehearsalResult) -> list[str]:
 # HTML + SVG
 
 _FILL = {"run": "#dbeafe", "rollback": "#fde7d3", "rollback (refused)": "#fecaca", "dba fix": "#ede9fe",
-         "contract": "#d1fae5"}
+         "contract": "#d1fae5", "undo contract": "#fef3c7", "undo contract (refused)": "#fecaca"}
 
 
 def _nice_step(span: float, target: int = 10) -> float:
@@ -211,7 +211,7 @@ def svg_plot(result: RehearsalResult, width: int = 1200, height: int = 470) -> s
                        f'stroke-width="0.6" stroke-dasharray="3,3"/>')
         for row in range(len(label_rows)):
             if x0 - label_rows[row] >= 13:
-                color = "#b91c1c" if s.action.startswith("rollback") else "#1f2937"
+                color = "#b91c1c" if s.action.startswith(("rollback", "undo contract")) else "#1f2937"
                 out.append(f'<text x="{x0 + 2:.1f}" y="{top - 36 + 11 * row}" font-size="9" fill="{color}">'
                            f'{e(s.label)}</text>')
                 label_rows[row] = x0
@@ -314,7 +314,10 @@ def render_html(result: RehearsalResult) -> str:
          "is checked row by row and the catalog compared.</p>" if result.tables else ""),
         f'<p><span class="verdict {"pass" if result.passed else "fail"}">{verdict}</span> '
         + ("every phase was rolled back under live traffic with the schema restored, no row lost or wrong, "
-           "and zero app errors" if result.passed else e(result.stopped or "at least one check failed; see below"))
+           "and zero app errors" + ("; after the contract, every contract step was undone and every phase rolled "
+                                    "back to the original schema (column order aside), then run forward again"
+                                    if any(st.cycle == AFTER_CONTRACT for st in result.steps) else "")
+           if result.passed else e(result.stopped or "at least one check failed; see below"))
         + "</p>",
         "<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in meta) + "</dl>",
         "<h2>App latency over time</h2>",
@@ -324,10 +327,12 @@ def render_html(result: RehearsalResult) -> str:
         'y2="5" stroke="#2563eb" stroke-width="1.5"/></svg> median per pixel</span><span><svg width="10" '
         'height="10"><circle cx="5" cy="5" r="3" fill="#f59e0b"/></svg> app backend in a Lock wait '
         '(pg_stat_activity)</span>'
-        + "".join(f'<span><i class="sw" style="background:{c}"></i>{e(a)}</span>' for a, c in _FILL.items())
+        + "".join(f'<span><i class="sw" style="background:{c}"></i>{e(a)}</span>' for a, c in _FILL.items()
+                  if a != "undo contract (refused)")
         + '<span><i class="sw" style="background:#fca5a5"></i>failed step</span></p>'
         '<p>Labels above the plot: <code>+k</code> run phase k, <code>-k</code> roll back phase k, '
-        '<code>Ck</code> contract phase k; solid lines start a cycle. Hover a band for its figures. Gaps are the '
+        '<code>Ck</code> contract phase k, <code>-Ck</code> undo contract step k (<code>rollback k</code> once it '
+        'is contracted); solid lines start a cycle. Hover a band for its figures. Gaps are the '
         'moments the app was held between two statements so that rows could be compared exactly.</p>',
         "<h2>Steps</h2>",
         "<p>max ms: the longest app statement that overlapped the step, i.e. the longest time any app query "

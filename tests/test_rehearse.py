@@ -21,6 +21,7 @@ from orchestrator import chatter, kinds, playbook
 from orchestrator.cli import app
 from orchestrator.errors import BadInput
 from orchestrator.phases.backfill import BackfillPhase
+from orchestrator.phases import versions
 from orchestrator.phases.dual_write import DualWrite, drop_triggers
 from orchestrator.rehearse import Check, LockSample, Rehearsal, RehearsalResult, Step, other_policy, rehearse
 from orchestrator.report import Windows, percentile, render_html, rich_table, svg_plot, write
@@ -106,9 +107,34 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
     (join,) = by_name(checks, "JOIN probe")
     assert join["passed"] and "none failed" in join["detail"]
     # then forward through the contract, every row holding the mapped value of what the app last wrote
-    assert [s["phase"] for s in data["steps"] if s["action"] == "contract"] == list(range(1, 7))
+    final = [s for s in data["steps"] if s["cycle"] == "final: forward + contract"]
+    assert [s["phase"] for s in final if s["action"] == "contract"] == list(range(1, 7))
     after = by_name(checks, "after the contract")
-    assert len(after) == 3 and all(c["passed"] for c in after)  # both columns, and the enum type
+    assert len(after) == 6 and all(c["passed"] for c in after)  # both columns and the enum type, each contract
+    # then, under the same traffic, the contract undone step by step (the swap's undo, the reverse migration,
+    # refused first for medical_chat, the DBA fixes both tables), rolled back to the original, forward again
+    cycle = [(s["action"], s["phase"], s["outcome"]) for s in data["steps"] if s["cycle"] == "after contract"]
+    ran = [c for c in cycle if c[0] == "dba fix" and c[1] == 5]
+    reset = [c for c in cycle if c[0] == "dba fix" and c[1] == 1]  # the new app's is_dynamic, execution_pattern
+    assert len(ran) == 2 and len(reset) == 1 and reset[0][2].endswith("values reset")
+    assert [c for c in cycle if c[0] != "dba fix"] == (
+        [("undo contract", 6, "contract undone"), ("undo contract (refused)", 5, "refused as designed"),
+         *[("undo contract", k, "contract undone") for k in range(5, 0, -1)],
+         *[("rollback", k, "rolled back") for k in range(6, 0, -1)],
+         *[("run", k, "applied") for k in range(1, 7)], *[("contract", k, "contracted") for k in range(1, 7)]])
+    steps = {s["n"]: s for s in data["steps"]}
+    mine = [c for c in checks if c["step"] and steps[c["step"]]["cycle"] == "after contract"]
+    assert len(mine) > 80 and all(c["passed"] for c in mine)
+    (reverse_refused,) = [c for c in mine if "(undo of contract 5) refused as designed" in c["name"]]
+    assert "reverse migration would lose" in reverse_refused["detail"]
+    assert reverse_refused["name"].endswith(f"({TEMPLATES}, {SPECS})")
+    names = [c["name"] for c in mine]
+    assert "after contract: undo contract 1: schema identical to before the contract (ignoring column order)" in names
+    assert "after contract: rollback 1: schema identical to the original (ignoring column order)" in names
+    assert "after contract: contract 6: schema identical to the first contract's (ignoring column order)" in names
+    assert sum(1 for n in names if n.endswith("zero app errors during the step")) == 12
+    restored = [c for c in mine if c["name"].startswith(f"after contract: rollback 1: {SPECS}: every row holds")]
+    assert restored and "enum column: old labels" in restored[0]["detail"]
     # and the database, looked at independently, agrees: both columns varchar, no old label left, built-ins
     for table in ("workflow_templates", "template_specs"):
         assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
@@ -197,14 +223,62 @@ def test_playbooks_the_rehearsal_cannot_simulate_are_bad_input(dsn):
     assert query(dsn, "SELECT count(*) FROM workflow_templates") == [(10,)]
 
 
+# -- after the contract: all the way back, then forward again -------------------------------------------------
+
+
+def test_after_contract_cycle_under_fallback(dsn):
+    """Under `fallback` the swap's undo (the reverse migration) is not refused: the new app keeps writing
+    medical_chat, the enum copy holds the fallback label for it, and rolling back the swap rewrites those rows."""
+    pb = other_policy(playbook.load(SMALL))
+    assert pb.rollback.unmapped == "fallback"
+    result = rehearse(pb, dsn, rows=1000, writers=2, cycles=[1], both_policies=False, dwell_s=0.05)
+    assert result.passed, result.failed_checks
+    cycle = [s for s in result.steps if s.cycle == "after contract"]
+    assert [(s.action, s.phase) for s in cycle if s.action in ("undo contract", "rollback")] == (
+        [("undo contract", k) for k in range(6, 0, -1)] + [("rollback", k) for k in range(6, 0, -1)])
+    assert not any(s.action.endswith("(refused)") for s in cycle)
+    (copy,) = [c for c in result.checks if "the enum copy holds the fallback label" in c.name]
+    assert copy.passed and "medical_chat" not in copy.detail and "0 without 'plain'" in copy.detail
+    assert not copy.detail.startswith(f"{TEMPLATES}: 0 rows")  # there were such rows to map
+    (fb,) = [c for c in result.checks if c.name == "after contract: rollback 5 applied the fallback label"]
+    assert fb.passed
+    # the staging database is left contracted, as before
+    assert query(dsn, "SELECT count(*) FROM pg_type WHERE typname = 'workflowtype'") == [(0,)]
+    assert query(dsn, "SELECT DISTINCT status FROM _orchestrator.phases") == [("contracted",)]
+
+
+def test_a_reverse_migration_that_misorders_the_labels_is_caught(dsn, monkeypatch):
+    """The undo of the swap's contract recreates the enum type; with its labels in the wrong order every row
+    still maps and parity holds, but the catalog differs from the one before the contract: the cycle fails
+    there and goes no further."""
+    from orchestrator.phases import restore_enum
+    right = restore_enum.labels
+    monkeypatch.setattr(restore_enum, "labels", lambda ctx: list(reversed(right(ctx))))
+    result = rehearse(playbook.load(SMALL), dsn, rows=1000, writers=2, cycles=[1], both_policies=False,
+                      dwell_s=0.05)
+    assert not result.passed and result.stopped
+    (failed,) = result.failed_checks
+    assert failed.name == "after contract: undo contract 1: schema identical to before the contract (ignoring " \
+                          "column order)"
+    assert "enums:" in failed.detail and "'full', 'rag', 'tools', 'plain'" in failed.detail
+    step = next(s for s in result.steps if not s.ok)
+    assert (step.cycle, step.action, step.phase, step.schema) == ("after contract", "undo contract", 1, "differs")
+    assert step is result.steps[-1]  # nothing ran after it
+    assert all(s.ok for s in result.steps[:-1])
+
+
 # -- broken rollbacks are caught ------------------------------------------------------------------------------
 
 
 class LeavesFunctionBehind(DualWrite):
-    """Test-only: drops the sync triggers but forgets their functions."""
+    """Test-only: drops the sync triggers but forgets their functions (the phase rolls back every table at
+    once: DualWrite.rollback_all)."""
 
-    def rollback(self, ctx) -> None:
-        ctx.x.atomic(*drop_triggers(ctx), lock="SHARE ROW EXCLUSIVE (short)", what="drop sync triggers")
+    def rollback_all(self, ctxs) -> None:
+        versions.remove_views(ctxs)
+        for ctx in reversed(ctxs):
+            ctx.x.atomic(*drop_triggers(ctx), lock="SHARE ROW EXCLUSIVE (short)", what="drop sync triggers")
+        versions.remove_tracking(ctxs)
 
 
 class LosesASpec(BackfillPhase):
