@@ -175,3 +175,22 @@ def test_the_swap_changes_both_tables_in_one_transaction(dsn):
         orch.close()
     assert seen <= {("workflowtype", "workflowtype"), ("character varying(50)", "character varying(50)")}, seen
     assert ("character varying(50)", "character varying(50)") in seen
+
+
+def test_a_refused_rollback_of_phase_1_changes_no_table(dsn):
+    """The refusal (app-written values in a new column of workflow_templates) comes before any table loses its
+    columns: template_specs, rolled back first, must keep its shadow column too."""
+    seed_chatter(dsn, rows=100)
+    orch = Orchestrator(real_playbook(), dsn)
+    try:
+        orch.run(1)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE workflow_templates SET is_dynamic = true WHERE id = (SELECT min(id) FROM "
+                         "workflow_templates)")
+        before = snapshot(dsn)
+        with pytest.raises(Exception, match="nothing was changed"):
+            orch.rollback(1)
+        assert snapshot_diff(before, snapshot(dsn)) == []
+        assert [p["status"] for p in orch.status()["phases"]][0] == "applied"
+    finally:
+        orch.close()

@@ -195,6 +195,10 @@ class Phase:
         for c in reversed(ctxs):
             self.uncontract(c)
 
+    def before_rollback_all(self, ctxs: list[Context]) -> None:
+        """Before a rollback: raise Refused (nothing changed, the phase's status kept) if it would lose data.
+        Every table is checked before any is touched."""
+
     def before_uncontract_all(self, ctxs: list[Context]) -> None:
         """Before undoing the contract step: raise Refused (nothing changed) if it could not finish."""
 

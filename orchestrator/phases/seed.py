@@ -103,6 +103,20 @@ class SeedRowsPhase(Phase):
                                                     ctx.state.playbook, self.number))
             ctx.x.with_retries("insert seed row", attempt)
 
+    def _inserted(self, ctx: Context) -> list[dict]:
+        """The keys of the rows this phase inserted into ctx's table (recorded with each insert)."""
+        recorded = (ctx.state.details(self.number).get("inserted") or {}).get(ctx.m.label, [])
+        return [dict(zip(ctx.m.seed_rows.key, values)) for values in recorded]
+
+    def before_rollback_all(self, ctxs: list[Context]) -> None:
+        for ctx in ctxs:
+            if ctx.m.seed_rows.rows and not ctx.x.dry_run:
+                self._refuse_app_data(ctx, self._inserted(ctx))
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        self.before_rollback_all(ctxs)  # again, just before the deletes: every table checked before any is touched
+        super().rollback_all(ctxs)
+
     def rollback(self, ctx: Context) -> None:
         if not ctx.m.seed_rows.rows:
             return
@@ -111,9 +125,7 @@ class SeedRowsPhase(Phase):
             ctx.x.note(f"DELETE FROM {ctx.x.render(ctx.table)} WHERE {', '.join(key)} = <each key inserted>",
                        lock="ROW EXCLUSIVE")
             return
-        inserted = (ctx.state.details(self.number).get("inserted") or {}).get(ctx.m.label, [])
-        self._refuse_app_data(ctx, [dict(zip(key, values)) for values in inserted])
-        for values in inserted:
+        for values in (list(k.values()) for k in self._inserted(ctx)):
             ctx.x.atomic(Q("DELETE FROM {} WHERE {}").format(ctx.table, self._key_cond(ctx, dict(zip(key, values)))),
                          lock="ROW EXCLUSIVE", what="delete seed row")
         ctx.x.conn.execute(Q("""UPDATE {} SET details = jsonb_set(details, '{{inserted}}',

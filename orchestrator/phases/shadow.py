@@ -67,8 +67,15 @@ class AddShadowColumn(Phase):
             skip_if=ctx.exists_query("valid_index", name),
             lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)", what=f"build index {name}")
 
+    def before_rollback_all(self, ctxs: list[Context]) -> None:
+        for ctx in ctxs:
+            self._refuse_losing_app_values(ctx)
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        self.before_rollback_all(ctxs)  # again, just before the drops: every table checked before any is touched
+        super().rollback_all(ctxs)
+
     def rollback(self, ctx: Context) -> None:
-        self._refuse_losing_app_values(ctx)
         for name in index_names(ctx):
             ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
                                lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
