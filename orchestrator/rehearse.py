@@ -35,8 +35,8 @@ After the contract, the "after contract" cycle takes the migration all the way b
 `rollback n`..`1` undo each contract step (the swap's undo is the reverse migration; the new app stays, but
 under `refuse` it first stops writing values with no label, the undo must refuse naming the rows and change
 nothing, the DBA fixes them and it runs again; under `fallback` the enum copy must hold the fallback label),
-then the ordinary rollbacks n..1 (the new app's values in the extra columns reset by the DBA before rollback 1
-drops them), each compared with the catalog after that phase of the final cycle, column order aside (the enum
+then the ordinary rollbacks n..1 (rollback 1 must refuse to drop the new app's values in the extra columns,
+changing nothing; the DBA resets them and it runs), each compared with the catalog after that phase of the final cycle, column order aside (the enum
 column comes back as the last one); then forward through the contract again, whose catalog must be the first
 contract's.
 
@@ -945,6 +945,7 @@ class Rehearsal:
             for j in range(self.n_phases, 0, -1):
                 # the new app's data in the new columns: the rollback that drops them must refuse
                 if isinstance(orch.phase(j), AddShadowColumn) and self.extra_values():
+                    self.refused_for_new_values(orch, j, label)
                     self.reset_extra_values(j, label)
                 self.roll_back(orch, j, label, pb.rollback.unmapped, self.forward_schemas, self.forward_seeds,
                                ignore_order=True)
@@ -1054,12 +1055,38 @@ class Rehearsal:
                         out[(u.label, c.name)] = dict(rows)
         return out
 
+    def refused_for_new_values(self, orch: Orchestrator, j: int, cycle: str) -> None:
+        """`rollback j` would drop the new columns holding the new app's values: it must refuse, say so, and
+        change nothing on any table (every table is checked before any is touched)."""
+        step = self.begin(cycle, "rollback (refused)", j, orch.phase(j).name)
+        before = self.snapshot()
+        try:
+            orch.rollback(j)
+        except Refused as err:
+            self.end(step, "refused as designed")
+            text = err.one_line()
+            self.check(f"{cycle}: rollback {j} refuses to drop the new app's values",
+                       "the application wrote" in text and "nothing was changed" in text, text, step)
+            diff = self.schema_diff(before, self.snapshot())
+            if not self.check(f"{cycle}: rollback {j} refused: no table changed", not diff, "; ".join(diff[:5]),
+                              step).passed:
+                raise _Stop(f"the refused rollback {j} changed the database") from err
+        except OrchestratorError as err:
+            self.end(step, "FAILED")
+            self.check(f"{cycle}: rollback {j} refuses to drop the new app's values", False, err.one_line(), step)
+            raise _Stop(f"rollback {j} failed") from err
+        else:
+            self.end(step, "rolled back")
+            self.check(f"{cycle}: rollback {j} refuses to drop the new app's values", False,
+                       "it dropped them without refusing", step)
+            raise _Stop(f"rollback {j} dropped the new app's values")
+        self.dwell()
+
     def reset_extra_values(self, j: int, cycle: str) -> None:
         """Before `rollback j` drops the extra columns (is_dynamic, execution_pattern), which hold the new app's
         values after a contract (the rolling deploy's new instances wrote them): the rollback would refuse to
-        lose them, so the DBA first copies them elsewhere (here: the report) and sets them back to the default.
-        Done before the rollback, not after a refusal: that refusal is raised by the second table after the
-        first one's columns are already dropped, although it says that nothing was changed."""
+        lose them (refused_for_new_values), so the DBA copies them elsewhere (here: the report) and sets them
+        back to the default."""
         step = self.begin(cycle, "dba fix", j, "reset new columns")
         notes, total = [], 0
         assert self.traffic is not None

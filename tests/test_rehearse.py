@@ -120,7 +120,8 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
     assert [c for c in cycle if c[0] != "dba fix"] == (
         [("undo contract", 6, "contract undone"), ("undo contract (refused)", 5, "refused as designed"),
          *[("undo contract", k, "contract undone") for k in range(5, 0, -1)],
-         *[("rollback", k, "rolled back") for k in range(6, 0, -1)],
+         *[("rollback", k, "rolled back") for k in range(6, 1, -1)],
+         ("rollback (refused)", 1, "refused as designed"), ("rollback", 1, "rolled back"),
          *[("run", k, "applied") for k in range(1, 7)], *[("contract", k, "contracted") for k in range(1, 7)]])
     steps = {s["n"]: s for s in data["steps"]}
     mine = [c for c in checks if c["step"] and steps[c["step"]]["cycle"] == "after contract"]
@@ -131,6 +132,7 @@ def test_rehearsal_passes_on_the_reference_playbook(dsn, tmp_path):
     names = [c["name"] for c in mine]
     assert "after contract: undo contract 1: schema identical to before the contract (ignoring column order)" in names
     assert "after contract: rollback 1: schema identical to the original (ignoring column order)" in names
+    assert "after contract: rollback 1 refused: no table changed" in names  # the new app's values, not dropped
     assert "after contract: contract 6: schema identical to the first contract's (ignoring column order)" in names
     assert sum(1 for n in names if n.endswith("zero app errors during the step")) == 12
     restored = [c for c in mine if c["name"].startswith(f"after contract: rollback 1: {SPECS}: every row holds")]
