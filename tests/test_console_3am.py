@@ -217,15 +217,15 @@ def test_every_hint_names_a_command_that_helps_in_that_state(dsn, tmp_path):
     assert r.returncode == 3 and f"pid {blocker.pid}" in line and "None" not in line, line
     assert "-> end the blocking transaction, then re-run the same command" in line
     assert orch_cli(dsn, pb, "contract", "1", "--yes").returncode == 0
-    # partly contracted: "finish it with orchestrator contract" helps
+    # partly contracted: a rollback is the undo of the last contract step, "orchestrator rollback 1" helps
     r = orch_cli(dsn, pb, "rollback", "6", "--yes")
-    assert r.returncode == 3 and "finish it with orchestrator contract" in error_line(r)
+    assert r.returncode == 3 and error_line(r).endswith("-> orchestrator rollback 1"), error_line(r)
     assert follow(dsn, pb, r, ("rollback", "6")).returncode == 0
-    # fully contracted: nothing helps but reading the status, and the hint says so
-    for command in (("rollback", "6", "--yes"), ("run", "6")):
-        r = orch_cli(dsn, pb, *command)
-        assert r.returncode == 3 and "contract" not in error_line(r).split(" -> ")[1], error_line(r)
-        assert follow(dsn, pb, r, command).returncode == 0  # orchestrator status
+    assert orch_cli(dsn, pb, "contract", "--yes").returncode == 0
+    # fully contracted: nothing is left to run, and the hint says to read the status
+    r = orch_cli(dsn, pb, "run", "6")
+    assert r.returncode == 3 and "contract" not in error_line(r).split(" -> ")[1], error_line(r)
+    assert follow(dsn, pb, r, ("run", "6")).returncode == 0  # orchestrator status
 
 
 def test_hints_under_make_name_make_targets(dsn):
@@ -558,7 +558,7 @@ def test_demo_transcript_piped_to_a_file_reads_cleanly(role_db, tmp_path):  # no
     assert leaks(transcript, password) == []
     assert "enum type workflowtype: dropped" in transcript  # the demo ran to the end
     assert "nothing left to run -> nothing left to do: the migration is complete (make status shows it)" in transcript
-    assert "can no longer be rolled back -> nothing left to do" in transcript
+    assert "undo the contract steps from the last one: phase 6 first -> make rollback-6" in transcript
     assert "orchestrator exit code 3 (refused" in transcript
     for line in transcript.splitlines():
         assert not set("─│┃━┏┡╭") & set(line), line  # no box drawing, no rules
