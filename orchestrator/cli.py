@@ -462,7 +462,7 @@ def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> boo
         if OperatorLock(dry.dsn, dry.pb.tables).is_held_elsewhere(dry.x.conn):
             return False  # another operator is at work: its state is in flux; the real command refuses
         if action == "rollback":
-            return dry.rollback(phase) == "nothing to do"
+            return dry.rollback(phase) in ("nothing to do", "contract already undone")
         rows = dry.state.phases()
         todo = [k for k in ([phase] if phase else range(1, len(dry.phases) + 1))
                 if not rows or k not in rows or rows[k].status != CONTRACTED or rows[k].step == "uncontract"]

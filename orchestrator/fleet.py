@@ -277,7 +277,7 @@ class Fleet:
         g = self.inv.gates
         # 1. Every target of the wave is where the command put it, read back from its own database.
         statuses = self._statuses(w.targets)
-        undone = {o.target for o in outcomes if o.result == "contract undone"}
+        undone = {o.target for o in outcomes if o.result in ("contract undone", "contract already undone")}
         for st in statuses:
             problem = self._not_reached(st, command, n, undid_contract=st["name"] in undone)
             if problem:
@@ -304,7 +304,8 @@ class Fleet:
         soak = w.spec.soak_s if w.spec.soak_s is not None else g.soak_s
         if soak:
             changed = [o for o in outcomes if o.result not in ("already applied", "already contracted",
-                                                               "nothing to do", "parity verified")]
+                                                               "contract already undone", "nothing to do",
+                                                               "parity verified")]
             finished = [datetime.fromisoformat(str(p["finished_at"])).timestamp() for st in statuses
                         for p in st.get("phases", []) if command == "run" and p["phase"] == n and p["finished_at"]]
             last = max(finished) if finished else (max((o.finished_at or 0) for o in outcomes) if changed else 0)

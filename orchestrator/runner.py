@@ -218,6 +218,13 @@ class Orchestrator:
             facts = self.facts(register=False)
             rows = self.state.phases()
             contracted = _contracted(rows)
+            undone = [k for k, r in rows.items() if r.status == APPLIED and (r.details or {}).get("contract_undone")]
+            if undone and n == min(undone) and (contracted or any(rows[k].status != PENDING for k in rows if k > n)):
+                # The same command again after its undo finished (a crash after the commit, a lost connection):
+                # done already. Its ordinary rollback is not possible yet anyway.
+                nxt = max(contracted) if contracted else max(k for k in rows if rows[k].status != PENDING)
+                log.info("contract step already undone; nothing to do", next=f"orchestrator rollback {nxt}")
+                return "contract already undone"
             if contracted:  # contract steps are undone from the last one: each is a reverse migration step
                 last = max(contracted)
                 if n != last:
@@ -256,7 +263,7 @@ class Orchestrator:
             return "dry run"
         phase.before_uncontract_all(ctxs)
         self._step(n, "uncontract", lambda: phase.uncontract_all(ctxs), CONTRACTED, CONTRACTED, APPLIED,
-                   lambda details: {"details": details or {}})
+                   lambda details: {"details": {**(details or {}), "contract_undone": True}})
         return "contract undone"
 
     def undoes_contract(self, n: int) -> bool:
@@ -294,7 +301,8 @@ class Orchestrator:
                     versions.refuse_if_old_version_active(self.x.conn, self.pb)
                 for p in self.phases:
                     p.before_contract_all(ctxs)
-            self._step(n, "contract", lambda: phase.contract_all(ctxs), APPLIED, APPLIED, CONTRACTED)
+            self._step(n, "contract", lambda: phase.contract_all(ctxs), APPLIED, APPLIED, CONTRACTED,
+                       lambda _: {"details": {"contract_undone": False}})
             return "contracted"
 
     def verify(self) -> dict[str, parity.ParityResult]:

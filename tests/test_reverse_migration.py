@@ -123,6 +123,7 @@ def test_a_contract_step_undone_is_done_again_by_contract(dsn):
         forward_through_contract(orch)
         contracted = snapshot(dsn)
         assert orch.rollback(6) == "contract undone" and orch.rollback(5) == "contract undone"
+        assert orch.rollback(5) == "contract already undone"  # the same command again (a crash after its commit)
         with pytest.raises(Refused, match="phase 4 first"):  # contract steps are undone from the last one
             orch.rollback(6)
         assert orch.contract(5) == ["contracted"] and orch.contract(6) == ["contracted"]
@@ -130,6 +131,12 @@ def test_a_contract_step_undone_is_done_again_by_contract(dsn):
         assert orch.rollback(6) == "contract undone" and orch.rollback(5) == "contract undone"
         assert orch.verify()["template_specs.workflow_type"].mismatches == 0
         assert query(dsn, "SELECT count(*) FROM template_specs WHERE workflow_type_old IS NULL") == [(0,)]
+        for k in (4, 3, 2, 1):
+            assert orch.rollback(k) == "contract undone"
+        assert orch.rollback(1) == "contract already undone"
+        with pytest.raises(Refused, match="phase 6 .* roll it back before phase 3"):  # out of order, not a re-run
+            orch.rollback(3)
+        assert orch.rollback(6) == "rolled back"
     finally:
         orch.close()
 
