@@ -245,8 +245,7 @@ class Orchestrator:
             if self.dry_run:
                 phase.rollback_all(ctxs)
                 return "dry run"
-            if rows[n].status == APPLIED:  # a refusal leaves it applied; a rollback stopped part-way just goes on
-                phase.before_rollback_all(ctxs)
+            phase.before_rollback_all(ctxs)  # a refusal here changes nothing, the status included
             self._step(n, "rollback", lambda: phase.rollback_all(ctxs), RUNNING, RUNNING, PENDING,
                        lambda _: {"replace_details": True})
             if all(r.status == PENDING for k, r in self.state.phases().items()):

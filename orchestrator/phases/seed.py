@@ -113,10 +113,6 @@ class SeedRowsPhase(Phase):
             if ctx.m.seed_rows.rows and not ctx.x.dry_run:
                 self._refuse_app_data(ctx, self._inserted(ctx))
 
-    def rollback_all(self, ctxs: list[Context]) -> None:
-        self.before_rollback_all(ctxs)  # again, just before the deletes: every table checked before any is touched
-        super().rollback_all(ctxs)
-
     def rollback(self, ctx: Context) -> None:
         if not ctx.m.seed_rows.rows:
             return
@@ -125,8 +121,8 @@ class SeedRowsPhase(Phase):
             ctx.x.note(f"DELETE FROM {ctx.x.render(ctx.table)} WHERE {', '.join(key)} = <each key inserted>",
                        lock="ROW EXCLUSIVE")
             return
-        for values in (list(k.values()) for k in self._inserted(ctx)):
-            ctx.x.atomic(Q("DELETE FROM {} WHERE {}").format(ctx.table, self._key_cond(ctx, dict(zip(key, values)))),
+        for row_key in self._inserted(ctx):
+            ctx.x.atomic(Q("DELETE FROM {} WHERE {}").format(ctx.table, self._key_cond(ctx, row_key)),
                          lock="ROW EXCLUSIVE", what="delete seed row")
         ctx.x.conn.execute(Q("""UPDATE {} SET details = jsonb_set(details, '{{inserted}}',
                                    coalesce(details->'inserted', '{{}}'::jsonb) - %s::text)

@@ -71,10 +71,6 @@ class AddShadowColumn(Phase):
         for ctx in ctxs:
             self._refuse_losing_app_values(ctx)
 
-    def rollback_all(self, ctxs: list[Context]) -> None:
-        self.before_rollback_all(ctxs)  # again, just before the drops: every table checked before any is touched
-        super().rollback_all(ctxs)
-
     def rollback(self, ctx: Context) -> None:
         for name in index_names(ctx):
             ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
