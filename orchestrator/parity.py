@@ -95,7 +95,10 @@ def _by_blocks(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
 
     With `verify_parallelism` above 1 the ranges are read on that many connections at once (the work connection
     and read-only side connections, one chunk per statement each, under the same online timeouts), the way
-    PostgreSQL's parallel workers would read one big scan; the result is the same as the serial walk's.
+    PostgreSQL's parallel workers would read one big scan; the result is the same as the serial walk's (counts,
+    and the sample in block order). Blocks ahead of the serial cursor are read sooner: a row written meanwhile
+    that bypasses the triggers and lands in free space of a block already read is missed, as by the serial walk
+    behind its cursor; rows past the end are read by both (see _Ranges).
     """
     keys = Keyset(ctx.table, ctx.facts.pk)
     bad, unmapped = conditions(ctx, swapped)

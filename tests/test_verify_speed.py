@@ -209,6 +209,23 @@ def test_a_failing_chunk_stops_the_scan_and_closes_the_side_connections(dsn, mon
     assert not verify_backends(dsn)
 
 
+def test_side_connections_that_cannot_be_had_only_narrow_the_scan(dsn, monkeypatch):
+    seed_chatter(dsn, rows=1500)
+    run(dsn, 1, 2, 3)
+    execute(dsn, f"ANALYZE {T}", f"ANALYZE {S}")
+    execute(dsn, f"UPDATE {T} SET workflow_type_new = 'rag_chat' WHERE workflow_type <> 'rag' "
+                 f"AND id IN ({in_list(ids_spread(dsn, T, 7))})", bypass=True)
+    serial = verify(dsn, 1, 100)
+
+    def refused(self, conn):
+        conn.close()
+        raise psycopg.OperationalError("FATAL: sorry, too many clients already")
+
+    monkeypatch.setattr(parity._ScanExecutor, "_online_session", refused)
+    assert verify(dsn, 4, 100) == serial
+    assert not verify_backends(dsn)
+
+
 def test_verify_parallelism_is_validated():
     assert real_playbook().settings.verify_parallelism == 2
     assert real_playbook(**{"settings.verify_parallelism": 1}).settings.verify_parallelism == 1
