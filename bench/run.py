@@ -1303,6 +1303,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     loads: dict[str, list[float]] = {}
+    out = Path(args.json)
+    if not out.is_absolute():
+        out = REPO / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
     try:
         for name in args.sections:
             console.log(f"section {name} …")
@@ -1311,6 +1316,10 @@ def main(argv: list[str] | None = None) -> int:
             timings[name] = round(time.monotonic() - t, 1)
             loads[name] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # 1-min load at start and end
             console.log(f"section {name} done in {timings[name]} s")
+            # Long runs (10M rows) keep what they measured so far, should a later section fail or be stopped.
+            partial.write_text(json.dumps({"meta": {**meta, "section_seconds": timings, "section_loadavg": loads,
+                                                    "setup_seconds": bench.setup_s}, "results": results},
+                                          indent=2, default=str))
     finally:
         bench.cleanup()
     meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1319,11 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["schema"] = "Chatter (orchestrator/chatter.py): " + ", ".join(m.label for m in bench.pb.migrations)
     goal_rows = goals(results, bench.pb) + footprint_goals(results)
     render(console, results, goal_rows, meta)
-    out = Path(args.json)
-    if not out.is_absolute():
-        out = REPO / out
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results, "goals": goal_rows}, indent=2, default=str))
+    partial.unlink(missing_ok=True)
     console.print(f"results written to {out}")
     return 0
 
