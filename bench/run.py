@@ -953,7 +953,8 @@ class Bench:
                   "ratio_1conn": round((n_rows / x) / (n_count / c), 3),
                   "ratio_1conn_vs_serial_count": round((n_rows / x) / (n_count / cs), 3)}
         return {**p1, "parallelism": self.pb.settings.verify_parallelism, "cpus": os.cpu_count(),
-                "load_before_after": v_load + [list(os.getloadavg())],"rows": n_rows, "count_rows": n_count, "parity_s": round(p, 3), "count_s": round(c, 3),
+                "load_before_after": v_load + [list(os.getloadavg())],
+                "rows": n_rows, "count_rows": n_count, "parity_s": round(p, 3), "count_s": round(c, 3),
                 "count_serial_s": round(cs, 3), "parity_rows_per_s": round(n_rows / p),
                 "count_rows_per_s": round(n_count / c), "count_serial_rows_per_s": round(n_count / cs),
                 "ratio": round((n_rows / p) / (n_count / c), 3),

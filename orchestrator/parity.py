@@ -67,7 +67,8 @@ def plan_note(ctx: Context, swapped: bool) -> str:
     bad, unmapped = conditions(ctx, swapped)
     if ctx.x.conn.info.server_version >= 140000:
         return (ctx.x.render(count_statement(ctx, bad, unmapped, BLOCK_RANGE))
-                + "  -- per range of heap blocks (verify_chunk_rows rows), each its own statement")
+                + "  -- per range of heap blocks (verify_chunk_rows rows), each its own statement, on up to "
+                  "verify_parallelism connections at once (the side ones read-only)")
     cond, _ = Keyset(ctx.table, ctx.facts.pk).range_condition(["<after>"], ["<upto>"])
     return (ctx.x.render(count_statement(ctx, bad, unmapped, cond))
             + "  -- per key range (verify_chunk_rows rows), each its own statement")
