@@ -1,6 +1,7 @@
 """Parity check: every row's new value equals the mapping of its old one (or, after the swap, the reverse).
 
-Read in key ranges, one short statement each, so no snapshot is held for the whole table.
+Read in ranges of heap blocks (key ranges before PostgreSQL 14), one short statement each, on up to
+`verify_parallelism` connections at once, so no snapshot is held for the whole table.
 """
 
 from __future__ import annotations
