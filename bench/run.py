@@ -312,7 +312,10 @@ class Bench:
                 if phase.name == "swap" and traffic is not None:
                     traffic.use_new_app()
             a = now_rel(traffic)
-            orch.contract()
+            # The traffic switched to the new app right after the swap: the old labels it wrote until then count
+            # as the old version's writes, and the contract would wait settings.old_version_quiet_s (300 s) for
+            # them to age. The benchmark knows the old app is gone (the operator's --old-version-gone).
+            orch.contract(old_version_gone=traffic is not None)
             steps.append({"step": "contract", "start": a, "end": now_rel(traffic)})
         finally:
             orch.close()
@@ -853,15 +856,23 @@ class Bench:
     # -- verify -----------------------------------------------------------------------------------
     def section_verify(self) -> dict:
         a = self.args
+        v_load = [list(os.getloadavg())]
         dsn = self.clone(self.n, "verify")
         # Phases 1-2 and the shadows filled: the state phase 4 runs in. No autovacuum: a run starting after the
         # mass update (it would) lands in some rounds and not others, and its VACUUM turns count(*) into an
         # index-only scan; measured here are the tables as the backfill leaves them.
         one = self._one_update(dsn, autovacuum=False)
         orch = Orchestrator(self.pb, dsn)
+        # The same check on the work connection alone (verify_parallelism 1: what it was before issue 16, item 5).
+        one_conn = None
+        if self.pb.settings.verify_parallelism > 1:
+            data = json.loads(json.dumps(self.pb_data))
+            data.setdefault("settings", {})["verify_parallelism"] = 1
+            one_conn = Orchestrator(playbook.parse(data, str(a.playbook)), dsn)
         # Per table (by label): the parity check of its column (what orch.verify() and phase 4 run, one column at a
         # time) and count(*) of the table, parallel and serial.
         parity_s: dict[str, list[float]] = {}
+        parity1_s: dict[str, list[float]] = {}
         count_s: dict[str, list[float]] = {}
         serial_s: dict[str, list[float]] = {}
         rows: dict[str, int] = {}
@@ -869,6 +880,7 @@ class Bench:
         plans: dict[str, list[str]] = {}
         try:
             ctxs = orch.contexts(orch.facts(register=False))
+            ctxs1 = {c.m.label: c for c in one_conn.contexts(one_conn.facts(register=False))} if one_conn else {}
             with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn, autocommit=True) as serial:
                 serial.execute("SET max_parallel_workers_per_gather = 0")
                 count_q = {c.m.label: sql.SQL("SELECT count(*) FROM {}").format(c.table) for c in ctxs}
@@ -884,6 +896,14 @@ class Bench:
                         rows[label] = res.rows
                         if res.mismatches:
                             raise RuntimeError(f"parity check of {label} found {res.mismatches} mismatches")
+                        if label in ctxs1:
+                            t = time.monotonic()
+                            res1 = parity.check(ctxs1[label], swapped=False)
+                            parity1_s.setdefault(label, []).append(time.monotonic() - t)
+                            if (res1.rows, res1.mismatches) != (res.rows, res.mismatches):
+                                raise RuntimeError(f"{label}: one connection found {res1.rows} rows, "
+                                                   f"{res1.mismatches} mismatches; parallel {res.rows}, "
+                                                   f"{res.mismatches}")
                         t = time.monotonic()
                         counts[label] = conn.execute(count_q[label]).fetchone()[0]
                         count_s.setdefault(label, []).append(time.monotonic() - t)
@@ -900,6 +920,8 @@ class Bench:
                                    f"{ {k: v.rows for k, v in whole.items()} } vs {rows}")
         finally:
             orch.close()
+            if one_conn is not None:
+                one_conn.close()
         self.drop(dsn)
         med = statistics.median
         tables = {}
@@ -911,16 +933,31 @@ class Bench:
                 "count_rows_per_s": round(counts[label] / c), "count_serial_rows_per_s": round(counts[label] / cs),
                 "ratio": round((rows[label] / p) / (counts[label] / c), 3),
                 "ratio_vs_serial_count": round((rows[label] / p) / (counts[label] / cs), 3), "count_plan": plans[label],
+                **({"parity_1conn_s": round(med(parity1_s[label]), 3),
+                    "parity_1conn_rows_per_s": round(rows[label] / med(parity1_s[label])),
+                    "ratio_1conn": round((rows[label] / med(parity1_s[label])) / (counts[label] / c), 3),
+                    "ratio_1conn_vs_serial_count": round((rows[label] / med(parity1_s[label])) / (counts[label] / cs),
+                                                         3)} if label in parity1_s else {}),
                 "rounds": {"parity_s": [round(x, 3) for x in parity_s[label]],
+                           "parity_1conn_s": [round(x, 3) for x in parity1_s.get(label, [])],
                            "count_s": [round(x, 3) for x in count_s[label]],
                            "count_serial_s": [round(x, 3) for x in serial_s[label]]}}
         # Both tables: the sums of the per-round times (a round checks every column, like orch.verify()).
         labels = list(rows)
         per_round = {k: [sum(d[label][i] for label in labels) for i in range(a.verify_rounds)]
-                     for k, d in (("parity", parity_s), ("count", count_s), ("serial", serial_s))}
+                     for k, d in (("parity", parity_s), ("count", count_s), ("serial", serial_s),
+                                  ("parity1", parity1_s)) if d}
         p, c, cs = med(per_round["parity"]), med(per_round["count"]), med(per_round["serial"])
         n_rows, n_count = sum(rows.values()), sum(counts.values())
-        return {"rows": n_rows, "count_rows": n_count, "parity_s": round(p, 3), "count_s": round(c, 3),
+        p1 = {}
+        if "parity1" in per_round:
+            x = med(per_round["parity1"])
+            p1 = {"parity_1conn_s": round(x, 3), "parity_1conn_rows_per_s": round(n_rows / x),
+                  "ratio_1conn": round((n_rows / x) / (n_count / c), 3),
+                  "ratio_1conn_vs_serial_count": round((n_rows / x) / (n_count / cs), 3)}
+        return {**p1, "parallelism": self.pb.settings.verify_parallelism, "cpus": os.cpu_count(),
+                "load_before_after": v_load + [list(os.getloadavg())],
+                "rows": n_rows, "count_rows": n_count, "parity_s": round(p, 3), "count_s": round(c, 3),
                 "count_serial_s": round(cs, 3), "parity_rows_per_s": round(n_rows / p),
                 "count_rows_per_s": round(n_count / c), "count_serial_rows_per_s": round(n_count / cs),
                 "ratio": round((n_rows / p) / (n_count / c), 3),
@@ -988,6 +1025,8 @@ def goals(res: dict, pb) -> list[dict]:
         v = res["verify"]
         add("verify", "parity rows/s vs count(*)", f"{v['ratio']}×", "≥ 0.5×", v["ratio"] >= 0.5,
             f"{v['ratio_vs_serial_count']}× of a count(*) without parallel workers; "
+            + (f"on 1 connection {v['ratio_1conn']}× ({v['ratio_1conn_vs_serial_count']}×); " if "ratio_1conn" in v
+               else "")
             + "; ".join(f"{k} {t['ratio']}×" for k, t in v.get("tables", {}).items()))
     return out
 
@@ -1097,15 +1136,22 @@ def render(console: Console, res: dict, goal_rows: list[dict], meta: dict) -> No
         t.add_column("scan")
         t.add_column("rows/s", justify="right")
         t.add_column("median s", justify="right")
-        t.add_row(f"parity check ({v['chunk_rows']:,}-row chunks)", f"{v['parity_rows_per_s']:,}", str(v["parity_s"]))
+        t.add_row(f"parity check ({v['chunk_rows']:,}-row chunks, {v.get('parallelism', 1)} connection(s))",
+                  f"{v['parity_rows_per_s']:,}", str(v["parity_s"]))
+        if "parity_1conn_s" in v:
+            t.add_row("parity check, 1 connection", f"{v['parity_1conn_rows_per_s']:,}", str(v["parity_1conn_s"]))
         t.add_row("SELECT count(*)", f"{v['count_rows_per_s']:,}", str(v["count_s"]))
         t.add_row("SELECT count(*), no parallel workers", f"{v['count_serial_rows_per_s']:,}", str(v["count_serial_s"]))
         t.add_row("ratio parity / count(*) (/ serial count(*))", f"{v['ratio']}× ({v['ratio_vs_serial_count']}×)", "")
+        if "ratio_1conn" in v:
+            t.add_row("  the same, 1 connection", f"{v['ratio_1conn']}× ({v['ratio_1conn_vs_serial_count']}×)", "")
         for k, x in v.get("tables", {}).items():
             t.add_row(f"  {k}: parity / count(*) / serial count(*) ({x['rows']:,} rows)",
                       f"{x['parity_rows_per_s']:,} / {x['count_rows_per_s']:,} / {x['count_serial_rows_per_s']:,}",
                       f"{x['parity_s']} / {x['count_s']} / {x['count_serial_s']}")
-            t.add_row(f"  {k}: ratio", f"{x['ratio']}× ({x['ratio_vs_serial_count']}×)", "")
+            t.add_row(f"  {k}: ratio", f"{x['ratio']}× ({x['ratio_vs_serial_count']}×)"
+                      + (f"; 1 connection {x['ratio_1conn']}× ({x['ratio_1conn_vs_serial_count']}×)"
+                         if "ratio_1conn" in x else ""), "")
         console.print(t)
     render_footprint(console, res)
     g = Table(title="Goals")
@@ -1261,6 +1307,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     loads: dict[str, list[float]] = {}
+    out = Path(args.json)
+    if not out.is_absolute():
+        out = REPO / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
     try:
         for name in args.sections:
             console.log(f"section {name} …")
@@ -1269,6 +1320,10 @@ def main(argv: list[str] | None = None) -> int:
             timings[name] = round(time.monotonic() - t, 1)
             loads[name] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # 1-min load at start and end
             console.log(f"section {name} done in {timings[name]} s")
+            # Long runs (10M rows) keep what they measured so far, should a later section fail or be stopped.
+            partial.write_text(json.dumps({"meta": {**meta, "section_seconds": timings, "section_loadavg": loads,
+                                                    "setup_seconds": bench.setup_s}, "results": results},
+                                          indent=2, default=str))
     finally:
         bench.cleanup()
     meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1277,11 +1332,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["schema"] = "Chatter (orchestrator/chatter.py): " + ", ".join(m.label for m in bench.pb.migrations)
     goal_rows = goals(results, bench.pb) + footprint_goals(results)
     render(console, results, goal_rows, meta)
-    out = Path(args.json)
-    if not out.is_absolute():
-        out = REPO / out
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results, "goals": goal_rows}, indent=2, default=str))
+    partial.unlink(missing_ok=True)
     console.print(f"results written to {out}")
     return 0
 

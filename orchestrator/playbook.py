@@ -191,6 +191,7 @@ class Settings(Strict):
     retry_wait_initial_ms: int = Field(50, ge=1, le=600_000)
     retry_wait_max_ms: int = Field(2_000, ge=1, le=600_000)
     verify_chunk_rows: int = Field(200_000, ge=1, le=100_000_000)
+    verify_parallelism: int = Field(2, ge=1, le=32)  # connections reading verify's block ranges at once (PG 14+)
     # Footprint (issue 16, docs/benchmarks.md "Footprint"): build the shadow and new-column indexes in phase 3,
     # after its batches, instead of in phase 1 (the batches then write fewer index entries); VACUUM the table
     # (TRUNCATE false: no ACCESS EXCLUSIVE) after every `vacuum_every_rows` rows the backfill changed and once
