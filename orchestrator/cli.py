@@ -286,6 +286,11 @@ def _status_view(st: dict):
         if a["in_sync"] is False:
             line += f" (state says {a['expected'] or 'base'}; orchestrator revisions sync)"
         parts.append(line)
+    w = st.get("way_back")
+    if w:
+        parts.append(f"way back after the contract: contract steps {', '.join(map(str, w['undone']))} undone, "
+                     f"{', '.join(map(str, w['contracted']))} still contracted; next: {w['next']}")
+        parts += [f"  {note}" for note in w["notes"]]
     for b in st["backfill"]:
         if "rows_done" not in b:
             continue

@@ -462,12 +462,13 @@ def _blocker(pid, state, query, age, user, app) -> str:
 
 # -- test-only fault injection --------------------------------------------------------------------------------
 # Used by tests/test_reliability_*.py and never set in production. With ORCHESTRATOR_CRASH_AT set, every
-# statement on the work connection (not the operator-lock connection) is counted, and at the chosen one:
+# statement on the work connection and a parallel verify's side connections (not the operator-lock connection)
+# is counted, in one counter, and at the chosen one:
 #   ORCHESTRATOR_CRASH_AT="N"        the Nth statement of this process
 #   ORCHESTRATOR_CRASH_AT="text#k"   the kth statement whose SQL contains `text`
 # right after that statement returns (inside a transaction: before its COMMIT; in autocommit: after it
 # committed) the process kills itself with SIGKILL - no cleanup, no state update, like a crash or `kill -9`.
-# ORCHESTRATOR_CRASH_MODE=terminate instead has the server terminate the work connection at that point
+# ORCHESTRATOR_CRASH_MODE=terminate instead has the server terminate the connection that ran it, at that point
 # (pg_terminate_backend from a side connection), once, and carries on: a lost connection.
 CRASH_AT_ENV, CRASH_MODE_ENV = "ORCHESTRATOR_CRASH_AT", "ORCHESTRATOR_CRASH_MODE"
 
@@ -477,6 +478,7 @@ class _FaultInjector:
         text, _, nth = spec.rpartition("#")
         self.text, self.nth = (text, int(nth)) if text else (None, int(spec))
         self.mode, self.dsn, self.seen, self.fired = mode, dsn, 0, False
+        self.lock = threading.Lock()  # a parallel verify's side connections count on their own threads
 
     def after(self, conn: psycopg.Connection, query: Any) -> None:
         if self.fired:
@@ -485,10 +487,13 @@ class _FaultInjector:
             rendered = query if isinstance(query, str) else query.as_string(conn)
             if self.text not in rendered:
                 return
-        self.seen += 1
-        if self.seen < self.nth:
-            return
-        self.fired = True
+        with self.lock:  # exactly one statement is the Nth, whichever connection ran it
+            if self.fired:
+                return
+            self.seen += 1
+            if self.seen < self.nth:
+                return
+            self.fired = True
         if self.mode != "terminate":
             os.kill(os.getpid(), signal.SIGKILL)
         with psycopg.connect(self.dsn, autocommit=True) as side:  # waits until the backend is gone

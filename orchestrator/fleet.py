@@ -152,6 +152,28 @@ class Fleet:
                                         "database": self.where(t)} for t in w.targets]}
                           for w in self.waves]}
 
+    def app_sees_rollback(self, n: int) -> list[str]:
+        """The targets on which `rollback n` gives the app back the old column, as a dry run sees it now: not
+        where it is the undo of a contract step (the new app keeps its column) or has nothing to do. A target
+        that cannot be asked, or whose rollback would be refused, counts: the question is asked."""
+        if not 1 <= n <= len(self.phases) or not self.phases[n - 1].visible_to_app:
+            return []
+        names = []
+        for t in self.inv.targets:
+            orch = None
+            try:
+                orch = Orchestrator(self.playbook(t), self.dsn(t), dry_run=True)
+                if orch.state.migration() is None or orch.undoes_contract(n) or \
+                        orch.rollback(n) in ("nothing to do", "contract already undone"):
+                    continue
+            except (OrchestratorError, psycopg.Error):
+                pass
+            finally:
+                if orch is not None:
+                    orch.close()
+            names.append(t.name)
+        return names
+
     # -- commands ------------------------------------------------------------------------------------
     def execute(self, command: str, n: int | None = None, *, through: bool = False) -> FleetResult:
         """Run `command` (run N [through], contract [N], rollback N, verify) wave by wave."""

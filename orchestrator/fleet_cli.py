@@ -217,9 +217,12 @@ def fleet_rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="ph
                    as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON")):
     """Roll phase N back on every target, wave by wave. Example: orchestrator fleet -i fleet.yaml rollback 3"""
     fleet = ctx.obj.fleet
-    if phase in range(1, len(fleet.phases) + 1) and fleet.phases[phase - 1].visible_to_app:
+    # After the contract, rollback N is the undo of contract N on a target: the app keeps its column, no question.
+    seen = fleet.app_sees_rollback(phase) if not yes else []
+    if seen:
+        where = "every target" if len(seen) == len(fleet.inv.targets) else "targets " + ", ".join(seen)
         _confirm(yes, f"rollback {phase} ({fleet.phases[phase - 1].name}) gives the app back the old column on "
-                      "every target; has the app been rolled back first?")
+                      f"{where}; has the app been rolled back first?")
     _finish(ctx, fleet.execute("rollback", phase), as_json)
 
 

@@ -696,23 +696,9 @@ class Rehearsal:
             try:
                 orch.rollback(j)
             except Refused as err:
-                self.end(step, "refused as designed")
                 refusals += 1
-                units = self.check_refusal(step, j, err, unlabeled)
-                self.policies_done.add("refuse")
-                ok = self.check_schema(step, schemas[j], "before the refused rollback (nothing changed)",
-                                       ignore_order=ignore_order)
-                ok &= self.check_rows(step, seed_expected=None)
-                if not ok:
-                    raise _Stop("the refused rollback changed the database") from err
-                if refusals > len(self.units):
-                    self.check(f"{cycle}: rollback {j}: the DBA fixes let the rollback through", False,
-                               f"still refused after {refusals} fixes", step)
-                    raise _Stop(f"rollback {j} kept refusing") from err
-                self.dwell()
-                for unit in units or [None]:
-                    self.dba_fix(cycle, j, unit)
-                unlabeled = self.unlabeled_now()
+                unlabeled = self.refused_then_fixed(step, err, j, cycle, unlabeled, refusals, schemas[j],
+                                                    kind="rollback", ignore_order=ignore_order)
                 step = self.begin(cycle, "rollback", j, phase.name)
             except OrchestratorError as err:
                 self.end(step, "FAILED")
@@ -747,6 +733,27 @@ class Rehearsal:
             self.policies_done.add("fallback")
             self.apply_fallback_expectation(step, unlabeled)
         self.after_rollback(step, j, schemas, seeds, ignore_order=ignore_order)
+
+    def refused_then_fixed(self, step: Step, err: Refused, j: int, cycle: str, unlabeled: dict[str, dict[str, str]],
+                           refusals: int, schema: dict, *, kind: str, what: str = "", expect: Sequence[str] = (),
+                           ignore_order: bool = False) -> dict[str, dict[str, str]]:
+        """A refusal the rehearsal expected (values with no enum label): it must name the rows and change
+        nothing; then the DBA fixes the rows it names, as a team would. Returns the rows still unlabeled."""
+        self.end(step, "refused as designed")
+        units = self.check_refusal(step, j, err, unlabeled, what=what, expect=expect)
+        self.policies_done.add("refuse")
+        ok = self.check_schema(step, schema, f"before the refused {kind} (nothing changed)", ignore_order=ignore_order)
+        ok &= self.check_rows(step, seed_expected=None)
+        if not ok:
+            raise _Stop(f"the refused {kind} changed the database") from err
+        if refusals > len(self.units):
+            self.check(f"{cycle}: rollback {j}: the DBA fixes let the {kind} through", False,
+                       f"still refused after {refusals} fixes", step)
+            raise _Stop(f"rollback {j} ({kind}) kept refusing") from err
+        self.dwell()
+        for unit in units or [None]:
+            self.dba_fix(cycle, j, unit)
+        return self.unlabeled_now()
 
     def check_refusal(self, step: Step, j: int, err: Refused, unlabeled: dict[str, dict[str, str]], *,
                       what: str = "", expect: Sequence[str] = ()) -> list[Unit]:
@@ -985,23 +992,11 @@ class Rehearsal:
                                step)
                     raise _Stop(f"the undo of contract {j} was refused") from err
                 step.action = "undo contract (refused)"
-                self.end(step, "refused as designed")
                 refusals += 1
-                units = self.check_refusal(step, j, err, unlabeled, what=f"rollback {j} (undo of contract {j})",
-                                           expect=("reverse migration would lose", "nothing was changed"))
-                self.policies_done.add("refuse")
-                ok = self.check_schema(step, before, "before the refused undo (nothing changed)")
-                ok &= self.check_rows(step, seed_expected=None)
-                if not ok:
-                    raise _Stop("the refused undo of the contract changed the database") from err
-                if refusals > len(self.units):
-                    self.check(f"{cycle}: rollback {j}: the DBA fixes let the undo through", False,
-                               f"still refused after {refusals} fixes", step)
-                    raise _Stop(f"the undo of contract {j} kept refusing") from err
-                self.dwell()
-                for unit in units or [None]:
-                    self.dba_fix(cycle, j, unit)
-                unlabeled = self.unlabeled_now()
+                unlabeled = self.refused_then_fixed(
+                    step, err, j, cycle, unlabeled, refusals, before, kind="undo of the contract",
+                    what=f"rollback {j} (undo of contract {j})",
+                    expect=("reverse migration would lose", "nothing was changed"))
                 step = self.begin(cycle, "undo contract", j, phase.name)
                 continue
             except OrchestratorError as err:

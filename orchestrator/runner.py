@@ -355,6 +355,9 @@ class Orchestrator:
                       for m in self.pb.migrations if (key := reverse_key(m)) in progress]
         out = {"playbook": self.pb.name, "running_now": busy, "phases": phases,
                "tables": [m.label for m in self.pb.migrations], "backfill": backfills}
+        way_back = _way_back(rows, self.phases)
+        if way_back:
+            out["way_back"] = way_back
         hints = versions.connection_hints(self.pb)
         if hints is not None:
             seen = versions.old_last_seen(self.x.conn, self.pb)
@@ -372,6 +375,19 @@ def _stopped_part_way(row) -> bool:
     """Running, or in a contract step or its undo, as the state row says (a live command, or a stopped one)."""
     return row is not None and (row.status == RUNNING or (row.status == APPLIED and row.step == "contract")
                                 or (row.status == CONTRACTED and row.step == "uncontract"))
+
+
+def _way_back(rows: dict, phases: list) -> dict | None:
+    """Part-way through undoing the contract (some contract steps undone, earlier ones not yet): which, what
+    comes next, and what the phase rows alone would not tell."""
+    contracted = _contracted(rows)
+    undone = [k for k, r in rows.items() if r.status == APPLIED and (r.details or {}).get("contract_undone")]
+    if not contracted or not undone:
+        return None
+    return {"undone": sorted(undone, reverse=True), "contracted": sorted(contracted, reverse=True),
+            "next": f"orchestrator rollback {max(contracted)}",
+            "notes": [f"phase {k}: {phases[k - 1].undone_note}" for k in sorted(undone, reverse=True)
+                      if phases[k - 1].undone_note]}
 
 
 def _contracted(rows: dict) -> list[int]:

@@ -372,19 +372,8 @@ class AppTraffic:
             query, params = self._sql["count"], [value]
 
         done = self._execute(w, kind, query, params)
-        if done is None:
-            return
-        cur, row = done
-        # Autocommit: a statement that returned without error is committed.
-        if kind == "insert":
-            w.written[rid] = value
-        elif kind == "insert_default":
-            w.written[rid] = row[0]  # whatever the column default produced
-        elif kind == "update_col" and cur.rowcount == 1:
-            w.written[rid] = value
-        if kind in ("insert", "insert_default"):
-            w.own_ids.append(rid)
-            self._shared_ids.append(rid)
+        if done is not None:
+            self._record(w, kind, rid, value, *done)
 
     def _step_chatter(self, w: _Worker, vocab: _Vocab) -> None:
         """One statement of Chatter's app: full rows, both tables (see chatter.template_values)."""
@@ -435,10 +424,11 @@ class AppTraffic:
             query, params = self._sql["count"], [value]
 
         done = self._execute(w, kind, query, params)
-        if done is None:
-            return
-        cur, row = done
-        # Autocommit: a statement that returned without error is committed.
+        if done is not None:
+            self._record(w, kind, rid, value, *done)
+
+    def _record(self, w: _Worker, kind: str, rid: str, value: str, cur, row) -> None:
+        """What a statement that returned wrote (autocommit: it is committed), for the end-of-run row checks."""
         if kind == "insert":
             w.written[rid] = value
         elif kind == "insert_default":

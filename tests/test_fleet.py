@@ -187,6 +187,17 @@ def test_canary_rollout_stops_on_a_failing_target_and_resumes(six, tmp_path):
     for d in six:
         assert set(phase_rows(d).values()) == {"contracted"}
         assert not has_column(d, "workflow_templates", "workflow_type_old")
+
+    # After the contract, rollback 6 and 5 undo contract steps: the new app keeps its column, so no question is
+    # asked (off a terminal, without --yes), and the same command again finds nothing to do and asks nothing.
+    results = []
+    for n in (6, 5, 5):
+        undo = fleet_cli(inv, env, "rollback", str(n), "--json", tmp_path=tmp_path)
+        assert undo.returncode == 0, undo.stdout + undo.stderr
+        results.append({o["result"] for o in json.loads(undo.stdout)["targets"]})
+    assert results == [{"contract undone"}, {"contract undone"}, {"contract already undone"}]
+    for d in six:
+        assert phase_rows(d)[5] == "applied" and has_column(d, "workflow_templates", "workflow_type_old")
     for f in (tmp_path / "ctl").rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text()
@@ -279,19 +290,24 @@ def test_bad_inventory_or_missing_variable_exit_2_and_change_nothing(six, tmp_pa
 
 def test_fleet_rollback_wave_by_wave_and_confirmation(six, tmp_path, monkeypatch):
     f = _fleet(tmp_path, six, monkeypatch)
-    assert f.execute("run", 2, through=True).exit_code == 0
-    assert f.status()["summary"]["by_phase"] == {"2": 6}
-    refused = f.execute("rollback", 1)  # phase 2 is still applied everywhere: the canary refuses, nothing else runs
+    assert f.execute("run", 5, through=True).exit_code == 0
+    assert f.status()["summary"]["by_phase"] == {"5": 6}
+    refused = f.execute("rollback", 1)  # phase 5 is still applied everywhere: the canary refuses, nothing else runs
     assert refused.exit_code == 3 and [o.target for o in refused.outcomes] == ["t1"]
     assert "roll it back before phase 1" in refused.reason
-    for n in (2, 1):
+    inv = tmp_path / "fleet.yaml"
+    env = {k: v for k, v in os.environ.items() if k.startswith("FLEET_T")}
+    proc = fleet_cli(inv, env, "rollback", "5", tmp_path=tmp_path)  # the swap: the app notices, needs --yes
+    assert proc.returncode == 3 and "--yes" in proc.stderr and "on every target" in proc.stderr, proc.stderr
+    assert all(phase_rows(d)[5] == "applied" for d in six)  # asked before anything ran
+    proc = fleet_cli(inv, env, "rollback", "5", "--yes", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for n in (4, 3, 2, 1):
         res = f.execute("rollback", n)
         assert res.exit_code == 0 and res.waves_done == ["canary", "forty", "rest"], res.reason
     st = f.status()
     assert st["summary"]["by_state"] == {"pending": 6}
     for d in six:
         assert not phase_rows(d) and not has_column(d, "workflow_templates", "workflow_type_new")
-    inv = tmp_path / "fleet.yaml"
-    env = {k: v for k, v in os.environ.items() if k.startswith("FLEET_T")}
-    proc = fleet_cli(inv, env, "rollback", "5", tmp_path=tmp_path)  # the swap: the app notices, needs --yes
-    assert proc.returncode == 3 and "--yes" in proc.stderr
+    proc = fleet_cli(inv, env, "rollback", "5", tmp_path=tmp_path)  # nothing to do anywhere: nothing to confirm
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -114,16 +114,25 @@ def test_contract_then_all_the_way_back_then_forward_again_under_traffic(dsn):
     undecorate(dsn)
 
 
-def test_a_contract_step_undone_is_done_again_by_contract(dsn):
+def test_a_contract_step_undone_is_done_again_by_contract(dsn, tmp_path):
     """Undoable until its own contract: `contract 5` after the undo of contract 5 drops the enum column, the
     sync and the type again, and a second undo backfills from the start."""
     seed_chatter(dsn, rows=300)
     orch = Orchestrator(real_playbook(), dsn)
     try:
         forward_through_contract(orch)
+        assert "way_back" not in orch.status()
         contracted = snapshot(dsn)
         assert orch.rollback(6) == "contract undone" and orch.rollback(5) == "contract undone"
         assert orch.rollback(5) == "contract already undone"  # the same command again (a crash after its commit)
+        # Part-way back, status says where the way back stands, and that phase 2's sync triggers are back.
+        way = orch.status()["way_back"]
+        assert (way["undone"], way["contracted"], way["next"]) == ([6, 5], [4, 3, 2, 1], "orchestrator rollback 4")
+        assert len(way["notes"]) == 1 and "sync triggers are back" in way["notes"][0]
+        assert query(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '~ec_%'")[0][0] > 0
+        shown = orch_cli(dsn, write_playbook(reference_dict(), tmp_path / "pb.yaml"), "status")
+        assert shown.returncode == 0, shown.stderr
+        assert "contract steps 6, 5 undone, 4, 3, 2, 1 still contracted; next: orchestrator rollback 4" in shown.stdout
         with pytest.raises(Refused, match="phase 4 first"):  # contract steps are undone from the last one
             orch.rollback(6)
         assert orch.contract(5) == ["contracted"] and orch.contract(6) == ["contracted"]

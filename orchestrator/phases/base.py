@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from psycopg import sql
 
 from ..catalog import Facts
+from ..errors import Refused
 from ..executor import Executor
 from ..playbook import ColumnMigration, Playbook, _suffixed
 from ..sqlkit import I, Q, case_map, column_type, join, row_of, typed_literal
@@ -84,6 +85,15 @@ class Context:
         """new value -> enum label (NULL when the value has no label)."""
         return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
 
+    def no_label(self, *, typed: bool = True) -> sql.Composable:
+        """Rows whose app value has no enum label (NULL needs none when the old column allowed it). typed=False
+        compares as text, for the reverse migration before its CREATE TYPE."""
+        label = self.backward(self.col) if typed else case_map(self.col, self.m.reverse.items())
+        cond = Q("{} IS NULL").format(label)
+        if not self.facts.not_null:
+            cond = Q("{} AND {} IS NOT NULL").format(cond, self.col)
+        return cond
+
     def old_value(self, expr: sql.Composable) -> sql.Composable:
         """What the enum copy holds for a new value: its label; for a value with no label, the fallback label
         under `rollback.unmapped: fallback` (so the old version reads a label), else NULL."""
@@ -144,6 +154,25 @@ class Context:
         return n, [r[0] if len(r) == 1 else tuple(r) for r in ids]
 
 
+def unlabeled_rows(ctxs: list[Context], *, typed: bool = True) -> list[tuple[Context, int, list]]:
+    """Per table, the rows whose value has no enum label: how many, and a few keys to name them."""
+    found = []
+    for ctx in ctxs:
+        n, ids = ctx.sample_ids(ctx.no_label(typed=typed))
+        if n:
+            found.append((ctx, n, ids))
+    return found
+
+
+def unlabeled_refusal(what: str, ctxs: list[Context], found: list[tuple[Context, int, list]]) -> Refused:
+    """One message for every table's unlabeled rows, under rollback.unmapped: refuse."""
+    where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
+    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that have no label in enum "
+                   f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
+                   hint="change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: "
+                        "fallback in the playbook")
+
+
 class Phase:
     """One step of the migration. Subclasses fill in the three directions and their one-line docs."""
 
@@ -153,6 +182,8 @@ class Phase:
     contract_doc: ClassVar[str] = "nothing to remove"
     # Undoing the contract step (a rollback after the contract): put back, online, what the contract removed.
     uncontract_doc: ClassVar[str] = "nothing to put back"
+    # What `status` says while this undo is done and earlier phases are still contracted, if their row misleads.
+    undone_note: ClassVar[str] = ""
     rollback_doc: ClassVar[str]
     locks_doc: ClassVar[str]
     visible_to_app: ClassVar[bool] = False  # its rollback changes what the app sees: ask before doing it

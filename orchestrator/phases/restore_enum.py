@@ -18,9 +18,9 @@ from psycopg import sql
 
 from .. import catalog, parity
 from ..errors import Refused
-from ..sqlkit import I, L, Q, case_map
+from ..sqlkit import I, L, Q
 from . import shape, target_check
-from .base import Context
+from .base import Context, unlabeled_refusal, unlabeled_rows
 from .dual_write import install_sync
 from .shadow import AddShadowColumn
 
@@ -39,19 +39,9 @@ def refuse_unlabeled(ctxs: list[Context]) -> None:
     (the swap back would refuse them anyway, after the whole backfill): one message naming every table."""
     if ctxs[0].x.dry_run or ctxs[0].m.rollback.unmapped != "refuse":
         return
-    found = []
-    for ctx in ctxs:
-        no_label = Q("{} IS NULL").format(case_map(ctx.col, ctx.m.reverse.items()))  # the type may not exist yet
-        if not ctx.facts.not_null:  # NULL was a legal old value: it needs no label
-            no_label = Q("{} AND {} IS NOT NULL").format(no_label, ctx.col)
-        n, ids = ctx.sample_ids(no_label)
-        if n:
-            found.append(f"{ctx.m.label}: {n} rows, e.g. ids {ids}")
+    found = unlabeled_rows(ctxs, typed=False)  # the type may not exist yet
     if found:
-        raise Refused(f"the reverse migration would lose values that have no label in enum "
-                      f"{ctxs[0].m.column.enum_type} ({'; '.join(found)}); nothing was changed",
-                      hint="change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: "
-                           "fallback in the playbook")
+        raise unlabeled_refusal("the reverse migration", ctxs, found)
 
 
 def refuse_new_dependents(ctxs: list[Context]) -> None:

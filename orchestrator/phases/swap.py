@@ -13,7 +13,7 @@ from .. import catalog
 from ..errors import Refused
 from ..playbook import _suffixed
 from ..sqlkit import I, L, Q, typed_literal
-from .base import Context, Phase
+from .base import Context, Phase, unlabeled_refusal, unlabeled_rows
 from . import restore_enum, shape, target_check, versions
 from .dual_write import create_triggers, refuse_later_triggers, remove_sync, reverse_function
 
@@ -56,6 +56,8 @@ class SwapColumns(Phase):
                       "retired enum (catalog only) with the column's comment and grants; the sync triggers; backfill "
                       "retired = reverse mapping in resumable batches; CREATE INDEX CONCURRENTLY the retired "
                       "indexes; parity scan. Ends swapped, as before the contract: rollback 5 then swaps back")
+    undone_note = ("the sync triggers are back (the reverse backfill needed them) although the dual-write phase "
+                   "still shows contracted; they stay until that phase is rolled back, or contract 5 drops them")
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout, retried); "
                  "VALIDATE takes SHARE UPDATE EXCLUSIVE, which does not block the app")
     visible_to_app = True
@@ -224,35 +226,18 @@ class SwapColumns(Phase):
         """Values the new app wrote that have no enum label: refuse (naming every table's rows), or rewrite them
         to the fallback label."""
         x = ctxs[0].x
-        found = []
-        for ctx in ctxs:
-            no_label = self._no_label(ctx)
-            if x.dry_run:
-                x.note(f"-- rows WHERE {x.render(no_label)}: policy {ctx.m.rollback.unmapped!r}")
-                continue
-            n, ids = ctx.sample_ids(no_label)
-            if n:
-                found.append((ctx, n, ids))
-        if not found:
+        if x.dry_run:
+            for ctx in ctxs:
+                x.note(f"-- rows WHERE {x.render(ctx.no_label())}: policy {ctx.m.rollback.unmapped!r}")
             return
-        if ctxs[0].m.rollback.unmapped == "refuse":
-            total = sum(n for _, n, _ in found)
-            where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
-            raise Refused(f"rollback of the swap would lose {total} values that have no label in enum "
-                          f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
-                          hint="change those rows, add them to rollback.reverse_mapping, or set "
-                               "rollback.unmapped: fallback in the playbook")
+        found = unlabeled_rows(ctxs)
+        if found and ctxs[0].m.rollback.unmapped == "refuse":
+            raise unlabeled_refusal("rollback of the swap", ctxs, found)
         for ctx, _, _ in found:
             self._apply_fallback(ctx)
 
-    def _no_label(self, ctx: Context) -> sql.Composable:
-        no_label = Q("{} IS NULL").format(ctx.backward(ctx.col))
-        if not ctx.facts.not_null:  # NULL was a legal old value: it needs no label
-            no_label = Q("{} AND {} IS NOT NULL").format(no_label, ctx.col)
-        return no_label
-
     def _apply_fallback(self, ctx: Context) -> None:
-        x, no_label = ctx.x, self._no_label(ctx)
+        x, no_label = ctx.x, ctx.no_label()
         fallback = ctx.m.mapping[ctx.m.rollback.fallback_label]
         batch = ctx.pb.settings.batch_size
         pk = ctx.pk_row
