@@ -351,7 +351,7 @@ class AppTraffic:
 
         value = w.rng.choice(vocab.values)
         ep = vocab.execution_pattern
-        rid: str
+        rid = ""
         if kind in ("insert", "insert_default"):
             rid = new_ulid()
             owner = w.rng.choice(_OWNERS)
