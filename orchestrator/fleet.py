@@ -448,8 +448,8 @@ class Fleet:
                            ("running" if st["running_now"] else "interrupted")), busy["step"]
         elif all(s == CONTRACTED for s in statuses):
             state, step = "contracted", None
-        elif CONTRACTED in statuses:
-            state, step = "contracting", None
+        elif CONTRACTED in statuses:  # part-way through the contract, or part-way back from it
+            state, step = ("uncontracting" if st.get("way_back") else "contracting"), None
         else:
             state, step = ("applied" if phase else "pending"), None
         if state == "applied" and st["running_now"]:

@@ -18,7 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "orchestrator"
-STATES = ("pending", "applied", "running", "interrupted", "failed", "contracting", "contracted", "unreachable")
+STATES = ("pending", "applied", "running", "interrupted", "failed", "contracting", "contracted", "uncontracting",
+          "unreachable")
 THROTTLES = ("replica_lag", "long_transactions", "wal_rate", "autovacuum", "lock_waiters", "other")
 
 

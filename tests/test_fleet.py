@@ -196,6 +196,7 @@ def test_canary_rollout_stops_on_a_failing_target_and_resumes(six, tmp_path):
         assert undo.returncode == 0, undo.stdout + undo.stderr
         results.append({o["result"] for o in json.loads(undo.stdout)["targets"]})
     assert results == [{"contract undone"}, {"contract undone"}, {"contract already undone"}]
+    assert status_json(inv, env, tmp_path)["summary"]["by_state"] == {"uncontracting": 6}  # 4..1 still contracted
     for d in six:
         assert phase_rows(d)[5] == "applied" and has_column(d, "workflow_templates", "workflow_type_old")
     for f in (tmp_path / "ctl").rglob("*"):
