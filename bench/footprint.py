@@ -44,6 +44,8 @@ def variants(n: int, compression: str) -> dict[str, dict[str, Any]]:
         "indexes after backfill + vacuum": {"indexes_after_backfill": True, "vacuum_every_rows": every},
         f"wal_compression {compression}": {"wal_compression": compression},
         "all three": {"indexes_after_backfill": True, "vacuum_every_rows": every, "wal_compression": compression},
+        "all three + reindex on contract": {"indexes_after_backfill": True, "vacuum_every_rows": every,
+                                            "wal_compression": compression, "reindex_on_contract": True},
     }
 
 
@@ -148,7 +150,9 @@ def instrumented(orch: Orchestrator, conn: psycopg.Connection, buckets: dict[str
         try:
             return orig_conc(stmt, **kw)
         finally:
-            key = "index builds" if "CREATE" in kw.get("what", "") or "build" in kw.get("what", "") else "index drops"
+            what = kw.get("what", "")
+            key = ("index rebuilds" if what.startswith("rebuild") else
+                   "index builds" if "CREATE" in what or "build" in what else "index drops")
             buckets[key] = buckets.get(key, 0) + lsn(conn) - a
 
     def vac(self):

@@ -297,15 +297,19 @@ class Executor:
         """atomic(..., online=True): VALIDATE CONSTRAINT, ANALYZE - never under the DDL lock_timeout."""
         return self.atomic(*stmts, lock=lock, skip_if=skip_if, what=what, online=True)
 
-    def concurrently(self, stmt: sql.Composable, *, lock: str, cleanup: sql.Composable | None = None,
+    def concurrently(self, stmt: sql.Composable, *, lock: str,
+                     cleanup: sql.Composable | Callable[[], list[sql.Composable]] | None = None,
                      skip_if: sql.Composable | None = None, what: str = "index build") -> bool:
-        """Statements that cannot run in a transaction (CREATE/DROP INDEX CONCURRENTLY).
+        """Statements that cannot run in a transaction (CREATE/DROP/REINDEX INDEX CONCURRENTLY).
 
-        A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry.
+        A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry: one
+        statement, or a function that returns the statements for what is there now (names it cannot know).
         """
         if self.dry_run:
             if cleanup is not None:  # runs before every build attempt: removes a failed build's INVALID index
-                self.recorded.append(Recorded(self.render(cleanup), lock, kind="concurrent", online=True))
+                text = self.render(cleanup) if not callable(cleanup) else \
+                    f"-- before each attempt: DROP INDEX CONCURRENTLY the INVALID copies a stopped {what} left"
+                self.recorded.append(Recorded(text, lock, kind="concurrent", online=True))
             self.recorded.append(Recorded(self.render(stmt), lock, kind="concurrent", online=True))
             return False
 
@@ -320,8 +324,8 @@ class Executor:
             if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
                 return False
             with self._watching():
-                if cleanup is not None:
-                    self._logged(cleanup, lambda: cur.execute(cleanup))
+                for c in _cleanups(cleanup):
+                    self._logged(c, lambda c=c: cur.execute(c))
                 self._logged(stmt, lambda: cur.execute(stmt))
             return True
 
@@ -334,11 +338,12 @@ class Executor:
                 err.args = (f"{err.args[0]}; an INVALID index may remain (the re-run removes it)",)
             raise
 
-    def _cleanup_once(self, cleanup: sql.Composable) -> bool:
+    def _cleanup_once(self, cleanup) -> bool:
         try:
             cur = self.conn.cursor()
             self._timeouts(cur, local=False, online=True)
-            self._logged(cleanup, lambda: cur.execute(cleanup))
+            for c in _cleanups(cleanup):
+                self._logged(c, lambda c=c: cur.execute(c))
             return True
         except psycopg.Error:
             return False
@@ -458,6 +463,12 @@ def _blocker(pid, state, query, age, user, app) -> str:
     if not text or text == "<insufficient privilege>":
         text = "query not visible to this role (pg_read_all_stats shows it)"
     return f"pid {pid} ({who}): {text}" if who else f"pid {pid}: {text}"
+
+
+def _cleanups(cleanup) -> list[sql.Composable]:
+    if cleanup is None:
+        return []
+    return cleanup() if callable(cleanup) else [cleanup]
 
 
 # -- test-only fault injection --------------------------------------------------------------------------------

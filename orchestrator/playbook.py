@@ -199,6 +199,9 @@ class Settings(Strict):
     indexes_after_backfill: bool = False
     vacuum_every_rows: int | None = Field(None, ge=1, le=1_000_000_000)
     vacuum_index_cleanup: Literal["auto", "on", "off"] = "auto"
+    # Contract step 3 rebuilds each index of the table (REINDEX INDEX CONCURRENTLY, one at a time): the
+    # backfill leaves them half empty, where the naive rewrite builds them packed.
+    reindex_on_contract: bool = False
     # Compress the full-page images of phase 3's own writes (SET wal_compression in its session: superuser or
     # GRANT SET ON PARAMETER; without the right, or a method the server lacks, it goes on uncompressed).
     wal_compression: Literal["pglz", "lz4", "zstd"] | None = None

@@ -9,10 +9,13 @@ import secrets
 
 import psycopg
 
-from orchestrator import server
+import pytest
+
+from orchestrator import executor, server
 from orchestrator.runner import Orchestrator
 
-from .helpers import query, real_playbook, seed_chatter
+from .helpers import query, real_playbook, reference_dict, seed_chatter, write_playbook
+from .test_reliability_support import orch_cli
 
 NEW_INDEXES = {"workflow_templates": {"ix_workflow_templates_workflow_type_ecnew", "ix_workflow_templates_is_dynamic",
                                       "ix_workflow_templates_execution_pattern"},
@@ -135,3 +138,107 @@ def test_wal_compression_the_server_lacks_is_skipped_not_fatal(dsn):
     run(pb, dsn, 1, 2, 3)  # a method this server was built without: a warning, the backfill goes on uncompressed
     assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type_new IS NULL")[0][0] == 0
     assert query(dsn, "SELECT bool_and(finished_at IS NOT NULL) FROM _orchestrator.backfills")[0][0] is True
+
+
+REINDEX = {"settings.reindex_on_contract": True}
+
+
+def index_oids(dsn: str) -> dict[str, int]:
+    return dict(query(dsn, """SELECT i.relname, i.oid::int FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                              WHERE x.indrelid IN ('workflow_templates'::regclass, 'template_specs'::regclass)"""))
+
+
+def index_bytes(dsn: str) -> int:
+    return query(dsn, "SELECT pg_indexes_size('workflow_templates') + pg_indexes_size('template_specs')")[0][0]
+
+
+def test_reindex_on_contract_packs_every_index_again_and_keeps_what_they_enforce(dsn, pg_server):
+    """Contract 3 rebuilds each index of both tables (REINDEX INDEX CONCURRENTLY): new storage, the same names
+    and definitions, the primary keys and foreign keys still enforced, and the indexes smaller than the
+    backfill left them; with the setting off, contract 3 touches no index."""
+    seed_chatter(dsn, 3000)
+    pb = real_playbook(**REINDEX)
+    run(pb, dsn, 1, 2, 3, 4, 5, 6)
+    before, defs, bloated = index_oids(dsn), index_defs(dsn), index_bytes(dsn)
+    o = Orchestrator(pb, dsn)
+    try:
+        assert o.contract(1) == ["contracted"] and o.contract(2) == ["contracted"] and o.contract(3) == ["contracted"]
+        details = o.state.details(3)
+    finally:
+        o.close()
+    after = index_oids(dsn)
+    retired = {n for n in before if n.endswith("_ecold")}  # the swap's contract drops them: not rebuilt
+    assert retired and set(after) == set(before)
+    assert all(after[n] != before[n] for n in set(before) - retired), "an index was not rebuilt"
+    assert all(after[n] == before[n] for n in retired)
+    assert index_defs(dsn) == defs
+    assert index_bytes(dsn) < bloated
+    assert sorted(details["reindexed"]["workflow_templates.workflow_type"]) == sorted(
+        n for n in before if n not in retired and n in valid_indexes(dsn)["workflow_templates"])
+    with psycopg.connect(dsn) as c:  # the rebuilt primary key still enforces, and the foreign key still uses it
+        for bad in ("INSERT INTO workflow_templates SELECT * FROM workflow_templates LIMIT 1",
+                    "UPDATE workflow_templates SET base_template_id = 'no_such_template' WHERE id IN "
+                    "(SELECT id FROM workflow_templates LIMIT 1)"):
+            try:
+                c.execute(bad)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.ForeignKeyViolation):
+                c.rollback()
+            else:
+                raise AssertionError(f"not refused: {bad}")
+    run(pb, dsn, "contract")
+    assert query(dsn, "SELECT count(*) FROM pg_index WHERE NOT indisvalid")[0][0] == 0
+
+    other = server.create_database(pg_server.dsn, f"t_{secrets.token_hex(6)}")
+    try:
+        seed_chatter(other, 300)
+        run(real_playbook(), other, 1, 2, 3, 4, 5, 6)
+        kept = index_oids(other)
+        o = Orchestrator(real_playbook(), other)
+        try:
+            o.contract(1), o.contract(2), o.contract(3)
+        finally:
+            o.close()
+        assert index_oids(other) == kept
+    finally:
+        server.drop_database(pg_server.dsn, psycopg.conninfo.conninfo_to_dict(other)["dbname"])
+
+
+def test_reindex_drops_an_invalid_copy_a_stopped_rebuild_left_and_a_rerun_goes_on(dsn, tmp_path):
+    """A rebuild stopped part-way leaves `<name>_ccnew` INVALID: the next attempt drops it first. A re-run of
+    contract 3 after a kill goes on from the indexes recorded as rebuilt (not rebuilt again)."""
+    seed_chatter(dsn, 500)
+    pb = real_playbook(**REINDEX)
+    run(pb, dsn, 1, 2, 3, 4, 5, 6)
+    o = Orchestrator(pb, dsn)
+    try:
+        o.contract(1), o.contract(2)
+    finally:
+        o.close()
+    # What a REINDEX CONCURRENTLY stopped by a lock timeout leaves: an INVALID copy named <name>_ccnew (here made
+    # INVALID by a unique build that fails on duplicates: the same catalog state).
+    leftover = "ix_workflow_templates_owner_id_ccnew"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            c.execute(f"CREATE UNIQUE INDEX CONCURRENTLY {leftover} ON workflow_templates (is_builtin)")
+    before = index_oids(dsn)
+    assert leftover in before
+    data = reference_dict()
+    data.setdefault("settings", {})["reindex_on_contract"] = True
+    path = write_playbook(data, tmp_path / "pb.yaml")
+    killed = orch_cli(dsn, path, "contract", "3", "--yes", env={executor.CRASH_AT_ENV: "REINDEX INDEX CONCURRENTLY#3"})
+    assert killed.returncode != 0
+    o = Orchestrator(pb, dsn)
+    try:
+        recorded = o.state.details(3)["reindexed"]["workflow_templates.workflow_type"]
+    finally:
+        o.close()
+    middle = index_oids(dsn)
+    assert len(recorded) == 2 and all(middle[n] != before[n] for n in recorded)
+    assert sum(middle.get(n) != before[n] for n in before) == 3 + (leftover not in middle)  # the third: unrecorded
+    again = orch_cli(dsn, path, "contract", "3", "--yes")
+    assert again.returncode == 0, again.stderr
+    after = index_oids(dsn)
+    assert leftover not in after  # dropped before its index's rebuild
+    assert all(after[n] == middle[n] for n in recorded), "a recorded rebuild was done again"
+    assert all(after[n] != before[n] for n in before if n != leftover and not n.endswith("_ecold"))
+    assert query(dsn, "SELECT count(*) FROM pg_index WHERE NOT indisvalid")[0][0] == 0

@@ -8,6 +8,7 @@ import psycopg
 import structlog
 
 from ..sqlkit import L, Q
+from ..state import APPLIED
 from .base import Context, Phase
 
 log = structlog.get_logger()
@@ -40,7 +41,8 @@ class BackfillPhase(Phase):
                   "CREATE INDEX CONCURRENTLY of phase 1 after the batches")
     rollback_doc = ("forget the backfill cursor (values in the shadow column go with phase 1's rollback); with "
                     "settings.indexes_after_backfill DROP INDEX CONCURRENTLY the indexes it built")
-    contract_doc = "nothing to remove"
+    contract_doc = ("nothing to remove; with settings.reindex_on_contract REINDEX INDEX CONCURRENTLY each index of "
+                    "the table but the retired column's, packed again (the backfill left them half empty)")
     locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout; "
                  "then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
 
@@ -82,6 +84,19 @@ class BackfillPhase(Phase):
     def check(self, ctx: Context) -> list[str]:
         from .shadow import index_names
         return [f"index {n!r} missing or invalid" for n in index_names(ctx) if not ctx.has("valid_index", n)]
+
+    def contract_all(self, ctxs: list[Context]) -> None:
+        if not ctxs[0].pb.settings.reindex_on_contract:
+            return super().contract_all(ctxs)
+        from .reindex import rebuild_indexes
+        state = ctxs[0].state
+        # The indexes rebuilt so far, by table: a re-run after a crash goes on with the next one.
+        done = dict(state.details(self.number).get("reindexed", {})) if state is not None else {}
+        for ctx in ctxs:
+            def record(names: list[str], label: str = ctx.m.label) -> None:
+                done[label] = names
+                state.set(self.number, APPLIED, step="contract", details={"reindexed": done})
+            rebuild_indexes(ctx, done.get(ctx.m.label, []), record)
 
     def rollback(self, ctx: Context) -> None:
         if ctx.pb.settings.indexes_after_backfill:  # the indexes this phase built: back to phase 2's state

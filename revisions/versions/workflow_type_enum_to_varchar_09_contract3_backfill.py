@@ -1,7 +1,9 @@
-"""workflow_type_enum_to_varchar contract 3 (backfill): nothing to remove
+"""workflow_type_enum_to_varchar contract 3 (backfill): nothing to remove; with settings.reindex_on_contract REINDEX INDEX CONCURRENTLY each index of the table but the retired column's, packed again (the backfill left them half empty)
 
 Contract step of phase 3 (backfill): ends the rollback window of that phase.
-  upgrade:   orchestrator contract 3: nothing to remove
+  upgrade:   orchestrator contract 3: nothing to remove; with settings.reindex_on_contract REINDEX INDEX
+             CONCURRENTLY each index of the table but the retired column's, packed again (the backfill left
+             them half empty)
   downgrade: orchestrator rollback 3 (after the contract): nothing to put back
   locks:     ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most
              lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)
