@@ -242,3 +242,49 @@ def test_reindex_drops_an_invalid_copy_a_stopped_rebuild_left_and_a_rerun_goes_o
     assert all(after[n] == middle[n] for n in recorded), "a recorded rebuild was done again"
     assert all(after[n] != before[n] for n in before if n != leftover and not n.endswith("_ecold"))
     assert query(dsn, "SELECT count(*) FROM pg_index WHERE NOT indisvalid")[0][0] == 0
+
+
+@pytest.mark.parametrize("blocker", ["SHARE UPDATE EXCLUSIVE", "old snapshot"])
+def test_a_blocked_rebuild_gives_up_cleanly_without_stalling_the_app(dsn, tmp_path, blocker):
+    """Contract 3's REINDEX blocked past the online lock timeout (a VACUUM-like lock on the table, or a report's
+    old snapshot, which the rebuild waits for after creating its INVALID copy): exit 3 naming the blocker, the
+    app's writes never stalled, no INVALID index and no change left; once the blocker is gone it completes."""
+    from orchestrator.demo import snapshot_diff
+
+    from .helpers import seed, snapshot
+    from .test_reliability_support import (FORWARD, SETTINGS, AppWriter, Blocker, error_line, in_process,
+                                           load_playbook, playbook_file)
+    seed(dsn, rows=500)
+    path = playbook_file(tmp_path / "pb.yaml", **SETTINGS, **REINDEX)
+    pb = load_playbook(path)
+    for command in [*FORWARD[:-1], ("contract", "1"), ("contract", "2")]:
+        in_process(dsn, pb, command)
+    if blocker == "old snapshot":
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE audit (id int)")
+    before = snapshot(dsn)
+    if blocker == "old snapshot":
+        report = psycopg.connect(dsn, application_name="report")
+        report.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        report.execute("SELECT count(*) FROM audit").fetchall()
+        pid, release = report.info.backend_pid, lambda: (report.rollback(), report.close())
+    else:
+        lock = Blocker(dsn, blocker)
+        pid, release = lock.pid, lock.release
+    app = AppWriter(dsn)
+    try:
+        app.start()
+        r = orch_cli(dsn, path, "contract", "3", "--yes")
+    finally:
+        worst = app.stop()
+        after = snapshot(dsn)
+        release()
+    line = error_line(r)
+    assert r.returncode == 3 and "rebuild index" in line and f"pid {pid}" in line, r.stderr[-1500:]
+    assert "INVALID" not in line, line
+    assert app.errors == [] and len(app.latencies) > 10, app.errors[:3]
+    assert worst < 0.050 + 0.150, f"an app statement waited {worst * 1000:.0f} ms"
+    assert snapshot_diff(before, after) == []
+    assert query(dsn, "SELECT count(*) FROM pg_index WHERE NOT indisvalid")[0][0] == 0
+    again = orch_cli(dsn, path, "contract", "3", "--yes")
+    assert again.returncode == 0, again.stderr[-1500:]
