@@ -21,6 +21,7 @@ NEW_INDEXES = {"workflow_templates": {"ix_workflow_templates_workflow_type_ecnew
                                       "ix_workflow_templates_execution_pattern"},
                "template_specs": {"ix_template_specs_workflow_type_ecnew"}}
 DEFER = {"settings.indexes_after_backfill": True}
+REINDEX = {"settings.reindex_on_contract": True}
 
 
 def valid_indexes(dsn: str) -> dict[str, set[str]]:
@@ -68,6 +69,12 @@ def test_plan_shows_the_index_builds_in_phase_3_with_indexes_after_backfill(dsn)
         builds = {n: [r.sql for r in p.expand if "CREATE INDEX CONCURRENTLY" in r.sql] for n, p in plans.items()}
         assert len(builds[where]) == 4, builds
         assert all(not v for n, v in builds.items() if n != where), builds
+    o = Orchestrator(real_playbook(**REINDEX), dsn, dry_run=True)
+    try:  # with reindex_on_contract, contract 3 shows its rebuilds; no other step does
+        rebuilds = {p.phase.number: [r.sql for r in p.contract if "REINDEX" in r.sql] for p in o.plan()}
+    finally:
+        o.close()
+    assert len(rebuilds[3]) == 2 and all(not v for n, v in rebuilds.items() if n != 3), rebuilds
 
 
 def test_indexes_after_backfill_phase_1_leaves_them_phase_3_builds_them_rollback_and_contract_hold(dsn, pg_server):
@@ -139,8 +146,6 @@ def test_wal_compression_the_server_lacks_is_skipped_not_fatal(dsn):
     assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type_new IS NULL")[0][0] == 0
     assert query(dsn, "SELECT bool_and(finished_at IS NOT NULL) FROM _orchestrator.backfills")[0][0] is True
 
-
-REINDEX = {"settings.reindex_on_contract": True}
 
 
 def index_oids(dsn: str) -> dict[str, int]:
