@@ -22,7 +22,7 @@ from . import playbook as playbook_mod
 from . import db
 from . import revisions as revisions_mod  # registers the Alembic listener: alembic_version follows each command
 from .db import redact, safe_dsn, secrets_of
-from .errors import BadInput, OrchestratorError, Refused
+from .errors import BadInput, OrchestratorError
 from .runner import Orchestrator
 
 DEFAULT_PLAYBOOK = "playbooks/workflow_type_enum_to_varchar.yaml"
@@ -165,7 +165,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
     orch = ctx.obj.orchestrator(dry_run=dry_run)
     if not dry_run and orch.phase(phase).visible_to_app and not orch.undoes_contract(phase) \
             and not _nothing_to_do(ctx, "rollback", phase):
-        _confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
+        output.confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
                       "has the app been rolled back first?")
     try:
         result = orch.rollback(phase)
@@ -187,7 +187,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
     if not dry_run and not _nothing_to_do(ctx, "contract", phase):
-        _confirm(yes, "the contract drops the trigger, the retired column and the enum type; going back "
+        output.confirm(yes, "the contract drops the trigger, the retired column and the enum type; going back "
                       "afterwards is a reverse migration (orchestrator rollback N, from the last phase). Continue?")
     try:
         results = orch.contract(phase, old_version_gone=old_version_gone)
@@ -477,16 +477,6 @@ def _nothing_to_do(ctx: typer.Context, action: str, phase: Optional[int]) -> boo
         return False
     finally:
         dry.close()
-
-
-def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if sys.stdin.isatty():
-        if typer.confirm(question, default=False):
-            return
-        raise Refused("not confirmed; nothing was changed")
-    raise Refused(f"{question.split(';')[0]}: confirmation needed", hint="re-run with --yes")
 
 
 def _t(v) -> str:

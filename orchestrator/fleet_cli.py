@@ -7,7 +7,6 @@ Exit codes as for one database: 0 done; otherwise the exit code of the first tar
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import inventory as inventory_mod
-from . import logs
-from .errors import BadInput, Refused
+from . import logs, output
+from .errors import BadInput
 from .fleet import Fleet, FleetResult
 from .metrics import Exporter
 
@@ -102,14 +101,6 @@ def _finish(ctx: typer.Context, result: FleetResult, as_json: bool) -> None:
         if result.exit_code:
             out.print(f"stopped in wave {result.stopped_at}: {result.reason}", markup=False, highlight=False)
     raise typer.Exit(result.exit_code)
-
-
-def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if sys.stdin.isatty() and typer.confirm(question, default=False):
-        return
-    raise Refused(f"{question.split(';')[0]}: confirmation needed", hint="re-run with --yes")
 
 
 @fleet_app.command("plan")
@@ -206,7 +197,7 @@ def fleet_contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(Non
 
     Example: orchestrator fleet -i fleet.yaml contract --yes
     """
-    _confirm(yes, "the contract drops the trigger, the retired column and the enum type on every target; going "
+    output.confirm(yes, "the contract drops the trigger, the retired column and the enum type on every target; going "
                   "back afterwards is a reverse migration (fleet rollback N, from the last phase). Continue?")
     _finish(ctx, ctx.obj.fleet.execute("contract", phase), as_json)
 
@@ -221,7 +212,7 @@ def fleet_rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="ph
     seen = fleet.app_sees_rollback(phase) if not yes else []
     if seen:
         where = "every target" if len(seen) == len(fleet.inv.targets) else "targets " + ", ".join(seen)
-        _confirm(yes, f"rollback {phase} ({fleet.phases[phase - 1].name}) gives the app back the old column on "
+        output.confirm(yes, f"rollback {phase} ({fleet.phases[phase - 1].name}) gives the app back the old column on "
                       f"{where}; has the app been rolled back first?")
     _finish(ctx, fleet.execute("rollback", phase), as_json)
 

@@ -24,6 +24,20 @@ EXIT_CODES = ("Exit codes: 0 done; 1 failure (fix the cause, re-run the same com
               "(nothing changed); 130 interrupted (re-run to resume).")
 
 
+def confirm(yes: bool, question: str) -> None:
+    """Ask on a terminal; anywhere else --yes is the answer. A refusal changes nothing."""
+    import typer
+
+    from .errors import Refused
+    if yes:
+        return
+    if sys.stdin.isatty():
+        if typer.confirm(question, default=False):
+            return
+        raise Refused("not confirmed; nothing was changed")
+    raise Refused(f"{question.split(';')[0]}: confirmation needed", hint="re-run with --yes")
+
+
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
