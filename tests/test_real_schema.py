@@ -161,11 +161,14 @@ def test_the_swap_changes_both_tables_in_one_transaction(dsn):
 
         def watch():
             with psycopg.connect(dsn, autocommit=True) as conn:
-                while not stop.is_set():
+                while True:  # one read after the swap returned too, however the threads were scheduled
+                    last = stop.is_set()
                     seen.add(tuple(r[0] for r in conn.execute(
                         """SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attname = 'workflow_type'
                            AND attrelid IN ('workflow_templates'::regclass, 'template_specs'::regclass)
                            ORDER BY attrelid::regclass::text""").fetchall()))
+                    if last:
+                        return
         t = threading.Thread(target=watch)
         t.start()
         orch.run(5)
