@@ -463,9 +463,9 @@ class Bench:
                         b.release()
                 return call
 
-            def count_retry(state):
+            def count_retry(state, *rest):
                 retries[0] += 1
-                return orig_retry(state)
+                return orig_retry(state, *rest)
 
             x.atomic, x.concurrently, x._before_retry = with_blocker(orig_atomic), with_blocker(orig_conc), count_retry
 
