@@ -166,7 +166,7 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
     if not dry_run and orch.phase(phase).visible_to_app and not orch.undoes_contract(phase) \
             and not _nothing_to_do(ctx, "rollback", phase):
         output.confirm(yes, f"rollback {phase} ({orch.phase(phase).name}) gives the app back the old column; "
-                      "has the app been rolled back first?")
+                       "has the app been rolled back first?")
     try:
         result = orch.rollback(phase)
         _print_recorded(orch)
@@ -188,7 +188,7 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     orch = ctx.obj.orchestrator(dry_run=dry_run)
     if not dry_run and not _nothing_to_do(ctx, "contract", phase):
         output.confirm(yes, "the contract drops the trigger, the retired column and the enum type; going back "
-                      "afterwards is a reverse migration (orchestrator rollback N, from the last phase). Continue?")
+                       "afterwards is a reverse migration (orchestrator rollback N, from the last phase). Continue?")
     try:
         results = orch.contract(phase, old_version_gone=old_version_gone)
         _print_recorded(orch)

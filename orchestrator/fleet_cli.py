@@ -198,7 +198,7 @@ def fleet_contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(Non
     Example: orchestrator fleet -i fleet.yaml contract --yes
     """
     output.confirm(yes, "the contract drops the trigger, the retired column and the enum type on every target; going "
-                  "back afterwards is a reverse migration (fleet rollback N, from the last phase). Continue?")
+                   "back afterwards is a reverse migration (fleet rollback N, from the last phase). Continue?")
     _finish(ctx, ctx.obj.fleet.execute("contract", phase), as_json)
 
 
@@ -213,7 +213,7 @@ def fleet_rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="ph
     if seen:
         where = "every target" if len(seen) == len(fleet.inv.targets) else "targets " + ", ".join(seen)
         output.confirm(yes, f"rollback {phase} ({fleet.phases[phase - 1].name}) gives the app back the old column on "
-                      f"{where}; has the app been rolled back first?")
+                       f"{where}; has the app been rolled back first?")
     _finish(ctx, fleet.execute("rollback", phase), as_json)
 
 
