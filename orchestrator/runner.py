@@ -218,7 +218,7 @@ class Orchestrator:
             facts = self.facts(register=False)
             rows = self.state.phases()
             contracted = _contracted(rows)
-            undone = [k for k, r in rows.items() if r.status == APPLIED and (r.details or {}).get("contract_undone")]
+            undone = _undone(rows)
             if undone and n == min(undone) and (contracted or any(rows[k].status != PENDING for k in rows if k > n)):
                 # The same command again after its undo finished (a crash after the commit, a lost connection):
                 # done already. Its ordinary rollback is not possible yet anyway.
@@ -381,13 +381,18 @@ def _way_back(rows: dict, phases: list) -> dict | None:
     """Part-way through undoing the contract (some contract steps undone, earlier ones not yet): which, what
     comes next, and what the phase rows alone would not tell."""
     contracted = _contracted(rows)
-    undone = [k for k, r in rows.items() if r.status == APPLIED and (r.details or {}).get("contract_undone")]
+    undone = _undone(rows)
     if not contracted or not undone:
         return None
     return {"undone": sorted(undone, reverse=True), "contracted": sorted(contracted, reverse=True),
             "next": f"orchestrator rollback {max(contracted)}",
             "notes": [f"phase {k}: {phases[k - 1].undone_note}" for k in sorted(undone, reverse=True)
                       if phases[k - 1].undone_note]}
+
+
+def _undone(rows: dict) -> list[int]:
+    """Phases whose contract step was undone (applied again, the way back after the contract)."""
+    return [k for k, r in rows.items() if r.status == APPLIED and (r.details or {}).get("contract_undone")]
 
 
 def _contracted(rows: dict) -> list[int]:

@@ -25,10 +25,9 @@ from .base import Context
 LOCK = "SHARE UPDATE EXCLUSIVE (reads and writes go on); the old index dropped concurrently"
 
 
-def candidates(ctx: Context) -> list[str]:
+def candidates(ctx: Context, oid: int) -> list[str]:
     """The table's valid indexes, by name. Left out: the retired column's indexes (the swap's contract drops
     them) and exclusion constraints' (PostgreSQL cannot rebuild those concurrently)."""
-    oid = catalog.table_oid(ctx.x.conn, *ctx.table_name)
     retired = {ix.retired_name for ix in ctx.facts.indexes}
     rows = ctx.x.query(Q("""SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                             WHERE i.indrelid = %s AND i.indisvalid AND NOT EXISTS (
@@ -37,10 +36,9 @@ def candidates(ctx: Context) -> list[str]:
     return [name for (name,) in rows if name not in retired]
 
 
-def leftovers(ctx: Context, name: str) -> list[str]:
+def leftovers(ctx: Context, oid: int, name: str) -> list[str]:
     """INVALID copies a stopped `REINDEX INDEX CONCURRENTLY name` left: `<name>_ccnew[N]` or `<name>_ccold[N]`,
     the name cut short to fit 63 bytes as PostgreSQL cuts it (so: any prefix of the name)."""
-    oid = catalog.table_oid(ctx.x.conn, *ctx.table_name)
     rows = ctx.x.query(Q("""SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                             WHERE i.indrelid = %s AND NOT i.indisvalid
                               AND c.relname ~ '_cc(new|old)[0-9]*$'
@@ -58,12 +56,13 @@ def rebuild_indexes(ctx: Context, done: list[str], record: Callable[[list[str]],
                f"-- settings.reindex_on_contract; an INVALID copy a stopped rebuild left is dropped first",
                lock=LOCK)
         return
-    for name in candidates(ctx):
+    oid = catalog.table_oid(x.conn, *ctx.table_name)
+    for name in candidates(ctx, oid):
         if name in done:
             continue
 
         def cleanup(name: str = name) -> list[sql.Composable]:
-            return [Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(n)) for n in leftovers(ctx, name)]
+            return [Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(n)) for n in leftovers(ctx, oid, name)]
 
         x.concurrently(Q("REINDEX INDEX CONCURRENTLY {}").format(ctx.index(name)), lock=LOCK, cleanup=cleanup,
                        what=f"rebuild index {name}")
