@@ -46,9 +46,11 @@ def _backfills(pb, rows: dict) -> dict:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    from orchestrator import logs, playbook
-    from orchestrator.runner import Orchestrator
     from procstat import postmaster_pid, server_cpu_s  # bench/ is this script's directory: on sys.path
+
+    from orchestrator.console import logs
+    from orchestrator.engine import playbook
+    from orchestrator.run.runner import Orchestrator
 
     logs.configure(level="warning", json=True)
     pb = playbook.parse(cfg["playbook"])
@@ -67,7 +69,7 @@ def main() -> None:
 
     try:
         for phase in orch.phases:
-            timed(phase.name, lambda: orch.run(phase.number))
+            timed(phase.name, lambda number=phase.number: orch.run(number))
             if phase.name == "backfill":
                 backfill = _backfills(pb, orch.state.backfills())
         timed("contract", orch.contract)

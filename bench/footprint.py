@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import playbook, server
-from orchestrator.backfill import Backfill
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import playbook
+from orchestrator.engine.backfill import Backfill
+from orchestrator.lab import server
+from orchestrator.run.runner import Orchestrator
 
 if TYPE_CHECKING:
     from run import Bench

@@ -54,13 +54,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from orchestrator import chatter, logs, parity, playbook, server  # noqa: E402
-from orchestrator import progress as _progress  # noqa: E402
-from orchestrator.backfill import update_statement  # noqa: E402
-from orchestrator.runner import Orchestrator  # noqa: E402
-from orchestrator.sqlkit import case_map, extra_type, typed_literal  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
-from orchestrator.traffic import AppTraffic, TrafficReport  # noqa: E402
+
+from orchestrator.console import logs  # noqa: E402
+from orchestrator.engine import parity, playbook  # noqa: E402
+from orchestrator.engine import progress as _progress  # noqa: E402
+from orchestrator.engine.backfill import update_statement  # noqa: E402
+from orchestrator.engine.sqlkit import case_map, extra_type, typed_literal  # noqa: E402
+from orchestrator.lab import chatter, server  # noqa: E402
+from orchestrator.lab.traffic import AppTraffic, TrafficReport  # noqa: E402
+from orchestrator.run.runner import Orchestrator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import postmaster_pid, server_cpu_s  # noqa: E402

@@ -1,3 +1,3 @@
-from .cli import main
+from orchestrator.console.cli import main
 
 main()

@@ -6,11 +6,9 @@ PG_MAJORS=18 (comma-separated) restricts the majors; DATABASE_URL replaces them 
 import os
 import secrets
 
-
 import pytest
 
-
-from orchestrator import server  # noqa: E402
+from orchestrator.lab import server  # noqa: E402
 
 
 def _server_params() -> list:

@@ -12,9 +12,10 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from orchestrator import playbook
-from orchestrator.demo import SeedNames, create_seed_schema, insert_rows, schema_snapshot
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import playbook
+from orchestrator.lab.seed import SeedNames, create_seed_schema, insert_rows
+from orchestrator.lab.snapshot import schema_snapshot
+from orchestrator.run.runner import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "playbooks" / "workflow_type_enum_to_varchar.yaml"  # Chatter's real schema, both tables
@@ -66,7 +67,7 @@ def seed(dsn: str, names: SeedNames = SeedNames(), rows: int = 2000, *, enum_def
 
 def seed_chatter(dsn: str, rows: int = 2000, specs: int | None = None) -> None:
     """Chatter's real schema (both tables using the enum, users with the 'system' owner) and sample rows."""
-    from orchestrator import chatter
+    from orchestrator.lab import chatter
     with psycopg.connect(dsn) as conn:
         chatter.create_chatter_schema(conn)
         chatter.insert_chatter_rows(conn, rows, specs)

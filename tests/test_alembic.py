@@ -24,14 +24,15 @@ from alembic.util import CommandError
 from psycopg import sql
 from typer.testing import CliRunner
 
-from orchestrator import chatter, runner
 from orchestrator import revisions as ec
-from orchestrator.cli import app
-from orchestrator.demo import REFERENCE_MAPPING, SeedNames, create_seed_schema, ignoring_column_order, insert_rows, \
-    schema_snapshot, snapshot_diff
-from orchestrator.playbook import load
-from orchestrator.runner import Orchestrator
-from orchestrator.state import APPLIED, CONTRACTED, PENDING
+from orchestrator.console.cli import app
+from orchestrator.engine.playbook import load
+from orchestrator.engine.state import APPLIED, CONTRACTED, PENDING
+from orchestrator.lab import chatter
+from orchestrator.lab.seed import REFERENCE_MAPPING, SeedNames, create_seed_schema, insert_rows
+from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot, snapshot_diff
+from orchestrator.run import runner
+from orchestrator.run.runner import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[1]
 INI = ROOT / "alembic.ini"
@@ -215,7 +216,7 @@ def test_upgrade_head_reaches_the_final_schema(seeded):
 def old_version_quiet_since(dsn: str, seconds: int) -> None:
     """What `orchestrator contract --old-version-gone` says, for the Alembic path: the old version's last write
     (app_versions) was `seconds` ago."""
-    from orchestrator.phases import versions
+    from orchestrator.kinds.phases import versions
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("SELECT setval({}::regclass, extract(epoch FROM now())::bigint - %s)").format(
             sql.Literal(versions.sequence(PB).as_string(conn))), (seconds,))
@@ -226,7 +227,8 @@ def test_downgrade_base_from_head_restores_the_original_and_upgrade_head_runs_ag
     undoes every contract step (the swap's is an online reverse migration) and then every phase, revision by
     revision, with alembic_version and the state table in step, under app traffic on both tables; then
     `upgrade head` runs it all again."""
-    from orchestrator.traffic import AppTraffic, TrafficReport
+    from orchestrator.lab.traffic import AppTraffic, TrafficReport
+
     from .test_real_schema import check_rows
 
     dsn = seeded

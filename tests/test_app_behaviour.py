@@ -7,9 +7,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from orchestrator.demo import snapshot_diff
-from orchestrator.errors import Refused
-from orchestrator.runner import Orchestrator
+from orchestrator.engine.errors import Refused
+from orchestrator.lab.snapshot import snapshot_diff
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, seed_chatter, snapshot
 
@@ -99,7 +99,8 @@ def test_verify_checks_a_row_added_past_the_end_during_the_scan(dsn, monkeypatch
     o = Orchestrator(real_playbook(**{"settings.verify_chunk_rows": 200, "settings.verify_parallelism": 1}), dsn)
     try:
         run(o, 1, 2, 3)
-        from orchestrator import chatter, parity
+        from orchestrator.engine import parity
+        from orchestrator.lab import chatter
         real, calls = parity._tally, []
 
         def tally(ctx, *args, **kw):
@@ -154,7 +155,7 @@ def test_grants_comment_and_a_new_default_follow_the_column(dsn, orch):
 def test_a_value_written_while_the_swap_rolls_back_is_not_lost(dsn, orch, monkeypatch):
     run(orch, 1, 2, 3, 4, 5)
     rid = any_id(dsn, "template_specs", "simple_chat")
-    from orchestrator.phases.swap import SwapColumns
+    from orchestrator.kinds.phases.swap import SwapColumns
     real = SwapColumns._resolve_unmapped
     rejected = []
 

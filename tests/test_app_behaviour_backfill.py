@@ -24,8 +24,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import chatter
-from orchestrator.runner import Orchestrator
+from orchestrator.lab import chatter
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import cli, query, real_playbook, reference_dict, seed_chatter, write_playbook
 

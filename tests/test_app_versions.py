@@ -10,9 +10,9 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import chatter
-from orchestrator.errors import Refused
-from orchestrator.runner import Orchestrator
+from orchestrator.engine.errors import Refused
+from orchestrator.lab import chatter
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import cli, query, real_playbook, seed_chatter, snapshot
 

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import Boolean, DateTime, Enum, Float, Integer, String, Text
 from sqlalchemy.types import JSON
 
-from orchestrator import appmodels
-from orchestrator.appmodels import DRIVERS, OPERATIONS, TABLES, TO_OLD, AppInstance, as_new, vocabulary
-from orchestrator.playbook import Playbook
-from orchestrator.runner import Orchestrator
+from orchestrator.engine.playbook import Playbook
+from orchestrator.lab import appmodels
+from orchestrator.lab.appmodels import DRIVERS, OPERATIONS, TABLES, TO_OLD, AppInstance, as_new, vocabulary
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, seed_chatter
 

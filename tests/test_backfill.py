@@ -14,11 +14,11 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import control
-from orchestrator.errors import Failure, Refused
-from orchestrator.traffic import AppTraffic
+from orchestrator.engine.errors import Failure, Refused
+from orchestrator.lab.traffic import AppTraffic
+from orchestrator.run import control
 
-from .helpers import ROOT, make_playbook, orchestrator, query, simple_dict, seed, write_playbook
+from .helpers import ROOT, make_playbook, orchestrator, query, seed, simple_dict, write_playbook
 
 SLOW_BATCHES = {"settings.batch_size": 200, "settings.min_batch_size": 200, "settings.max_batch_size": 200,
                 "settings.batch_pause_ms": 15}
@@ -195,7 +195,7 @@ def test_composite_primary_key(dsn):
         CREATE TABLE items (tenant int, n int, k kind NOT NULL, PRIMARY KEY (tenant, n));
         INSERT INTO items SELECT t, n, (CASE WHEN n % 2 = 0 THEN 'a' ELSE 'b' END)::kind
           FROM generate_series(1, 7) t, generate_series(1, 700) n;""")
-    from orchestrator import playbook
+    from orchestrator.engine import playbook
     pb = playbook.parse({"name": "items_kind", "table": {"name": "items"}, "column": {"name": "k", "enum_type": "kind"},
                          "target": {"type": "varchar", "length": 10}, "mapping": {"a": "alpha", "b": "beta"},
                          "settings": {"batch_size": 333, "min_batch_size": 100}})

@@ -21,7 +21,8 @@ import yaml
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator.demo import SeedNames, create_seed_schema, insert_rows, schema_snapshot, snapshot_diff
+from orchestrator.lab.seed import SeedNames, create_seed_schema, insert_rows
+from orchestrator.lab.snapshot import schema_snapshot, snapshot_diff
 
 REFERENCE = Path(__file__).resolve().parent / "playbooks" / "simple_table.yaml"  # the one-table fixture
 REFERENCE_TEXT = REFERENCE.read_text(encoding="utf-8")
@@ -34,7 +35,7 @@ def cli_command() -> list[str]:
     script = Path(sys.executable).with_name("orchestrator")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from orchestrator.cli import main; main()"]
+    return [sys.executable, "-c", "from orchestrator.console.cli import main; main()"]
 
 
 def run_cli(dsn: str, playbook: Path, *args: str) -> subprocess.CompletedProcess:

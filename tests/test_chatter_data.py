@@ -10,13 +10,25 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator import chatter
-from orchestrator.chatter import (
-    CATEGORIES, ENUM, LABELS, OWNERS, SPECS, SYSTEM_USER, TEMPLATES,
-    create_chatter_schema, insert_chatter_rows, insert_spec, insert_template, spec_values, template_values,
+from orchestrator.lab import chatter
+from orchestrator.lab.chatter import (
+    CATEGORIES,
+    ENUM,
+    LABELS,
+    OWNERS,
+    SPECS,
+    SYSTEM_USER,
+    TEMPLATES,
+    create_chatter_schema,
+    insert_chatter_rows,
+    insert_spec,
+    insert_template,
+    spec_values,
+    template_values,
 )
-from orchestrator.demo import REFERENCE_MAPPING, SeedNames, schema_snapshot
-from orchestrator.traffic import CHATTER_READ_KINDS, CHATTER_WRITE_KINDS, AppTraffic, new_ulid
+from orchestrator.lab.seed import REFERENCE_MAPPING, SeedNames
+from orchestrator.lab.snapshot import schema_snapshot
+from orchestrator.lab.traffic import CHATTER_READ_KINDS, CHATTER_WRITE_KINDS, AppTraffic, new_ulid
 
 ODD_SCHEMA = 'Chatter "Data"'
 ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")  # Crockford base32, like a ULID

@@ -11,12 +11,22 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.console import lint
+from orchestrator.engine.executor import Recorded
 
-from orchestrator import lint
-from orchestrator.executor import Recorded
-
-from .helpers import (ROOT, cli, make_playbook, orchestrator, query, real_playbook, seed, seed_chatter, simple_dict,
-                      snapshot, write_playbook)
+from .helpers import (
+    ROOT,
+    cli,
+    make_playbook,
+    orchestrator,
+    query,
+    real_playbook,
+    seed,
+    seed_chatter,
+    simple_dict,
+    snapshot,
+    write_playbook,
+)
 
 
 def test_squawk_is_installed_with_the_package():
@@ -50,7 +60,7 @@ def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
 
 def test_no_phase_has_a_statement_squawk_finds_unsafe(dsn):
     seed_chatter(dsn, rows=10)
-    from orchestrator.runner import Orchestrator
+    from orchestrator.run.runner import Orchestrator
     orch = Orchestrator(real_playbook(), dsn, dry_run=True)
     try:
         plans = orch.plan()

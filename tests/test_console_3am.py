@@ -19,7 +19,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import output, server
+from orchestrator.console import output
+from orchestrator.lab import server
 
 from .helpers import ROOT, cli, make_playbook, orchestrator, query, real_playbook, seed, seed_chatter
 from .test_reliability_secrets import leaks, role_db  # noqa: F401  (fixture)
@@ -194,7 +195,7 @@ def test_every_hint_names_a_command_that_helps_in_that_state(dsn, tmp_path):
     # a contract out of order is refused for its order before any confirmation is asked for
     r2 = orch_cli(dsn, pb, "contract")
     assert r2.returncode == 3 and "-> orchestrator run 3" in error_line(r2), error_line(r2)
-    for n in (3, 4, 5):
+    for _ in (3, 4, 5):
         assert follow(dsn, pb, r2, ("contract", "--yes")).returncode == 0
         r2 = orch_cli(dsn, pb, "contract", "--yes")
     assert follow(dsn, pb, r2, ("contract", "--yes")).returncode == 0  # run 6
@@ -248,7 +249,7 @@ def test_hints_under_make_name_make_targets(dsn):
 
 
 def test_a_database_error_that_a_rerun_cannot_fix_does_not_say_rerun(monkeypatch, capsys):
-    from orchestrator import cli
+    from orchestrator.console import cli
 
     def broken(self, **kw):
         raise psycopg.errors.InsufficientPrivilege("permission denied for table workflow_templates")
@@ -428,7 +429,8 @@ def test_plan_shows_every_statement_run_executes_with_the_lock_postgres_takes(ds
     r = orch_cli(dsn, pb, "plan", "--no-lint")
     assert r.returncode == 0, r.stderr
     plan_text = r.stdout
-    from orchestrator.runner import Orchestrator
+    from orchestrator.run.runner import Orchestrator
+
     from .test_reliability_support import load_playbook
     dry = Orchestrator(load_playbook(pb), dsn, dry_run=True)
     try:
@@ -483,7 +485,7 @@ def test_plan_shows_every_statement_run_executes_with_the_lock_postgres_takes(ds
     # No lock seen on the table while a planned statement ran is stronger than the strongest its plan line
     # names (a transaction's label covers the locks its earlier statements took and still hold).
     by_text: dict[str, set] = {}
-    for (n, action, text), lock in planned.items():
+    for (_, _, text), lock in planned.items():
         by_text.setdefault(text, set()).update(_declared(lock))
     checked = set()
     for mode, q, granted in samples:
@@ -515,14 +517,14 @@ def test_drop_trigger_if_exists_takes_access_exclusive_when_the_trigger_exists(d
         conn.execute("DROP TRIGGER IF EXISTS t ON workflow_templates")
         assert "AccessExclusiveLock" in modes()
         conn.rollback()
-    from orchestrator.phases.dual_write import DualWrite
+    from orchestrator.kinds.phases.dual_write import DualWrite
     assert "ACCESS EXCLUSIVE" in DualWrite.locks_doc
 
 
 def test_rollback_lint_reasons_do_not_talk_about_the_contract(dsn):
-    from orchestrator import lint
+    from orchestrator.console import lint
     seed(dsn, rows=10)
-    from orchestrator.runner import Orchestrator
+    from orchestrator.run.runner import Orchestrator
     orch = Orchestrator(make_playbook(), dsn, dry_run=True)
     try:
         plans = orch.plan()
@@ -536,7 +538,7 @@ def test_rollback_lint_reasons_do_not_talk_about_the_contract(dsn):
 # -- 7. housekeeping -------------------------------------------------------------------------------------------
 
 def test_server_stop_says_what_it_did(tmp_path, monkeypatch):
-    from orchestrator import cli
+    from orchestrator.console import cli
     monkeypatch.setattr(server, "stop_local_server", lambda: False)
     from typer.testing import CliRunner
     r = CliRunner().invoke(cli.app, ["server-stop"])

@@ -7,15 +7,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator.demo import (
-    REFERENCE_MAPPING,
-    SeedNames,
-    create_seed_schema,
-    insert_rows,
-    schema_snapshot,
-    snapshot_diff,
-)
-from orchestrator.traffic import READ_KINDS, WRITE_KINDS, AppTraffic
+from orchestrator.lab.seed import REFERENCE_MAPPING, SeedNames, create_seed_schema, insert_rows
+from orchestrator.lab.snapshot import schema_snapshot, snapshot_diff
+from orchestrator.lab.traffic import READ_KINDS, WRITE_KINDS, AppTraffic
 
 HOSTILE = SeedNames(schema="Sales Dept", table='work"flow templates', column="Wörk type", enum="wf type")
 
@@ -261,7 +255,7 @@ def test_traffic_switches_to_new_app_after_type_change(dsn, conn):
 
 
 def test_traffic_report_statistics():
-    from orchestrator.traffic import StatementSample, TrafficReport
+    from orchestrator.lab.traffic import StatementSample, TrafficReport
 
     samples = [StatementSample(i / 10, "insert", float(i), None) for i in range(1, 101)]
     samples.append(StatementSample(11.0, "count", 0.5, "QueryCanceled: canceling statement"))

@@ -15,9 +15,10 @@ import pytest
 import yaml
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import fleet as fleet_mod
-from orchestrator import inventory, server
-from orchestrator.errors import BadInput
+from orchestrator.engine.errors import BadInput
+from orchestrator.fleet import inventory
+from orchestrator.fleet import rollout as fleet_mod
+from orchestrator.lab import server
 
 from .helpers import cli, reference_dict, seed_chatter
 

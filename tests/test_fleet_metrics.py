@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import metrics
-from orchestrator.errors import Refused
+from orchestrator.engine.errors import Refused
+from orchestrator.fleet import metrics
 
 from .helpers import ROOT
 from .test_fleet import SECRET, _fleet, fleet_cli, six  # noqa: F401 (fixture)

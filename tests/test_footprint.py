@@ -8,11 +8,11 @@ from __future__ import annotations
 import secrets
 
 import psycopg
-
 import pytest
 
-from orchestrator import executor, server
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import executor
+from orchestrator.lab import server
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, reference_dict, seed_chatter, write_playbook
 from .test_reliability_support import orch_cli
@@ -254,11 +254,19 @@ def test_a_blocked_rebuild_gives_up_cleanly_without_stalling_the_app(dsn, tmp_pa
     """Contract 3's REINDEX blocked past the online lock timeout (a VACUUM-like lock on the table, or a report's
     old snapshot, which the rebuild waits for after creating its INVALID copy): exit 3 naming the blocker, the
     app's writes never stalled, no INVALID index and no change left; once the blocker is gone it completes."""
-    from orchestrator.demo import snapshot_diff
+    from orchestrator.lab.snapshot import snapshot_diff
 
     from .helpers import seed, snapshot
-    from .test_reliability_support import (FORWARD, SETTINGS, AppWriter, Blocker, error_line, in_process,
-                                           load_playbook, playbook_file)
+    from .test_reliability_support import (
+        FORWARD,
+        SETTINGS,
+        AppWriter,
+        Blocker,
+        error_line,
+        in_process,
+        load_playbook,
+        playbook_file,
+    )
     seed(dsn, rows=500)
     path = playbook_file(tmp_path / "pb.yaml", **SETTINGS, **REINDEX)
     pb = load_playbook(path)

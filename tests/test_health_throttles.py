@@ -12,11 +12,12 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from orchestrator import fleet as fleet_mod
-from orchestrator import health, inventory, metrics
-from orchestrator import playbook as playbook_mod
-from orchestrator.errors import OrchestratorError, Refused
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import health
+from orchestrator.engine import playbook as playbook_mod
+from orchestrator.engine.errors import OrchestratorError, Refused
+from orchestrator.fleet import inventory, metrics
+from orchestrator.fleet import rollout as fleet_mod
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import cli, reference_dict, seed_chatter
 

@@ -7,8 +7,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator.demo import SeedNames, snapshot_diff
-from orchestrator.errors import Refused
+from orchestrator.engine.errors import Refused
+from orchestrator.lab.seed import SeedNames
+from orchestrator.lab.snapshot import snapshot_diff
 
 from .helpers import column_values, make_playbook, orchestrator, query, seed, snapshot
 
@@ -256,8 +257,8 @@ def test_a_nullable_enum_column_keeps_its_nulls_both_ways(dsn):
         CREATE TABLE notes (id int PRIMARY KEY, m mood);
         INSERT INTO notes SELECT n, CASE n % 3 WHEN 0 THEN NULL WHEN 1 THEN 'ok' ELSE 'meh' END::mood
           FROM generate_series(1, 900) n;""")
-    from orchestrator import playbook
-    from orchestrator.errors import BadInput
+    from orchestrator.engine import playbook
+    from orchestrator.engine.errors import BadInput
     base = {"name": "notes_mood", "table": {"name": "notes"}, "column": {"name": "m", "enum_type": "mood"},
             "target": {"type": "text", "nullable": False}, "mapping": {"ok": "fine", "meh": "so-so"}}
     with pytest.raises(BadInput, match="target.nullable"):
@@ -301,7 +302,7 @@ def test_swap_and_its_rollback_set_not_null_without_scanning_the_table(dsn):
 
 @pytest.mark.parametrize("pg14_blocks", [True, False], ids=["block-ranges", "key-ranges"])
 def test_verify_finds_a_drifted_row_and_the_swap_stays_blocked(dsn, pg14_blocks, monkeypatch):
-    from orchestrator import parity
+    from orchestrator.engine import parity
     if not pg14_blocks:  # the key-range walk servers before 14 use
         monkeypatch.setattr(parity, "_by_blocks", parity._by_keys)
     seed(dsn, rows=3000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.traffic import AppTraffic
+from orchestrator.lab.traffic import AppTraffic
 
 from .helpers import column_values, make_playbook, orchestrator, seed
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import BadInput
-from orchestrator.playbook import Playbook, parse
+from orchestrator.engine.errors import BadInput
+from orchestrator.engine.playbook import Playbook, parse
 
 EXAMPLES = settings(max_examples=200, deadline=None)
 

@@ -8,10 +8,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator import chatter
-from orchestrator.demo import REFERENCE_MAPPING, snapshot_diff
-from orchestrator.runner import Orchestrator
-from orchestrator.traffic import AppTraffic, TrafficReport
+from orchestrator.lab import chatter
+from orchestrator.lab.seed import REFERENCE_MAPPING
+from orchestrator.lab.snapshot import snapshot_diff
+from orchestrator.lab.traffic import AppTraffic, TrafficReport
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import cli, query, real_playbook, reference_dict, seed_chatter, snapshot, write_playbook
 

@@ -17,16 +17,18 @@ import structlog
 from psycopg import sql
 from typer.testing import CliRunner
 
-from orchestrator import chatter, kinds, playbook
-from orchestrator.cli import app
-from orchestrator.errors import BadInput
-from orchestrator.phases.backfill import BackfillPhase
-from orchestrator.phases import versions
-from orchestrator.phases.dual_write import DualWrite, drop_triggers
-from orchestrator.rehearse import Check, LockSample, Rehearsal, RehearsalResult, Step, other_policy, rehearse
-from orchestrator.report import Windows, percentile, render_html, rich_table, svg_plot, write
-from orchestrator.sqlkit import Q
-from orchestrator.traffic import StatementSample
+from orchestrator import kinds
+from orchestrator.console.cli import app
+from orchestrator.engine import playbook
+from orchestrator.engine.errors import BadInput
+from orchestrator.engine.sqlkit import Q
+from orchestrator.kinds.phases import versions
+from orchestrator.kinds.phases.backfill import BackfillPhase
+from orchestrator.kinds.phases.dual_write import DualWrite, drop_triggers
+from orchestrator.lab import chatter
+from orchestrator.lab.rehearse import Check, LockSample, Rehearsal, RehearsalResult, Step, other_policy, rehearse
+from orchestrator.lab.report import Windows, percentile, render_html, rich_table, svg_plot, write
+from orchestrator.lab.traffic import StatementSample
 
 from .helpers import REFERENCE, cli, make_playbook, query, reference_dict
 
@@ -253,7 +255,7 @@ def test_a_reverse_migration_that_misorders_the_labels_is_caught(dsn, monkeypatc
     """The undo of the swap's contract recreates the enum type; with its labels in the wrong order every row
     still maps and parity holds, but the catalog differs from the one before the contract: the cycle fails
     there and goes no further."""
-    from orchestrator.phases import restore_enum
+    from orchestrator.kinds.phases import restore_enum
     right = restore_enum.labels
     monkeypatch.setattr(restore_enum, "labels", lambda ctx: list(reversed(right(ctx))))
     result = rehearse(playbook.load(SMALL), dsn, rows=1000, writers=2, cycles=[1], both_policies=False,
@@ -357,9 +359,9 @@ def test_rollback_losing_a_row_is_reported_as_failure(dsn, monkeypatch):
 
 
 def test_a_started_migration_is_not_rehearsed(dsn):
-    from orchestrator.runner import Orchestrator
-
     import psycopg
+
+    from orchestrator.run.runner import Orchestrator
     with psycopg.connect(dsn) as conn:
         chatter.create_chatter_schema(conn)
         chatter.insert_chatter_rows(conn, 100)
@@ -453,7 +455,7 @@ def test_fallback_rollback_does_not_overwrite_a_concurrent_app_write(dsn):
 
     import psycopg
 
-    from orchestrator.runner import Orchestrator
+    from orchestrator.run.runner import Orchestrator
 
     from .helpers import query, seed
     seed(dsn, rows=200)

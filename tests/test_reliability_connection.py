@@ -17,10 +17,10 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import executor
+from orchestrator.engine import executor
 
 from .helpers import ROOT, column_values, seed
-from .test_reliability_support import (argv, error_line, load_playbook, orch_cli, playbook_file, table_rows)
+from .test_reliability_support import argv, error_line, load_playbook, orch_cli, playbook_file, table_rows
 
 MAPPING = {"plain": "simple_chat", "rag": "rag_chat", "tools": "function_chat", "full": "advanced_chat"}
 

@@ -18,12 +18,30 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from orchestrator import executor
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import executor
+from orchestrator.run.runner import Orchestrator
 
-from .test_reliability_support import (BACKWARD, FORWARD, SETTINGS, UNDO, Chain, argv, build_chain, clone,
-                                       crash_points, drop, error_line, in_process, load_playbook, orch_cli, outcome,
-                                       outcome_diff, playbook_file, spread, status_json)
+from .test_reliability_support import (
+    BACKWARD,
+    FORWARD,
+    SETTINGS,
+    UNDO,
+    Chain,
+    argv,
+    build_chain,
+    clone,
+    crash_points,
+    drop,
+    error_line,
+    in_process,
+    load_playbook,
+    orch_cli,
+    outcome,
+    outcome_diff,
+    playbook_file,
+    spread,
+    status_json,
+)
 
 ACTION = {"run": "expand", "rollback": "rollback", "contract": "contract", "undo": "uncontract"}
 

@@ -19,12 +19,24 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from orchestrator import executor
-from orchestrator.demo import snapshot_diff
+from orchestrator.engine import executor
+from orchestrator.lab.snapshot import snapshot_diff
 
-from .test_reliability_support import (SETTINGS, AppWriter, Blocker, argv, build_chain, clone, drop, error_line,
-                                       in_process, load_playbook, orch_cli, playbook_file)
 from .helpers import snapshot
+from .test_reliability_support import (
+    SETTINGS,
+    AppWriter,
+    Blocker,
+    argv,
+    build_chain,
+    clone,
+    drop,
+    error_line,
+    in_process,
+    load_playbook,
+    orch_cli,
+    playbook_file,
+)
 
 AS, SUE = "ACCESS SHARE", "SHARE UPDATE EXCLUSIVE"
 LOCK_TIMEOUT_S = 0.050  # the reference playbook's lock_timeout_ms

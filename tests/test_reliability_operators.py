@@ -20,11 +20,12 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import server
-from orchestrator.demo import SeedNames, snapshot_diff
+from orchestrator.lab import server
+from orchestrator.lab.seed import SeedNames
+from orchestrator.lab.snapshot import snapshot_diff
 
 from .helpers import ROOT, seed, snapshot
-from .test_reliability_support import (argv, error_line, orch_cli, playbook_file, state_summary, status_json)
+from .test_reliability_support import argv, error_line, orch_cli, playbook_file, state_summary, status_json
 
 OTHER = SeedNames(table="other_templates", enum="othertype")
 

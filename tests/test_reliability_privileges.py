@@ -11,8 +11,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import server
-from orchestrator.demo import snapshot_diff
+from orchestrator.lab import server
+from orchestrator.lab.snapshot import snapshot_diff
 
 from .helpers import seed, snapshot
 from .test_reliability_support import argv, orch_cli, playbook_file, state_summary

@@ -15,7 +15,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import server
+from orchestrator.lab import server
 
 from .helpers import seed
 from .test_reliability_support import Blocker, argv, error_line, orch_cli, password_dsn, playbook_file

@@ -20,9 +20,11 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator import executor, server
-from orchestrator.demo import SeedNames, schema_snapshot
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import executor
+from orchestrator.lab import server
+from orchestrator.lab.seed import SeedNames
+from orchestrator.lab.snapshot import schema_snapshot
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import ROOT, make_playbook, playbook_dict, seed, write_playbook
 
@@ -50,7 +52,7 @@ def playbook_file(path: Path, names: SeedNames | None = None, **overrides) -> Pa
 
 
 def load_playbook(path: Path):
-    from orchestrator import playbook
+    from orchestrator.engine import playbook
     return playbook.load(str(path))
 
 
@@ -106,7 +108,7 @@ def in_process(dsn: str, pb, command: tuple[str, ...]):
 def clone(admin_dsn: str, template: str, name: str | None = None) -> tuple[str, str]:
     """A new database copied from `template`: (name, dsn)."""
     name = name or f"r_{secrets.token_hex(5)}"
-    for attempt in range(100):
+    for _ in range(100):
         try:
             with psycopg.connect(admin_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
@@ -152,7 +154,7 @@ def outcome(dsn: str) -> dict:
 
 
 def outcome_diff(expected: dict, got: dict) -> list[str]:
-    from orchestrator.demo import snapshot_diff
+    from orchestrator.lab.snapshot import snapshot_diff
     out = [f"schema {d}" for d in snapshot_diff(expected["schema"], got["schema"])]
     for key in ("rows", "state"):
         if expected[key] != got[key]:

@@ -9,9 +9,10 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import health, server
-from orchestrator.errors import OrchestratorError
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import health
+from orchestrator.engine.errors import OrchestratorError
+from orchestrator.lab import server
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, seed_chatter
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from orchestrator import chatter, executor
-from orchestrator.demo import ignoring_column_order, snapshot_diff
-from orchestrator.errors import Refused
-from orchestrator.runner import Orchestrator
-from orchestrator.state import APPLIED, CONTRACTED
-from orchestrator.traffic import AppTraffic, TrafficReport
+from orchestrator.engine import executor
+from orchestrator.engine.errors import Refused
+from orchestrator.engine.state import APPLIED, CONTRACTED
+from orchestrator.lab import chatter
+from orchestrator.lab.snapshot import ignoring_column_order, snapshot_diff
+from orchestrator.lab.traffic import AppTraffic, TrafficReport
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, reference_dict, seed_chatter, snapshot, write_playbook
 from .test_real_schema import TABLES, check_rows, column_type, join_works, values
@@ -178,7 +179,7 @@ def test_a_value_without_a_label_becomes_the_fallback_label_under_fallback(dsn, 
     data["rollback"]["unmapped"] = "fallback"
     data["rollback"]["fallback_label"] = "plain"
     pb_path = write_playbook(data, tmp_path / "fallback.yaml")
-    from orchestrator import playbook
+    from orchestrator.engine import playbook
     orch = Orchestrator(playbook.load(str(pb_path)), dsn)
     try:
         forward_through_contract(orch)

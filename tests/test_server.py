@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator import server
+from orchestrator.lab import server
 
 
 def test_dsn_fixture_matches_major(pg_server, dsn):
@@ -53,7 +53,7 @@ def test_local_server_reattaches_and_stops(state_dir):
 
         # same process again, then a fresh process, as successive `make phase-N` runs would
         again = server.local_server(state)
-        code = f"from orchestrator.server import local_server; print(local_server({str(state)!r}).dsn)"
+        code = f"from orchestrator.lab.server import local_server; print(local_server({str(state)!r}).dsn)"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parents[1])
         assert proc.stderr == ""  # no RuntimeDirWarning noise on the CLI

@@ -10,15 +10,25 @@ import pytest
 from psycopg import errors as pgerr
 from psycopg import sql
 
-from orchestrator import chatter, playbook
-from orchestrator.demo import snapshot_diff
-from orchestrator.errors import BadInput
-from orchestrator.runner import Orchestrator
-from orchestrator.target_rules import PatternError, to_python
-from orchestrator.traffic import AppTraffic
+from orchestrator.engine import playbook
+from orchestrator.engine.errors import BadInput
+from orchestrator.engine.target_rules import PatternError, to_python
+from orchestrator.lab import chatter
+from orchestrator.lab.snapshot import snapshot_diff
+from orchestrator.lab.traffic import AppTraffic
+from orchestrator.run.runner import Orchestrator
 
-from .helpers import (cli, make_playbook, query, real_playbook, reference_dict, seed, seed_chatter, snapshot,
-                      write_playbook)
+from .helpers import (
+    cli,
+    make_playbook,
+    query,
+    real_playbook,
+    reference_dict,
+    seed,
+    seed_chatter,
+    snapshot,
+    write_playbook,
+)
 
 TABLES = (chatter.TEMPLATES, chatter.SPECS)
 CHECK = "_ec_workflow_type_check"
@@ -239,7 +249,7 @@ def test_the_pattern_subset_reads_the_same_in_python_and_postgresql(dsn):
 def test_the_server_rechecks_the_playbook_values_before_phase_1(dsn, monkeypatch):
     """Should Python and the server ever disagree, the server's answer on the very CHECK expression wins."""
     seed_chatter(dsn, rows=20)
-    from orchestrator import target_rules
+    from orchestrator.engine import target_rules
     pb = real_playbook()
     monkeypatch.setattr(target_rules, "expression",
                         lambda rules, column: sql.SQL("{} ~ '^[a-z]+$'").format(column))  # a "different engine"

@@ -15,9 +15,10 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import chatter, parity
-from orchestrator.errors import BadInput
-from orchestrator.runner import Orchestrator
+from orchestrator.engine import parity
+from orchestrator.engine.errors import BadInput
+from orchestrator.lab import chatter
+from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, seed_chatter
 

@@ -1,0 +1,33 @@
+"""structlog set-up: readable lines on a terminal, JSON lines otherwise, never a password."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from orchestrator.engine.db import redact, secrets_of
+
+
+def configure(*, json: bool | None = None, dsn: str | None = None, level: str = "info",
+              secrets: list[str] | None = None) -> None:
+    secrets = secrets_of(dsn) + list(secrets or [])  # `secrets`: e.g. every target's password (fleet)
+
+    def scrub(_, __, event: dict) -> dict:
+        if secrets:
+            for k, v in event.items():
+                if isinstance(v, str):
+                    event[k] = redact(v, secrets)
+        return event
+
+    as_json = (not sys.stderr.isatty()) if json is None else json
+    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(
+        colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), scrub, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

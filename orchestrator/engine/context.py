@@ -1,0 +1,172 @@
+"""One column's migration and the machinery to run its statements: what every phase and the engine's loops share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from orchestrator.engine.catalog import Facts
+from orchestrator.engine.errors import Refused
+from orchestrator.engine.executor import Executor
+from orchestrator.engine.playbook import ColumnMigration, Playbook, _suffixed
+from orchestrator.engine.sqlkit import I, Q, case_map, column_type, join, row_of, typed_literal
+from orchestrator.engine.state import State
+
+TRIGGER_PREFIX = "~ec_"  # our sync triggers; see Context.trigger_name
+
+
+@dataclass
+class Context:
+    """One column's migration (`m`, with its stored `facts`) and the machinery to run its statements."""
+
+    pb: Playbook
+    m: ColumnMigration
+    facts: Facts
+    x: Executor
+    state: State | None  # None only for `plan` against no database
+    hooks: Any = None  # orchestrator.hooks.Hooks: backfill progress events
+
+    # Names, derived once so every phase agrees on them.
+    @property
+    def table(self) -> sql.Identifier:
+        return I(self.m.table.schema_, self.m.table.name)
+
+    @property
+    def table_name(self) -> tuple[str, str]:
+        return self.m.table.schema_, self.m.table.name
+
+    @property
+    def col(self) -> sql.Identifier:
+        return I(self.m.column.name)
+
+    @property
+    def shadow(self) -> sql.Identifier:
+        return I(self.m.shadow)
+
+    @property
+    def retired(self) -> sql.Identifier:
+        return I(self.m.retired)
+
+    @property
+    def enum_type(self) -> sql.Identifier:
+        return I(self.m.enum_schema, self.m.column.enum_type)
+
+    @property
+    def target_type(self) -> sql.Composable:
+        return column_type(self.m.target.type, self.m.target.length)
+
+    def fn(self, suffix: str) -> sql.Identifier:
+        return I(self.m.table.schema_, _suffixed(f"_ec_{self.m.table.name}_{self.m.column.name}", suffix))
+
+    def trigger_name(self, suffix: str) -> str:
+        # PostgreSQL fires a table's triggers in byte order of their names: "~" sorts after every ASCII name,
+        # so the sync sees the row as the app's own BEFORE triggers left it (dual_write checks the rest).
+        return _suffixed(f"{TRIGGER_PREFIX}{self.m.column.name}", suffix)
+
+    def trigger(self, suffix: str) -> sql.Identifier:
+        return I(self.trigger_name(suffix))
+
+    def index(self, name: str) -> sql.Identifier:
+        return I(self.m.table.schema_, name)
+
+    def extra_index_name(self, column: str) -> str:
+        return _suffixed(f"ix_{self.m.table.name}", f"_{column}") if len(
+            f"ix_{self.m.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
+
+    # Expressions
+    def forward(self, expr: sql.Composable) -> sql.Composable:
+        """map(old label) -> new value."""
+        return case_map(expr, self.m.mapping.items())  # compared as the enum: cheaper than via text
+
+    def backward(self, expr: sql.Composable) -> sql.Composable:
+        """new value -> enum label (NULL when the value has no label)."""
+        return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
+
+    def no_label(self, *, typed: bool = True) -> sql.Composable:
+        """Rows whose app value has no enum label (NULL needs none when the old column allowed it). typed=False
+        compares as text, for the reverse migration before its CREATE TYPE."""
+        label = self.backward(self.col) if typed else case_map(self.col, self.m.reverse.items())
+        cond = Q("{} IS NULL").format(label)
+        if not self.facts.not_null:
+            cond = Q("{} AND {} IS NOT NULL").format(cond, self.col)
+        return cond
+
+    def old_value(self, expr: sql.Composable) -> sql.Composable:
+        """What the enum copy holds for a new value: its label; for a value with no label, the fallback label
+        under `rollback.unmapped: fallback` (so the old version reads a label), else NULL."""
+        rb = self.m.rollback
+        if rb.unmapped == "fallback":
+            return Q("coalesce({}, {})").format(self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
+        return self.backward(expr)
+
+    def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composable:
+        """Before the swap, the two columns of a row agree: the shadow holds map(enum value), or a new value with
+        no label that the new version wrote (the enum side then holds the fallback label, or NULL)."""
+        rb = self.m.rollback
+        unlabeled_old = typed_literal(rb.fallback_label, self.enum_type) if rb.unmapped == "fallback" else Q("NULL")
+        return Q("({1} IS NOT DISTINCT FROM {2} OR ({1} IS NOT NULL AND {3} IS NULL AND {0} IS NOT DISTINCT FROM {4}))"
+                 ).format(col, shadow, self.forward(col), self.backward(shadow), unlabeled_old)
+
+    @property
+    def pk_row(self) -> sql.Composable:
+        return row_of(self.facts.pk)
+
+    @property
+    def pk_cols(self) -> sql.Composable:
+        return join(I(c) for c in self.facts.pk)
+
+    def new_default(self) -> str | None:
+        if self.m.target.default is not None:
+            return self.m.target.default
+        if self.facts.default_label is not None:
+            return self.m.mapping[self.facts.default_label]
+        return None
+
+    def exists_query(self, kind: str, name: str) -> sql.Composable:
+        """`SELECT true` when an object is present: the guard that makes a re-run skip finished work."""
+        schema, table = self.table_name
+        if kind == "column":
+            return Q("""SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({})
+                        AND attname = {} AND NOT attisdropped)""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        if kind == "valid_index":
+            return Q("""SELECT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass({}) AND indisvalid)""").format(
+                sql.Literal(self.x.render(I(schema, name))))
+        if kind == "trigger":
+            return Q("""SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname = {})""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        if kind == "constraint":
+            return Q("""SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {})""").format(
+                sql.Literal(self.x.render(self.table)), sql.Literal(name))
+        raise ValueError(kind)
+
+    def has(self, kind: str, name: str) -> bool:
+        return bool(self.x.scalar(self.exists_query(kind, name)))
+
+    def sample_ids(self, where: sql.Composable, limit: int = 5) -> tuple[int, list]:
+        """How many rows match, and a few of their primary keys, for messages that name rows."""
+        n = self.x.scalar(Q("SELECT count(*) FROM {} WHERE {}").format(self.table, where))
+        ids = self.x.query(Q("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
+            self.pk_cols, self.table, where, self.pk_cols, sql.Literal(limit)))
+        return n, [r[0] if len(r) == 1 else tuple(r) for r in ids]
+
+
+def unlabeled_rows(ctxs: list[Context], *, typed: bool = True) -> list[tuple[Context, int, list]]:
+    """Per table, the rows whose value has no enum label: how many, and a few keys to name them."""
+    found = []
+    for ctx in ctxs:
+        n, ids = ctx.sample_ids(ctx.no_label(typed=typed))
+        if n:
+            found.append((ctx, n, ids))
+    return found
+
+
+def unlabeled_refusal(what: str, ctxs: list[Context], found: list[tuple[Context, int, list]]) -> Refused:
+    """One message for every table's unlabeled rows, under rollback.unmapped: refuse."""
+    where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
+    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that have no label in enum "
+                   f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
+                   hint="change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: "
+                        "fallback in the playbook")

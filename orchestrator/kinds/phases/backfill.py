@@ -1,0 +1,114 @@
+"""Phase 3: copy map(old value) into the shadow column for every existing row, in resumable batches."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import psycopg
+import structlog
+
+from orchestrator.engine.context import Context
+from orchestrator.engine.sqlkit import L, Q
+from orchestrator.engine.state import APPLIED
+from orchestrator.kinds.phases.base import Phase
+
+log = structlog.get_logger()
+
+
+@contextmanager
+def _wal_compression(ctx: Context):
+    """settings.wal_compression for this session while phase 3 writes; never a reason to stop."""
+    method = ctx.pb.settings.wal_compression
+    applied = False
+    if method is not None:
+        try:
+            ctx.x.conn.execute(Q("SET wal_compression = {}").format(L(method)))
+            applied = True
+        except psycopg.Error as err:
+            log.warning("wal_compression not applied", method=method, error=" ".join(str(err).split()))
+    try:
+        yield
+    finally:
+        if applied and not ctx.x.conn.closed and not ctx.x.conn.broken:
+            ctx.x.conn.execute(Q("RESET wal_compression"))
+
+
+class BackfillPhase(Phase):
+    name = "backfill"
+    title = "backfill the shadow column in batches"
+    expand_doc = ("UPDATE ... SET shadow = map(column) WHERE pk in (next key range) AND shadow IS DISTINCT FROM "
+                  "map(column); one short transaction per batch, cursor committed with it (resumable); with "
+                  "settings.vacuum_every_rows an online VACUUM between ranges; with indexes_after_backfill the "
+                  "CREATE INDEX CONCURRENTLY of phase 1 after the batches")
+    rollback_doc = ("forget the backfill cursor (values in the shadow column go with phase 1's rollback); with "
+                    "settings.indexes_after_backfill DROP INDEX CONCURRENTLY the indexes it built")
+    contract_doc = ("nothing to remove; with settings.reindex_on_contract REINDEX INDEX CONCURRENTLY each index of "
+                    "the table but the retired column's, packed again (the backfill left them half empty)")
+    locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout; "
+                 "then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
+
+    def before_expand_all(self, ctxs: list[Context]) -> None:
+        from orchestrator.engine.backfill import check_app_triggers
+        check_app_triggers(ctxs)  # refuse (naming them) unless settings.app_triggers says fire or skip
+
+    def expand(self, ctx: Context) -> dict:
+        from orchestrator.engine.backfill import (  # the engine imports the phase context; import late (cycle)
+            Backfill,
+            analyze,
+        )
+        from orchestrator.kinds.phases.shadow import build_indexes
+        engine = Backfill(ctx)
+        s = ctx.pb.settings
+        if ctx.x.dry_run:
+            engine.plan()
+            if s.vacuum_every_rows is not None:
+                ctx.x.note(f"VACUUM (TRUNCATE false, INDEX_CLEANUP {s.vacuum_index_cleanup.upper()}) "
+                           f"{ctx.x.render(ctx.table)}  -- after every {s.vacuum_every_rows} rows and at the end",
+                           lock="SHARE UPDATE EXCLUSIVE (reads and writes go on); skipped past lock_timeout")
+            if s.indexes_after_backfill:
+                build_indexes(ctx)
+            analyze(ctx)
+            return {}
+        with _wal_compression(ctx):
+            st = engine.run()
+            # With settings.indexes_after_backfill phase 1 left the index builds to here; without it they exist
+            # already and each build is skipped (so a setting changed between phases still ends with every index).
+            build_indexes(ctx)
+        analyze(ctx)  # again on a re-run: cheap, and the statistics are then fresh
+        return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
+
+    def expand_all(self, ctxs: list[Context]) -> dict:
+        tables = {c.m.label: self.expand(c) for c in ctxs}
+        if ctxs[0].x.dry_run:
+            return {}
+        return {"rows_done": sum(t["rows_done"] for t in tables.values()),
+                "batches": sum(t["batches"] for t in tables.values()),
+                "max_batch_ms": max((t["max_batch_ms"] or 0 for t in tables.values()), default=0), "tables": tables}
+
+    def check(self, ctx: Context) -> list[str]:
+        from orchestrator.kinds.phases.shadow import index_names
+        return [f"index {n!r} missing or invalid" for n in index_names(ctx) if not ctx.has("valid_index", n)]
+
+    def contract_all(self, ctxs: list[Context]) -> None:
+        if not ctxs[0].pb.settings.reindex_on_contract:
+            return super().contract_all(ctxs)
+        from orchestrator.kinds.phases.reindex import rebuild_indexes
+        state = ctxs[0].state
+        # The indexes rebuilt so far, by table: a re-run after a crash goes on with the next one.
+        done = dict(state.details(self.number).get("reindexed", {})) if state is not None else {}
+        for ctx in ctxs:
+            def record(names: list[str], label: str = ctx.m.label) -> None:
+                done[label] = names
+                state.set(self.number, APPLIED, step="contract", details={"reindexed": done})
+            rebuild_indexes(ctx, done.get(ctx.m.label, []), record)
+
+    def rollback(self, ctx: Context) -> None:
+        if ctx.pb.settings.indexes_after_backfill:  # the indexes this phase built: back to phase 2's state
+            from orchestrator.kinds.phases.shadow import index_names
+            for name in index_names(ctx):
+                ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
+                                   lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")
+        ctx.x.note("-- forget the backfill cursor")
+        if ctx.state is not None and not ctx.x.dry_run:
+            ctx.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = %s").format(
+                ctx.state.t("backfills")), (ctx.state.playbook, ctx.m.key))

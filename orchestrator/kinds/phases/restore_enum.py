@@ -1,0 +1,149 @@
+"""The undo of the swap's contract: the enum column back beside the varchar one, online (a reverse migration).
+
+The contract dropped the retired enum columns and the type. Putting them back is the forward migration run
+the other way, with the same discipline: the type recreated with its labels in their order (and its owner,
+comment and grants), an enum column added to every table (nullable, no default: catalog only) with the
+column's comment and grants, the sync triggers of the swapped state (the varchar column is the app's, the
+enum copy follows it through the reverse mapping), a batched, resumable backfill, the retired indexes built
+CONCURRENTLY, and a parity scan. It ends where the swap left the tables before its contract, so `rollback 5`
+then swaps back in one short transaction, and `contract 5` drops it all again.
+
+What cannot come back: the column's position in the table (the re-added column is the last one; only a
+table rewrite could move it) and the type's OID (clients look types up by name on connecting).
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from orchestrator.engine import catalog, parity
+from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
+from orchestrator.engine.errors import Refused
+from orchestrator.engine.sqlkit import I, L, Q
+from orchestrator.kinds.phases import shape, target_check
+from orchestrator.kinds.phases.dual_write import install_sync
+from orchestrator.kinds.phases.shadow import AddShadowColumn
+
+
+def labels(ctx: Context) -> list[str]:
+    """The type's labels in their original order (state recorded before they were kept: the mapping's order)."""
+    return list(ctx.facts.enum.labels) if ctx.facts.enum is not None else list(ctx.m.mapping)
+
+
+def type_exists(ctx: Context) -> sql.Composable:
+    return Q("SELECT to_regtype({}) IS NOT NULL").format(L(ctx.x.render(ctx.enum_type)))
+
+
+def refuse_unlabeled(ctxs: list[Context]) -> None:
+    """Under rollback.unmapped: refuse, values with no enum label stop the reverse migration before it starts
+    (the swap back would refuse them anyway, after the whole backfill): one message naming every table."""
+    if ctxs[0].x.dry_run or ctxs[0].m.rollback.unmapped != "refuse":
+        return
+    found = unlabeled_rows(ctxs, typed=False)  # the type may not exist yet
+    if found:
+        raise unlabeled_refusal("the reverse migration", ctxs, found)
+
+
+def refuse_new_dependents(ctxs: list[Context]) -> None:
+    """Indexes, views or constraints created on the column since the contract: the swap back would leave them
+    on the varchar column, which `rollback 1` drops (an index silently, with what it guaranteed). Refuse, naming
+    them all, as the swap does for objects created since phase 1."""
+    x, pb = ctxs[0].x, ctxs[0].pb
+    if x.dry_run:
+        return
+    ours = (pb.app_versions.old, pb.app_versions.new) if pb.app_versions else ()
+    found = []
+    for ctx in ctxs:
+        oid = catalog.table_oid(x.conn, *ctx.table_name)
+        attnum = catalog.column(x.conn, oid, ctx.m.column.name)["attnum"]
+        simple, blockers = catalog.column_indexes(x.conn, oid, attnum)
+        known = {ix.name for ix in ctx.facts.indexes}
+        found += [f"{ctx.m.label}: index {ix.name!r}" for ix in simple if ix.name not in known]
+        found += [f"{ctx.m.label}: {b}" for b in blockers]
+        found += [f"{ctx.m.label}: {d}" for d in catalog.column_dependents(x.conn, oid, attnum, ours)
+                  if not d.startswith(f"constraint {target_check.name(ctx)} ")]
+    if found:
+        raise Refused(f"the way back cannot carry objects created on the column since the contract: "
+                      f"{'; '.join(found)}; nothing was changed",
+                      hint="drop them (re-create them once the enum column is back), then re-run the rollback")
+
+
+def before(ctxs: list[Context]) -> None:
+    """Refusals that must come before anything changes."""
+    from orchestrator.engine.backfill import check_app_triggers
+    refuse_new_dependents(ctxs)
+    refuse_unlabeled(ctxs)
+    if not ctxs[0].x.dry_run:
+        check_app_triggers(ctxs, reverse=True)  # its batches update every row, as phase 3's did
+
+
+def create_type(ctxs: list[Context]) -> None:
+    """CREATE TYPE with the original labels in their order, owner, comment and grants: one transaction."""
+    ctx = ctxs[0]
+    enum, facts = ctx.enum_type, ctx.facts.enum
+    stmts: list[sql.Composable] = [Q("CREATE TYPE {} AS ENUM ({})").format(enum, Q(", ").join(L(v) for v in labels(ctx)))]
+    if facts is not None:
+        if facts.comment is not None:
+            stmts.append(Q("COMMENT ON TYPE {} IS {}").format(enum, L(facts.comment)))
+        if not ctx.x.dry_run and facts.owner != ctx.x.scalar(Q("SELECT current_user")):
+            stmts.append(Q("ALTER TYPE {} OWNER TO {}").format(enum, I(facts.owner)))
+        if facts.acl is not None:  # None: the default ACL, which the new type has already
+            stmts.append(Q("REVOKE ALL ON TYPE {} FROM PUBLIC").format(enum))
+            for grantee, privilege, grantable in facts.acl:
+                stmts.append(Q("GRANT {} ON TYPE {} TO {}{}").format(
+                    Q(privilege), enum, Q("PUBLIC") if grantee is None else I(grantee),
+                    Q(" WITH GRANT OPTION") if grantable else Q("")))
+    ctx.x.atomic(*stmts, skip_if=type_exists(ctx), lock="none on the tables (a new type)",
+                 what="recreate the enum type")
+
+
+def add_enum_column(ctx: Context) -> None:
+    """The retired column again: nullable, no default (catalog only), with the column's comment and grants,
+    which the varchar column has carried since the swap."""
+    ctx.x.atomic(Q("ALTER TABLE {} ADD COLUMN {} {}").format(ctx.table, ctx.retired, ctx.enum_type),
+                 *shape.carry_statements(ctx, ctx.m.column.name, ctx.m.retired),
+                 skip_if=ctx.exists_query("column", ctx.m.retired),
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"add the enum column to {ctx.m.label}")
+
+
+def build_retired_indexes(ctx: Context) -> None:
+    """The column's original indexes, on the enum copy and under the names the swap gave them: `rollback 5`
+    renames them back."""
+    for ix in ctx.facts.indexes:
+        cols = [ctx.m.retired if c == ctx.m.column.name else c for c in ix.columns]
+        AddShadowColumn._build(ctx, ix.retired_name, cols, ix.unique)
+
+
+def check_parity(ctx: Context) -> dict:
+    if ctx.x.dry_run:
+        ctx.x.note(parity.plan_note(ctx, swapped=True), lock="ACCESS SHARE")
+        return {}
+    result = parity.check(ctx, swapped=True)
+    if result.mismatches:
+        raise Refused(f"parity check after the reverse backfill found {result.mismatches} of {result.rows} rows of "
+                      f"{ctx.m.label} whose enum copy differs from the reverse mapping (e.g. ids {result.sample})",
+                      hint="find what writes bypassing the triggers, then re-run the same rollback: the backfill "
+                           "mends the drifted rows")
+    return {"parity": result.to_json()}
+
+
+def restore(ctxs: list[Context]) -> dict:
+    """Every step skips what is done, so a re-run after a crash resumes (the backfill at its stored cursor)."""
+    from orchestrator.engine.backfill import Backfill, analyze  # the engine imports the phase context (cycle)
+    create_type(ctxs)
+    for ctx in ctxs:
+        add_enum_column(ctx)
+    install_sync(ctxs, swapped=True)  # from here every write keeps the enum copy in step
+    details = {}
+    for ctx in ctxs:
+        engine = Backfill(ctx, reverse=True)
+        if ctx.x.dry_run:
+            engine.plan()
+            done = {}
+        else:
+            st = engine.run()
+            done = {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
+        build_retired_indexes(ctx)
+        analyze(ctx, reverse=True)
+        details[ctx.m.label] = {**done, **check_parity(ctx)}
+    return {"reverse": details}
