@@ -20,7 +20,7 @@ ORCH      = ORCHESTRATOR_FRONTEND=make bin/orch
 ALEMBIC   = $(VENV)/bin/alembic $(if $(DATABASE_URL),,-x dsn=demo)
 
 .PHONY: help venv demo demo-db plan status log verify contract pause resume test test-slow bench \
-        bench-backfill bench-footprint server-stop upgrade downgrade history revisions revisions-check
+        bench-backfill bench-footprint server-stop upgrade downgrade history revisions revisions-check lint
 
 help:
 	@echo "make demo            set up, seed $(ROWS) rows, run every phase and the contract (leaves the local"
@@ -32,8 +32,9 @@ help:
 	@echo "make status | verify | pause | resume"
 	@echo "make log [PHASE=N]   the run log: every statement the orchestrator ran"
 	@echo "make server-stop     stop the local embedded PostgreSQL (data stays in .orchestrator/)"
-	@echo "make venv            create .venv and install the package (the CLI: .venv/bin/orchestrator)"
+	@echo "make venv            create .venv with the package and its lab and test extras (.venv/bin/orchestrator)"
 	@echo "make test            the test suite (real PostgreSQL 18 and 15); make test-slow: the wider sweeps"
+	@echo "make lint            ruff (the linter) and mypy (the type checker), as CI runs them"
 	@echo "make bench           benchmarks vs the naive migration; make bench-backfill: the backfill alone"
 	@echo "make bench-footprint WAL, size and a real standby's replay lag vs the naive rewrite (BENCH_ARGS=...)"
 	@echo "make upgrade TO=rev | downgrade TO=-1 | history   the same phases through Alembic"
@@ -73,6 +74,10 @@ revisions-check: venv
 
 test: venv
 	$(VENV)/bin/pytest -q -m 'not slow'
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected yet

@@ -1,6 +1,6 @@
 """The orchestrator alone in its own process, so its peak memory is measured apart from the benchmark's.
 
-Usage (by bench/run.py): python bench/child.py '<json: {"dsn": ..., "playbook": {...}}>'
+Usage (by bench/sections/backfill.py): python bench/child.py '<json: {"dsn": ..., "playbook": {...}}>'
 Runs every phase and the contract, and prints one JSON line: per-phase seconds, the backfill state (every
 column's row summed, and per table), and the process's peak RSS: /proc/self/status VmHWM (KiB), the figure
 to use, and getrusage ru_maxrss, which Linux carries across exec (it starts at the size of the forked

@@ -83,7 +83,7 @@ def test_packaged_file_is_the_seed_file():
         assert text == seed.read_text()
     # shipped as package data
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
-    assert 'orchestrator = ["sql/*.sql"]' in pyproject
+    assert '"orchestrator.lab" = ["sql/*.sql"]' in pyproject
 
 
 @pytest.mark.parametrize("schema", ["public", ODD_SCHEMA], ids=["public", "odd-schema"])

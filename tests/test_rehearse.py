@@ -27,7 +27,7 @@ from orchestrator.kinds.phases.backfill import BackfillPhase
 from orchestrator.kinds.phases.dual_write import DualWrite, drop_triggers
 from orchestrator.lab import chatter
 from orchestrator.lab.rehearse import Check, LockSample, Rehearsal, RehearsalResult, Step, other_policy, rehearse
-from orchestrator.lab.report import Windows, percentile, render_html, rich_table, svg_plot, write
+from orchestrator.lab.rehearse.report import Windows, percentile, render_html, rich_table, svg_plot, write
 from orchestrator.lab.traffic import StatementSample
 
 from .helpers import REFERENCE, cli, make_playbook, query, reference_dict

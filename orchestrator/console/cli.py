@@ -428,7 +428,7 @@ def rehearse(ctx: typer.Context,
 
     local.require_lab("orchestrator rehearse")
     from orchestrator.lab import rehearse as rehearse_mod
-    from orchestrator.lab import report as report_mod
+    from orchestrator.lab.rehearse import report as report_mod
     if rows < 0 or writers < 1 or readers < 0 or dwell < 0:
         raise BadInput("--rows, --readers and --dwell must be >= 0 and --writers >= 1")
     dsn = dsn or ctx.obj.dsn_arg

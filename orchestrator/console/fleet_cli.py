@@ -69,7 +69,11 @@ class FleetOpts:
                     exporter.write()
                     last[0] = time.monotonic()
             fleet.on_change = changed
-        self.ctx.call_on_close(lambda: (exporter.write(), exporter.close()))
+
+        def flush() -> None:  # the textfile's last state, and the HTTP endpoint stopped
+            exporter.write()
+            exporter.close()
+        self.ctx.call_on_close(flush)
         return fleet
 
 

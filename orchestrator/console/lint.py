@@ -128,11 +128,14 @@ def lint(phase: int, action: str, recorded: list[Recorded], settings: Settings) 
     lines, where = script(recorded, settings)
     if not where:
         return []
+    exe = squawk()
+    if exe is None:  # callers ask available() first
+        raise RuntimeError("squawk is not installed")
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write("\n".join(lines) + "\n")
         path = Path(f.name)
     try:
-        done = subprocess.run([squawk(), str(path), "--reporter", "json"], capture_output=True, text=True,
+        done = subprocess.run([exe, str(path), "--reporter", "json"], capture_output=True, text=True,
                               timeout=60)
     finally:
         path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 from orchestrator.engine.db import redact, secrets_of
 
@@ -14,7 +15,7 @@ def configure(*, json: bool | None = None, dsn: str | None = None, level: str = 
               secrets: list[str] | None = None) -> None:
     secrets = secrets_of(dsn) + list(secrets or [])  # `secrets`: e.g. every target's password (fleet)
 
-    def scrub(_, __, event: dict) -> dict:
+    def scrub(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
         if secrets:
             for k, v in event.items():
                 if isinstance(v, str):

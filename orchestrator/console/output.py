@@ -52,7 +52,7 @@ def make_console() -> Console:
 def line_buffered_stdout() -> None:
     """Piped stdout is block-buffered: a line printed before a log line could land after it in a file."""
     try:
-        sys.stdout.reconfigure(line_buffering=True)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # any TextIO may stand in; see except
     except (AttributeError, ValueError):
         pass
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import overload
 
 import psycopg
 import structlog
@@ -27,7 +28,7 @@ from orchestrator.engine.sqlkit import I, L, Q, join, placeholders
 log = structlog.get_logger()
 
 
-def update_statement(ctx: Context, reverse: bool = False) -> tuple[sql.Composable, sql.Composable]:
+def update_statement(ctx: Context, reverse: bool = False) -> tuple[sql.Composed, sql.Composed]:
     """SET list and the 'still needs it' condition of a batch. `reverse`: after the contract, filling the
     re-added enum column from the varchar one (a reverse migration, phases/restore_enum.py)."""
     if reverse:
@@ -126,7 +127,7 @@ class Backfill:
         self.health = health.Throttle(ctx)
         self.replica = replica.LagWatch(self.s, ctx.x)
 
-    def statement(self, cond: sql.Composable) -> sql.Composable:
+    def statement(self, cond: sql.Composable) -> sql.Composed:
         return Q("UPDATE {} SET {} WHERE {} AND {}").format(self.ctx.table, self.sets, cond, self.needs)
 
     def plan(self) -> None:
@@ -147,7 +148,14 @@ class Backfill:
                                  ON CONFLICT (playbook, target) DO NOTHING""").format(self.state.t("backfills")),
                             (self.state.playbook, self.key, json.dumps(list(end[0]) if end else None, default=str), estimate,
                              self.s.batch_size))
-        return self.state.backfill(self.key)
+        return self._progress()
+
+    def _progress(self) -> dict:
+        """The progress row, which _start has written."""
+        st = self.state.backfill(self.key)
+        if st is None:
+            raise RuntimeError(f"{self.title}: its progress row is missing from the state table")
+        return st
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -180,7 +188,7 @@ class Backfill:
                 self.vacuum()
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
                 self.state.t("backfills")), (self.state.playbook, self.key))
-        return self.state.backfill(self.key)
+        return self._progress()
 
     def _batch(self, after: list | None, end: list, size: int) -> tuple[list, int, int]:
         """One key range in one transaction, with the cursor; returns (new cursor, rows scanned, next size)."""
@@ -235,7 +243,7 @@ class Backfill:
         hint bits and the visibility map while the pages are fresh in the WAL (verify then writes nothing).
         SHARE UPDATE EXCLUSIVE (reads and writes go on); TRUNCATE false, so no ACCESS EXCLUSIVE at its end.
         Skipped, not retried, when another vacuum holds the table past lock_timeout."""
-        opts = [Q("TRUNCATE false")]
+        opts: list[sql.Composable] = [Q("TRUNCATE false")]
         cleanup = self.s.vacuum_index_cleanup
         if cleanup != "auto" or self.x.conn.info.server_version >= 140000:  # AUTO is PostgreSQL 14+
             opts.append(Q("INDEX_CLEANUP {}").format(Q({"auto": "AUTO", "on": "ON", "off": "OFF"}[cleanup])))
@@ -331,6 +339,10 @@ def _key(key) -> str:
     return str(key[0]) if len(key) == 1 else str(tuple(key))
 
 
+@overload
+def summary(row: dict) -> dict: ...
+@overload
+def summary(row: None) -> None: ...
 def summary(row: dict | None) -> dict | None:
     """The stored progress row plus rate and ETA, for `status` while another process runs the backfill."""
     if row is None:

@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg
 from psycopg import errors as pgerr
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from orchestrator.engine import target_rules
+from orchestrator.engine import db, target_rules
 from orchestrator.engine.errors import BadInput
 from orchestrator.engine.playbook import ColumnMigration, Playbook, _key, _suffixed
-from orchestrator.engine.sqlkit import I, L, Q, extra_type
+from orchestrator.engine.sqlkit import I, L, Q, Stmt, extra_type
 
 
 @dataclass
@@ -66,9 +65,10 @@ class EnumFacts:
 
 
 def enum_facts(conn: psycopg.Connection, type_oid: int) -> EnumFacts:
-    owner, comment, default_acl = conn.execute(
+    owner, comment, default_acl = db.one(
+        conn,
         """SELECT pg_get_userbyid(typowner), obj_description(oid, 'pg_type'), typacl IS NULL FROM pg_type
-           WHERE oid = %s""", (type_oid,)).fetchone()
+           WHERE oid = %s""", (type_oid,))
     acl = None if default_acl else [list(r) for r in conn.execute(
         """SELECT (SELECT rolname FROM pg_roles WHERE oid = p.grantee), p.privilege_type, p.is_grantable
            FROM pg_type t, aclexplode(t.typacl) p WHERE t.oid = %s ORDER BY 1 NULLS FIRST, 2""", (type_oid,))]
@@ -90,8 +90,16 @@ def table_oid(conn: psycopg.Connection, schema: str, table: str) -> int | None:
     return row[0] if row else None
 
 
+def existing_table_oid(conn: psycopg.Connection, schema: str, table: str) -> int:
+    """table_oid of a table the migration inspected at its first run: that it is gone is an error."""
+    oid = table_oid(conn, schema, table)
+    if oid is None:
+        raise RuntimeError(f"table {schema}.{table} does not exist (any more)")
+    return oid
+
+
 def schema_exists(conn: psycopg.Connection, schema: str) -> bool:
-    return conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,)).fetchone()[0]
+    return db.scalar(conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,))
 
 
 # The state schema's tables and a column each that only ours have: a same-named app table is not ours to write.
@@ -134,6 +142,14 @@ def column(conn: psycopg.Connection, oid: int, name: str) -> dict | None:
     return dict(zip(keys, row))
 
 
+def existing_column(conn: psycopg.Connection, oid: int, name: str) -> dict:
+    """column() of a column the migration inspected at its first run: that it is gone is an error."""
+    info = column(conn, oid, name)
+    if info is None:
+        raise RuntimeError(f"column {name!r} does not exist (any more) in the table of oid {oid}")
+    return info
+
+
 def columns(conn: psycopg.Connection, oid: int) -> set[str]:
     return {r[0] for r in conn.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
@@ -145,8 +161,8 @@ def enum_labels(conn: psycopg.Connection, type_oid: int) -> list[str]:
 
 
 def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
-    return conn.execute("""SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                           WHERE n.nspname = %s AND c.relname = %s)""", (schema, name)).fetchone()[0]
+    return db.scalar(conn, """SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = %s AND c.relname = %s)""", (schema, name))
 
 
 def column_indexes(conn: psycopg.Connection, oid: int, attnum: int) -> tuple[list[IndexFact], list[str]]:
@@ -222,7 +238,7 @@ def default_label(default: str | None, labels: list[str]) -> tuple[str | None, s
     return None, f"the column default {default} is not a plain enum label"
 
 
-def _rejected(conn: psycopg.Connection, query: sql.Composable) -> str | None:
+def _rejected(conn: psycopg.Connection, query: Stmt) -> str | None:
     """The server's complaint (first line) when converting a playbook value fails, else None."""
     try:
         with conn.transaction():  # a savepoint on a connection already in a transaction
@@ -354,6 +370,8 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
                            f"list it under 'columns' (or set settings.drop_enum_type: false to keep the type)")
         blockers = []
         for facts in found:
+            if facts[0].attnum is None:  # never: inspected just now (only state stored by old versions lacks it)
+                raise RuntimeError(f"no attnum in the facts of table oid {facts[2]}")
             blockers += [d for d in type_dependents(conn, type_oid, facts[2], facts[0].attnum)
                          if not d.startswith("column ")]  # columns: covered above, per column
         blockers = sorted(set(blockers))

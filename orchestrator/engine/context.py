@@ -11,7 +11,7 @@ from orchestrator.engine.catalog import Facts
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.executor import Executor
 from orchestrator.engine.playbook import ColumnMigration, Playbook, _suffixed
-from orchestrator.engine.sqlkit import I, Q, case_map, column_type, join, row_of, typed_literal
+from orchestrator.engine.sqlkit import I, Q, Stmt, case_map, column_type, join, row_of, typed_literal
 from orchestrator.engine.state import State
 
 TRIGGER_PREFIX = "~ec_"  # our sync triggers; see Context.trigger_name
@@ -25,7 +25,7 @@ class Context:
     m: ColumnMigration
     facts: Facts
     x: Executor
-    state: State | None  # None only for `plan` against no database
+    state: State  # the runner's, also for `plan`
     hooks: Any = None  # orchestrator.hooks.Hooks: backfill progress events
 
     # Names, derived once so every phase agrees on them.
@@ -54,7 +54,7 @@ class Context:
         return I(self.m.enum_schema, self.m.column.enum_type)
 
     @property
-    def target_type(self) -> sql.Composable:
+    def target_type(self) -> Stmt:
         return column_type(self.m.target.type, self.m.target.length)
 
     def fn(self, suffix: str) -> sql.Identifier:
@@ -76,15 +76,15 @@ class Context:
             f"ix_{self.m.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
 
     # Expressions
-    def forward(self, expr: sql.Composable) -> sql.Composable:
+    def forward(self, expr: sql.Composable) -> sql.Composed:
         """map(old label) -> new value."""
         return case_map(expr, self.m.mapping.items())  # compared as the enum: cheaper than via text
 
-    def backward(self, expr: sql.Composable) -> sql.Composable:
+    def backward(self, expr: sql.Composable) -> sql.Composed:
         """new value -> enum label (NULL when the value has no label)."""
         return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
 
-    def no_label(self, *, typed: bool = True) -> sql.Composable:
+    def no_label(self, *, typed: bool = True) -> sql.Composed:
         """Rows whose app value has no enum label (NULL needs none when the old column allowed it). typed=False
         compares as text, for the reverse migration before its CREATE TYPE."""
         label = self.backward(self.col) if typed else case_map(self.col, self.m.reverse.items())
@@ -93,7 +93,7 @@ class Context:
             cond = Q("{} AND {} IS NOT NULL").format(cond, self.col)
         return cond
 
-    def old_value(self, expr: sql.Composable) -> sql.Composable:
+    def old_value(self, expr: sql.Composable) -> sql.Composed:
         """What the enum copy holds for a new value: its label; for a value with no label, the fallback label
         under `rollback.unmapped: fallback` (so the old version reads a label), else NULL."""
         rb = self.m.rollback
@@ -101,7 +101,7 @@ class Context:
             return Q("coalesce({}, {})").format(self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
         return self.backward(expr)
 
-    def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composable:
+    def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composed:
         """Before the swap, the two columns of a row agree: the shadow holds map(enum value), or a new value with
         no label that the new version wrote (the enum side then holds the fallback label, or NULL)."""
         rb = self.m.rollback
@@ -110,11 +110,11 @@ class Context:
                  ).format(col, shadow, self.forward(col), self.backward(shadow), unlabeled_old)
 
     @property
-    def pk_row(self) -> sql.Composable:
+    def pk_row(self) -> sql.Composed:
         return row_of(self.facts.pk)
 
     @property
-    def pk_cols(self) -> sql.Composable:
+    def pk_cols(self) -> sql.Composed:
         return join(I(c) for c in self.facts.pk)
 
     def new_default(self) -> str | None:
@@ -124,7 +124,7 @@ class Context:
             return self.m.mapping[self.facts.default_label]
         return None
 
-    def exists_query(self, kind: str, name: str) -> sql.Composable:
+    def exists_query(self, kind: str, name: str) -> sql.Composed:
         """`SELECT true` when an object is present: the guard that makes a re-run skip finished work."""
         schema, table = self.table_name
         if kind == "column":

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import re
 import socket
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors as pgerr
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator.engine.errors import BadInput
+
+if TYPE_CHECKING:
+    from psycopg.abc import Params, QueryNoTemplate  # QueryNoTemplate: psycopg >= 3.3's name for a plain query
 
 APP_NAME = "orchestrator"
 
@@ -37,7 +41,7 @@ def secrets_of(dsn: str | None) -> list[str]:
     found = [os.environ.get("PGPASSWORD", "")]
     if dsn:
         try:
-            found.append(conninfo_to_dict(dsn).get("password") or "")
+            found.append(str(conninfo_to_dict(dsn).get("password") or ""))
         except psycopg.ProgrammingError:  # unparseable: still find what looks like a password
             found += re.findall(r"^\w+://[^:@/]*:([^@]*)@", dsn) + re.findall(r"password\s*=\s*'?([^'\s]*)", dsn)
     return [s for s in found if s]
@@ -57,7 +61,7 @@ def safe_dsn(dsn: str) -> str:
         return "<unparseable DSN>"
     if params.pop("password", None) is not None:
         params["password"] = "***"
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def connect(dsn: str, *, role: str = "main") -> psycopg.Connection:
@@ -73,6 +77,22 @@ def connect(dsn: str, *, role: str = "main") -> psycopg.Connection:
         first = redact(str(err), secrets_of(dsn)).strip().splitlines()[0] if str(err).strip() else "connection failed"
         raise BadInput(f"cannot connect to {safe_dsn(dsn)}: {first}",
                        hint="check --dsn / DATABASE_URL") from None
+
+
+def one(conn: psycopg.Connection | psycopg.Cursor, query: QueryNoTemplate,
+        params: Params | None = None) -> tuple[Any, ...]:
+    """The first row of a query that always returns one (SELECT EXISTS, SHOW, an aggregate, ...)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        text = query if isinstance(query, str) else query.decode() if isinstance(query, bytes) else \
+            query.as_string(conn)
+        raise RuntimeError(f"expected a row, got none: {' '.join(text.split())[:200]}")
+    return row
+
+
+def scalar(conn: psycopg.Connection | psycopg.Cursor, query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first column of one(...): the value of a query that always returns a row."""
+    return one(conn, query, params)[0]
 
 
 def sqlalchemy_url(dsn: str):

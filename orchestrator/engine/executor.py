@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import psycopg
 import structlog
@@ -29,7 +30,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attemp
 from orchestrator.engine import db
 from orchestrator.engine.errors import Failure, Refused
 from orchestrator.engine.playbook import Settings
-from orchestrator.engine.sqlkit import L, Q
+from orchestrator.engine.sqlkit import L, Q, Stmt
 
 log = structlog.get_logger()
 
@@ -69,6 +70,8 @@ class Executor:
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            if self.dsn is None:
+                raise RuntimeError("this executor was made without a DSN: it cannot connect")
             conn = db.connect(self.dsn)
             # Outside our short DDL transactions (which SET LOCAL their own), the work connection runs online
             # steps, scans and catalog reads: never under the app's lock_timeout or statement_timeout.
@@ -136,7 +139,7 @@ class Executor:
     def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None,
                      online: bool = False) -> Any:
         self._watch = None
-        tally = {"retries": 0, "errors": {}, "started": time.monotonic()}
+        tally: dict[str, Any] = {"retries": 0, "errors": {}, "started": time.monotonic()}
         try:
             for attempt in self.retrying(attempts, online, tally):
                 with attempt:
@@ -180,7 +183,7 @@ class Executor:
                        f"steps are kept)",
                        hint="raise settings.online_statement_timeout_ms (0: no limit), then re-run the same command")
 
-    def _tables_literal(self) -> sql.Composable:
+    def _tables_literal(self) -> sql.Literal:
         return L([self.render(sql.Identifier(*t)) for t in self.blocking_tables])
 
     def describe_blockers(self, watch: "_WaitWatch | None" = None, older_than_s: float | None = None) -> str:
@@ -233,7 +236,7 @@ class Executor:
         self._watch = _WaitWatch(self.dsn, self.conn.info.backend_pid, self._what)
         return self._watch
 
-    def _logged(self, stmt: sql.Composable, fn: Callable[[], Any], shown: str | None = None) -> Any:
+    def _logged(self, stmt: Stmt, fn: Callable[[], Any], shown: str | None = None) -> Any:
         text = shown or self.render(stmt)
         started = time.monotonic()
         try:
@@ -246,16 +249,16 @@ class Executor:
             self.on_statement(text, time.monotonic() - started, "ok")
         return result
 
-    def logged(self, stmt: sql.Composable, fn: Callable[[], Any], params: Any = None) -> Any:
+    def logged(self, stmt: Stmt, fn: Callable[[], Any], params: Any = None) -> Any:
         """Run fn (which executes stmt) and record stmt in the run log; params are shown after the SQL."""
         return self._logged(stmt, fn, None if params is None else f"{self.render(stmt)}  -- params {list(params)}")
 
-    def logged_query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
+    def logged_query(self, stmt: Stmt, params: Any = None) -> list[tuple]:
         """A read of the migrated table that belongs in the run log (the verify scans), with retries."""
         return self.with_retries("query", lambda: self.logged(
             stmt, lambda: self.conn.execute(stmt, params).fetchall(), params), attempts=3)
 
-    def atomic(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
+    def atomic(self, *stmts: Stmt, lock: str, skip_if: Stmt | None = None,
                what: str = "DDL", online: bool = False) -> bool:
         """Run statements in one short transaction under lock_timeout; True when they ran.
 
@@ -278,27 +281,27 @@ class Executor:
             with self.conn.transaction():
                 cur = self.conn.cursor()
                 self._timeouts(cur, online=online)
-                if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
+                if skip_if is not None and db.scalar(cur, skip_if):
                     return False
                 if not online:
                     for s in stmts:
-                        self._logged(s, lambda s=s: cur.execute(s))
+                        self._logged(s, partial(cur.execute, s))
                     return True
                 with self._watching():
                     for s in stmts:
-                        self._logged(s, lambda s=s: cur.execute(s))
+                        self._logged(s, partial(cur.execute, s))
                 return True
 
         return self.with_retries(what, attempt, online=online)
 
-    def online(self, *stmts: sql.Composable, lock: str, skip_if: sql.Composable | None = None,
+    def online(self, *stmts: Stmt, lock: str, skip_if: Stmt | None = None,
                what: str = "online step") -> bool:
         """atomic(..., online=True): VALIDATE CONSTRAINT, ANALYZE - never under the DDL lock_timeout."""
         return self.atomic(*stmts, lock=lock, skip_if=skip_if, what=what, online=True)
 
-    def concurrently(self, stmt: sql.Composable, *, lock: str,
-                     cleanup: sql.Composable | Callable[[], list[sql.Composable]] | None = None,
-                     skip_if: sql.Composable | None = None, what: str = "index build") -> bool:
+    def concurrently(self, stmt: Stmt, *, lock: str,
+                     cleanup: Stmt | Callable[[], Sequence[Stmt]] | None = None,
+                     skip_if: Stmt | None = None, what: str = "index build") -> bool:
         """Statements that cannot run in a transaction (CREATE/DROP/REINDEX INDEX CONCURRENTLY).
 
         A failed concurrent build leaves an INVALID index behind; `cleanup` removes it before the retry: one
@@ -320,11 +323,11 @@ class Executor:
             # snapshots and writers: one long wait (the session's online timeouts), never rebuilt in a loop.
             cur = self.conn.cursor()
             self._timeouts(cur, local=False, online=True)
-            if skip_if is not None and cur.execute(skip_if).fetchone()[0]:
+            if skip_if is not None and db.scalar(cur, skip_if):
                 return False
             with self._watching():
                 for c in _cleanups(cleanup):
-                    self._logged(c, lambda c=c: cur.execute(c))
+                    self._logged(c, partial(cur.execute, c))
                 self._logged(stmt, lambda: cur.execute(stmt))
             return True
 
@@ -342,7 +345,7 @@ class Executor:
             cur = self.conn.cursor()
             self._timeouts(cur, local=False, online=True)
             for c in _cleanups(cleanup):
-                self._logged(c, lambda c=c: cur.execute(c))
+                self._logged(c, partial(cur.execute, c))
             return True
         except psycopg.Error:
             return False
@@ -360,7 +363,7 @@ class Executor:
         if self.dry_run:
             self.recorded.append(Recorded(text, lock, kind="note"))
 
-    def query(self, stmt: sql.Composable, params: Any = None) -> list[tuple]:
+    def query(self, stmt: Stmt, params: Any = None) -> list[tuple]:
         """A read-only catalog or data query (parity scans too); runs in plan mode too when connected.
 
         Online: the work connection's session timeouts are the online ones; a lock timeout is not retried.
@@ -369,7 +372,7 @@ class Executor:
         return self.with_retries("query", lambda: self.conn.execute(stmt, params).fetchall(), attempts=3,
                                  online=True)
 
-    def scalar(self, stmt: sql.Composable, params: Any = None) -> Any:
+    def scalar(self, stmt: Stmt, params: Any = None) -> Any:
         rows = self.query(stmt, params)
         return rows[0][0] if rows else None
 
@@ -418,6 +421,8 @@ class _WaitWatch:
                CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
                JOIN pg_stat_activity b ON b.pid = bp.pid
                WHERE w.pid = %s"""
+        if self.dsn is None:  # never started without one (__enter__)
+            return
         try:
             conn = db.connect(self.dsn, role="watch")
         except Exception:
@@ -464,7 +469,7 @@ def _blocker(pid, state, query, age, user, app) -> str:
     return f"pid {pid} ({who}): {text}" if who else f"pid {pid}: {text}"
 
 
-def _cleanups(cleanup) -> list[sql.Composable]:
+def _cleanups(cleanup: Stmt | Callable[[], Sequence[Stmt]] | None) -> Sequence[Stmt]:
     if cleanup is None:
         return []
     return cleanup() if callable(cleanup) else [cleanup]
@@ -484,8 +489,10 @@ CRASH_AT_ENV, CRASH_MODE_ENV = "ORCHESTRATOR_CRASH_AT", "ORCHESTRATOR_CRASH_MODE
 
 
 class _FaultInjector:
-    def __init__(self, spec: str, mode: str, dsn: str | None):
+    def __init__(self, spec: str, mode: str, dsn: str):
         text, _, nth = spec.rpartition("#")
+        self.text: str | None
+        self.nth: int
         self.text, self.nth = (text, int(nth)) if text else (None, int(spec))
         self.mode, self.dsn, self.seen, self.fired = mode, dsn, 0, False
         self.lock = threading.Lock()  # a parallel verify's side connections count on their own threads
@@ -513,7 +520,7 @@ class _FaultInjector:
 _injector: _FaultInjector | None = None
 
 
-def _install_fault_injection(conn: psycopg.Connection, dsn: str | None) -> None:
+def _install_fault_injection(conn: psycopg.Connection, dsn: str) -> None:
     global _injector
     spec = os.environ.get(CRASH_AT_ENV)
     if not spec:

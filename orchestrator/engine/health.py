@@ -17,6 +17,7 @@ import time
 import psycopg
 import psycopg.rows
 
+from orchestrator.engine import db
 from orchestrator.engine.context import Context
 from orchestrator.engine.playbook import Settings
 from orchestrator.engine.sqlkit import Q, qualified
@@ -120,8 +121,8 @@ def record(ctx: Context, why: str | None) -> None:
 
 
 def _exists(conn: psycopg.Connection, schema: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                        (_table(schema).as_string(conn),)).fetchone()[0]
+    return db.scalar(conn, "SELECT to_regclass(%s) IS NOT NULL",
+                           (_table(schema).as_string(conn),))
 
 
 def holding(conn: psycopg.Connection, schema: str, playbook: str) -> list[dict]:

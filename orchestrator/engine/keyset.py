@@ -16,10 +16,10 @@ class Keyset:
         self.cols = join(I(c) for c in self.pk)
         self.desc = join(Q("{} DESC").format(I(c)) for c in self.pk)
 
-    def last_key_query(self) -> sql.Composable:
+    def last_key_query(self) -> sql.Composed:
         return Q("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(self.cols, self.table, self.desc)
 
-    def range_condition(self, after: Sequence | None, upto: Sequence) -> tuple[sql.Composable, list]:
+    def range_condition(self, after: Sequence | None, upto: Sequence) -> tuple[sql.Composed, list]:
         """(pk) > (after) AND (pk) <= (upto), as SQL with parameters."""
         cond = Q("{} <= {}").format(self.row, placeholders(len(self.pk)))
         params = list(upto)
@@ -28,7 +28,7 @@ class Keyset:
             params = list(after) + params
         return cond, params
 
-    def bound_query(self, after: Sequence | None, end: Sequence, size: int) -> tuple[sql.Composable, list]:
+    def bound_query(self, after: Sequence | None, end: Sequence, size: int) -> tuple[sql.Composed, list]:
         """The key `size` rows past `after` (or None past the end): the upper bound of the next range."""
         cond, params = self.range_condition(after, end)
         q = Q("SELECT {} FROM {} WHERE {} ORDER BY {} OFFSET {} LIMIT 1").format(

@@ -21,7 +21,7 @@ from orchestrator.engine.errors import BadInput
 from orchestrator.engine.executor import Executor
 from orchestrator.engine.keyset import Keyset
 from orchestrator.engine.progress import Progress
-from orchestrator.engine.sqlkit import Q
+from orchestrator.engine.sqlkit import Q, Stmt
 
 log = structlog.get_logger()
 
@@ -38,7 +38,7 @@ class ParityResult:
                 "unmapped": self.unmapped}
 
 
-def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composable, sql.Composable]:
+def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composed, Stmt]:
     """(mismatch condition, unmapped condition)."""
     if not swapped:
         return Q("NOT {}").format(ctx.copies_agree(ctx.col, ctx.shadow)), Q("false")
@@ -58,7 +58,7 @@ BLOCK_RANGE = Q("ctid >= %s::tid AND ctid < %s::tid")
 
 
 def count_statement(ctx: Context, bad: sql.Composable, unmapped: sql.Composable,
-                    in_range: sql.Composable) -> sql.Composable:
+                    in_range: sql.Composable) -> sql.Composed:
     return Q("SELECT count(*), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
         bad, unmapped, ctx.table, in_range)
 
@@ -145,7 +145,8 @@ class _Ranges:
     runs is checked, as in the serial walk."""
 
     def __init__(self, step: int, blocks: int):
-        self.step, self.next_lo, self.blocks = step, 0, blocks
+        self.step, self.next_lo = step, 0
+        self.blocks: int | None = blocks  # the size read before the scan, for the first claim only
         self.error: BaseException | None = None
         self.lock = threading.Lock()
 
@@ -165,7 +166,7 @@ class _Ranges:
                 self.error = exc
 
 
-def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composable, step: int, blocks: int,
+def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composed, step: int, blocks: int,
                         bad: sql.Composable, unmapped: sql.Composable, keys: Keyset, sample_size: int,
                         progress: Progress) -> ParityResult:
     chunks: dict[int, ParityResult] = {}  # by first block: merged in block order, so the sample is the serial one
@@ -174,6 +175,8 @@ def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composable, step:
     hook = ctx.x.on_statement
 
     def logged(text: str, seconds: float, outcome: str) -> None:  # the run log's writer is one connection
+        if hook is None:  # never: installed only when there is a hook (below)
+            raise RuntimeError("no run log hook to forward the statement to")
         with hook_lock:
             hook(text, seconds, outcome)
 

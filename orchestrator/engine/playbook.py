@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -377,10 +377,10 @@ class ColumnMigration:
         if self.target.default is not None:
             yield self.field("target.default"), self.target.default
         for i, row in enumerate(self.seed_rows.rows):
-            value = row.get(self.column.name)
-            if isinstance(value, str):
+            cell = row.get(self.column.name)
+            if isinstance(cell, str):
                 key = ", ".join(f"{k}={row.get(k)!r}" for k in self.seed_rows.key)
-                yield f"{self.where}seed_rows.rows[{i}].{_key(self.column.name)} ({key})", value
+                yield f"{self.where}seed_rows.rows[{i}].{_key(self.column.name)} ({key})", cell
 
 
 # Where a one-column playbook's field lives in an entry of `columns` (@ = the entry).
@@ -451,7 +451,7 @@ class Playbook(Strict):
                 raise ValueError(f"column names must be distinct: {dupes[0]!r} is used twice")
         return self
 
-    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> Playbook:
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Playbook:
         copy = super().model_copy(update=update, deep=deep)
         copy.__dict__.pop("migrations", None)  # derived from the fields: rebuilt from the copy's own
         return copy
@@ -460,14 +460,19 @@ class Playbook(Strict):
     def migrations(self) -> list[ColumnMigration]:
         """The columns this playbook migrates, in the order the phases visit them."""
         if self.columns is None:
+            if self.table is None or self.column is None:  # never: _validate requires both without 'columns'
+                raise RuntimeError("a playbook without 'columns' must have 'table' and 'column'")
             return [ColumnMigration(table=self.table, column=self.column, target=self.target, mapping=self.mapping,
                                     rollback=self.rollback, extra_columns=tuple(self.extra_columns),
                                     seed_rows=self.seed_rows)]
+        enum = self.enum
+        if enum is None:  # never: _validate requires it with 'columns'
+            raise RuntimeError("a playbook with 'columns' must have 'enum'")
         out = []
         for i, e in enumerate(self.columns):
             out.append(ColumnMigration(
-                table=TableSpec(schema=e.schema_ or self.enum.schema_, name=e.table),
-                column=ColumnSpec(name=e.column, enum_type=self.enum.name, enum_schema=self.enum.schema_,
+                table=TableSpec(schema=e.schema_ or enum.schema_, name=e.table),
+                column=ColumnSpec(name=e.column, enum_type=enum.name, enum_schema=enum.schema_,
                                   shadow=e.shadow, retired=e.retired),
                 target=e.target or self.target, mapping=e.mapping if e.mapping is not None else self.mapping,
                 rollback=self.rollback, extra_columns=tuple(e.extra_columns), seed_rows=e.seed_rows,
@@ -534,8 +539,8 @@ def _check_unit(m: ColumnMigration) -> None:
         for key in m.seed_rows.key:
             if key not in row:
                 raise ValueError(f"{m.where}seed_rows.rows[{i}]: the key column {key!r} is missing")
-        value = row.get(m.column.name)
-        if isinstance(value, str) and length is not None and len(value) > length:
+        cell = row.get(m.column.name)
+        if isinstance(cell, str) and length is not None and len(cell) > length:
             raise ValueError(f"{m.where}seed_rows.rows[{i}].{_key(m.column.name)}: longer than the target type")
     if m.target.check is not None:  # a value the playbook itself writes must pass the CHECK it installs
         for where, value in m.own_values():

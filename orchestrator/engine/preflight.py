@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import psycopg
 
+from orchestrator.engine import db
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import Playbook
 from orchestrator.engine.sqlkit import I
@@ -19,7 +20,7 @@ TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER")
 
 def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
     """What the connected role lacks to run every phase, rollback and contract of `pb`; empty when all is well."""
-    if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+    if db.scalar(conn, "SELECT pg_is_in_recovery()"):
         return ["a writable server (this one is a read-only standby)"]
     missing: list[str] = []
     for schema, name in pb.tables:
@@ -48,9 +49,9 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
     if pb.settings.app_triggers == "skip":
         missing += _replication_role(conn)
     if pb.app_versions is not None:
-        absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not conn.execute(
-            "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,)).fetchone()[0]]
-        if absent and not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+        absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not db.scalar(
+            conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,))]
+        if absent and not db.scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
             missing.append(f"CREATE on database {conn.info.dbname} (for the app version schemas "
                            f"{', '.join(absent)})")
     return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
@@ -71,13 +72,13 @@ def _table_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[
             missing.append(f"ownership of table {table} (owned by {owner}; ALTER TABLE, CREATE INDEX and "
                            f"CREATE TRIGGER need its owner's privileges)")
         lacking = [p for p in TABLE_PRIVILEGES
-                   if not conn.execute("SELECT has_table_privilege(%s::regclass, %s)", (regclass, p)).fetchone()[0]]
+                   if not db.scalar(conn, "SELECT has_table_privilege(%s::regclass, %s)", (regclass, p))]
         if lacking:
             missing.append(f"{', '.join(lacking)} on table {table}")
-        if not conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
+        if not db.scalar(conn, "SELECT has_schema_privilege(%s, 'CREATE')", (schema,)):
             missing.append(f"CREATE on schema {schema} (for the new indexes and the "
                            f"trigger functions)")
-        if not conn.execute("SELECT has_language_privilege('plpgsql', 'USAGE')").fetchone()[0]:
+        if not db.scalar(conn, "SELECT has_language_privilege('plpgsql', 'USAGE')"):
             missing.append("USAGE on language plpgsql (for the trigger functions)")
 
     return missing
@@ -85,39 +86,40 @@ def _table_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[
 
 def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:
     quoted = schema
-    exists = conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,)).fetchone()[0]
+    exists = db.scalar(conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (schema,))
     if not exists:
-        if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+        if not db.scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
             return [f"CREATE on database {conn.info.dbname} (to create the state schema "
                     f"{quoted}), or create that schema for this role first"]
         return []
-    if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE')", (schema,)).fetchone()[0]:
+    if not db.scalar(conn, "SELECT has_schema_privilege(%s, 'USAGE')", (schema,)):
         return [f"USAGE on schema {quoted} (the orchestrator's state)"]
     missing = []
+    tables: dict[str, int]  # relname -> oid
     tables = dict(conn.execute("""SELECT c.relname, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                   WHERE n.nspname = %s AND c.relkind = 'r'""", (schema,)).fetchall())
-    if any(t not in tables for t in STATE_TABLES) and not conn.execute(
-            "SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
+    if any(t not in tables for t in STATE_TABLES) and not db.scalar(
+            conn, "SELECT has_schema_privilege(%s, 'CREATE')", (schema,)):
         missing.append(f"CREATE on schema {quoted} (to create the state tables)")
     for t, needed in STATE_TABLES.items():
         if t in tables:
             lacking = [p for p in needed
-                       if not conn.execute("SELECT has_table_privilege(%s::oid, %s)", (tables[t], p)).fetchone()[0]]
+                       if not db.scalar(conn, "SELECT has_table_privilege(%s::oid, %s)", (tables[t], p))]
             if lacking:
                 missing.append(f"{', '.join(lacking)} on table {schema}.{t}")
-    seq = conn.execute("SELECT pg_get_serial_sequence(%s, 'id')",
-                       (I(schema, "run_log").as_string(conn),)).fetchone()[0] if "run_log" in tables else None
-    if seq and not conn.execute("SELECT has_sequence_privilege(%s, 'USAGE')", (seq,)).fetchone()[0]:
+    seq = db.scalar(conn, "SELECT pg_get_serial_sequence(%s, 'id')",
+                          (I(schema, "run_log").as_string(conn),)) if "run_log" in tables else None
+    if seq and not db.scalar(conn, "SELECT has_sequence_privilege(%s, 'USAGE')", (seq,)):
         missing.append(f"USAGE on sequence {seq}")
     return missing
 
 
 def _replication_role(conn: psycopg.Connection) -> list[str]:
     """settings.app_triggers: skip runs each backfill batch with SET LOCAL session_replication_role = replica."""
-    if conn.execute("SELECT current_setting('is_superuser') = 'on'").fetchone()[0]:
+    if db.scalar(conn, "SELECT current_setting('is_superuser') = 'on'"):
         return []
     if conn.info.server_version >= 150000:
-        if conn.execute("SELECT has_parameter_privilege('session_replication_role', 'SET')").fetchone()[0]:
+        if db.scalar(conn, "SELECT has_parameter_privilege('session_replication_role', 'SET')"):
             return []
         how = "GRANT SET ON PARAMETER session_replication_role TO the role, or run as a superuser"
     else:
@@ -130,7 +132,7 @@ def check(conn: psycopg.Connection, pb: Playbook) -> None:
     """Raise Refused (exit 3), one line naming every missing privilege, before anything is changed."""
     missing = missing_privileges(conn, pb)
     if missing:
-        role = conn.execute("SELECT current_user").fetchone()[0]
+        role = db.scalar(conn, "SELECT current_user")
         raise Refused(f"role {role} lacks " + "; ".join(missing)
                       + "; nothing was changed",
                       hint="grant these (see docs/privileges.md) or run as the table owner, then re-run")

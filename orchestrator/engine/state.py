@@ -52,8 +52,8 @@ class State:
         if not getattr(self, "_checked", False):  # an app's table named like ours is not our state
             catalog.check_state_schema(self.conn, self.schema)
             self._checked = True
-        return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                 (self.t("phases").as_string(self.conn),)).fetchone()[0]
+        return db.scalar(self.conn, "SELECT to_regclass(%s) IS NOT NULL",
+                                    (self.t("phases").as_string(self.conn),))
 
     def ensure(self) -> None:
         stmts = [
@@ -83,13 +83,13 @@ class State:
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(self.schema, "\x00state"),))
             # Only what is missing: CREATE ... IF NOT EXISTS checks the CREATE privilege even when the object
             # exists, and a role granted use of an existing state schema need not have it.
-            have_schema = self.conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)",
-                                            (self.schema,)).fetchone()[0]
+            have_schema = db.scalar(self.conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)",
+                                               (self.schema,))
             for s, table in zip(stmts, (None, "migrations", "phases", "backfills", "run_log")):
                 if table is None and have_schema:
                     continue
-                if table is not None and self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                                           (self.t(table).as_string(self.conn),)).fetchone()[0]:
+                if table is not None and db.scalar(self.conn, "SELECT to_regclass(%s) IS NOT NULL",
+                                                              (self.t(table).as_string(self.conn),)):
                     continue
                 self.conn.execute(s)
 
@@ -214,7 +214,7 @@ class OperatorLock:
         for key, where in self.keys:
             holder = "holder unknown"
             for _ in range(20):
-                if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                if db.scalar(self.conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
                     self._held.append(key)
                     break
                 holder = self._holder(self.conn, key)

@@ -32,6 +32,7 @@ from functools import lru_cache
 from psycopg import errors as pgerr
 from psycopg import sql
 
+from orchestrator.engine import db
 from orchestrator.engine.sqlkit import column_type
 
 MAX_PATTERN = 1000
@@ -179,7 +180,7 @@ def violation(rules, value: str) -> str | None:
     return None
 
 
-def expression(rules, column: sql.Composable) -> sql.Composable:
+def expression(rules, column: sql.Composable) -> sql.Composed:
     """The CHECK's condition on `column`. NULL passes (a CHECK is only violated by false): whether NULL is
     allowed is target.nullable's business, enforced by NOT NULL."""
     parts = []
@@ -201,7 +202,7 @@ def server_problems(conn, m) -> list[str]:
                                                         column_type(m.target.type, m.target.length)))
         try:
             with conn.transaction():
-                ok = conn.execute(sql.SQL("SELECT ({}) IS NOT FALSE").format(expr)).fetchone()[0]
+                ok = db.scalar(conn, sql.SQL("SELECT ({}) IS NOT FALSE").format(expr))
         except (pgerr.DataError, pgerr.SyntaxError) as err:
             line = str(err).strip().splitlines()[0]
             return [f"{m.field('target.check.pattern')}: the server rejects {rules.pattern!r}: {line}"]

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -109,7 +110,7 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = FleetCollector(snapshot, max_age_s)
         self.registry.register(self.collector)
-        self.server = None
+        self.server: WSGIServer | None = None
         self.textfile: Path | None = None
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:

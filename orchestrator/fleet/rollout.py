@@ -28,7 +28,7 @@ import psycopg
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from orchestrator.engine import health
+from orchestrator.engine import db, health
 from orchestrator.engine import playbook as playbook_mod
 from orchestrator.engine.db import redact, safe_dsn, secrets_of
 from orchestrator.engine.errors import BadInput, Failure, OrchestratorError
@@ -43,6 +43,13 @@ from orchestrator.run.runner import Orchestrator
 log = structlog.get_logger()
 
 COMMANDS = ("run", "contract", "rollback", "verify")
+
+
+def _phase(n: int | None) -> int:
+    """The phase number of `run N` and `rollback N`, which Fleet.execute refuses without one."""
+    if n is None:
+        raise RuntimeError("this fleet command needs a phase number")
+    return n
 
 
 @dataclass
@@ -194,7 +201,10 @@ class Fleet:
             result.outcomes += outcomes
             failed = [o for o in outcomes if o.exit_code]
             if failed:
-                result.exit_code = failed[0].exit_code
+                code = failed[0].exit_code
+                if code is None:  # never: `failed` holds only outcomes with a non-zero exit code
+                    raise RuntimeError(f"{failed[0].target}: failed without an exit code")
+                result.exit_code = code
                 result.stopped_at = w.name
                 result.reason = f"{failed[0].target}: {failed[0].error}"
                 untouched = [o.target for o in outcomes if o.exit_code is None]
@@ -262,10 +272,11 @@ class Fleet:
             try:
                 orch = self.orchestrator(t)
                 if command == "run":
-                    results = [orch.run(k) for k in (range(1, n + 1) if through else [n])]
+                    last = _phase(n)
+                    results = [orch.run(k) for k in (range(1, last + 1) if through else [last])]
                     out.result = results[-1] if len(set(results)) == 1 else f"phases 1..{n}: " + ", ".join(results)
                 elif command == "rollback":
-                    out.result = orch.rollback(n)
+                    out.result = orch.rollback(_phase(n))
                 elif command == "contract":
                     out.result = ", ".join(dict.fromkeys(orch.contract(n)))
                 else:
@@ -307,7 +318,7 @@ class Fleet:
                 raise GateFailed(f"target {st['name']} {problem}")
         # 2. Parity, on every target whose backfill has run and whose retired column still exists.
         backfill = next((p.number for p in self.phases if p.name == "backfill"), None)
-        if g.verify and command == "run" and backfill is not None and n >= backfill:
+        if g.verify and command == "run" and backfill is not None and _phase(n) >= backfill:
             for t in w.targets:
                 orch = self.orchestrator(t)
                 try:
@@ -343,7 +354,8 @@ class Fleet:
             return f"is unreachable: {st['error']}"
         statuses = {p["phase"]: p["status"] for p in st.get("phases", [])}
         if command == "run":
-            for k in range(n, n + 1):
+            last = _phase(n)
+            for k in range(last, last + 1):
                 if statuses.get(k) != APPLIED:
                     return f"phase {k} is {statuses.get(k, PENDING)}, not applied"
         elif command == "contract":
@@ -493,8 +505,8 @@ class Fleet:
         if not orch.state.exists():
             return {"lock_retries": 0, "error_at": None}
         t = qualified(orch.pb.settings.state_schema, "run_log")
-        retries, at = orch.x.conn.execute(Q("""SELECT count(*) FILTER (WHERE outcome = 'LockNotAvailable'),
+        retries, at = db.one(orch.x.conn, Q("""SELECT count(*) FILTER (WHERE outcome = 'LockNotAvailable'),
                                                       max(at) FILTER (WHERE outcome <> 'ok')
                                                FROM {} WHERE playbook = %s""").format(t),
-                                          (orch.pb.name,)).fetchone()
+                             (orch.pb.name,))
         return {"lock_retries": retries, "error_at": at.timestamp() if at else None}

@@ -173,16 +173,20 @@ class AfterTemplateSpec(_SpecColumns, AfterBase):
     workflow_type: Mapped[str] = mapped_column(String(50), sort_order=-1)
 
 
+# Every mapped class of either version: each has the `id` and `workflow_type` columns.
+AppRow = BeforeWorkflowTemplate | BeforeTemplateSpec | AfterWorkflowTemplate | AfterTemplateSpec
+
+
 @dataclass(frozen=True)
 class Models:
     """One app version's models."""
 
     version: Version
-    WorkflowTemplate: type
-    TemplateSpec: type
-    base: type
+    WorkflowTemplate: type[BeforeWorkflowTemplate | AfterWorkflowTemplate]
+    TemplateSpec: type[BeforeTemplateSpec | AfterTemplateSpec]
+    base: type[DeclarativeBase]
 
-    def model(self, table: str) -> type:
+    def model(self, table: str) -> type[AppRow]:
         return self.WorkflowTemplate if table == chatter.TEMPLATES else self.TemplateSpec
 
 
@@ -453,7 +457,7 @@ class AppInstance:
             return await self._insert(table)
         id_ = self.rng.choice(candidates)
         async with self.Session() as s, s.begin():  # committed: see "reads commit" in the module's doc
-            obj = await s.get(self.models.model(table), id_)
+            obj: AppRow | None = await s.get(self.models.model(table), id_)
         if obj is None:
             raise LookupError(f"row {id_} not found")
         self._record_read(table, obj)
@@ -489,8 +493,10 @@ class AppInstance:
         M = self.models.model(table)
         async with self.Session() as s, s.begin():
             res = await s.execute(update(M).where(M.id == id_).values(workflow_type=label, updated_at=func.now()))
-        if res.rowcount != 1:
-            raise LookupError(f"update of {table} {id_} matched {res.rowcount} rows")
+        # An ORM UPDATE's result is a CursorResult (SQLAlchemy's docs); the session's stub promises only a Result.
+        matched = res.rowcount  # type: ignore[attr-defined]
+        if matched != 1:
+            raise LookupError(f"update of {table} {id_} matched {matched} rows")
         self.stats.written[table][id_] = label
 
     async def _bulk_update(self, table: str) -> None:

@@ -14,12 +14,13 @@ def refuse_existing(dsn: str, pb) -> None:
     from orchestrator.engine import db
     from orchestrator.engine.errors import Refused
     with db.connect(dsn) as conn:
-        found = conn.execute(
+        found = db.one(
+            conn,
             """SELECT (SELECT format('table %%I.%%I', n.nspname, c.relname) FROM pg_class c
                        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s),
                       (SELECT format('type %%I.%%I', n.nspname, t.typname) FROM pg_type t
                        JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s)""",
-            (pb.migrations[0].table.schema_, pb.migrations[0].table.name, *pb.enum_type)).fetchone()
+            (pb.migrations[0].table.schema_, pb.migrations[0].table.name, *pb.enum_type))
     existing = [f for f in found if f]
     if existing:
         raise Refused(f"the demo creates the seed schema, but {' and '.join(existing)} already exist(s) in this "
@@ -34,6 +35,7 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
     from rich.console import Console
 
     from orchestrator.console import output
+    from orchestrator.engine import db
     from orchestrator.run.runner import Orchestrator
 
     console = console or Console()
@@ -55,15 +57,15 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
                         "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
                         "ORDER BY 1", (m.table.schema_, m.table.name)):
                     console.print(f"index {name}: {definition}", markup=False, highlight=False, soft_wrap=True)
-            enum = conn.execute("SELECT EXISTS (SELECT FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-                                "WHERE n.nspname = %s AND t.typname = %s)", (enum_schema, enum_name)).fetchone()[0]
+            enum = db.scalar(conn, "SELECT EXISTS (SELECT FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+                                   "WHERE n.nspname = %s AND t.typname = %s)", (enum_schema, enum_name))
             console.print(f"enum type {enum_name}: {'present' if enum else 'dropped'}")
             builtins = [m for m in pb.migrations if m.seed_rows.rows]
             for m in builtins:
                 keys = [str(r[m.seed_rows.key[0]]) for r in m.seed_rows.rows]
-                found = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}::text = ANY(%s)").format(
+                found = db.scalar(conn, sql.SQL("SELECT count(*) FROM {} WHERE {}::text = ANY(%s)").format(
                     sql.Identifier(m.table.schema_, m.table.name), sql.Identifier(m.seed_rows.key[0])),
-                    (keys,)).fetchone()[0]
+                    (keys,))
                 console.print(f"built-in rows in {m.table.name}: {found} of {len(keys)}")
 
     with psycopg.connect(dsn) as conn:

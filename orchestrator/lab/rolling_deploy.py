@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from orchestrator.engine.playbook import Playbook
 from orchestrator.kinds.phases import versions
-from orchestrator.lab.appmodels import OLD_LABELS, TABLES, AppInstance, as_new, vocabulary
+from orchestrator.lab.appmodels import OLD_LABELS, TABLES, AppInstance, Driver, Version, as_new, vocabulary
 
 # (driver, the stage after which it is replaced): one instance each side of the swap, the last at the end.
-INSTANCES = (("asyncpg", 4), ("psycopg", 5), ("asyncpg", 6))
+INSTANCES: tuple[tuple[Driver, int], ...] = (("asyncpg", 4), ("psycopg", 5), ("asyncpg", 6))
 PAUSE_S = 0.02
 
 
@@ -100,7 +100,7 @@ class RollingDeploy:
         return out
 
 
-def _foreign(version: str, value) -> bool:
+def _foreign(version: Version, value) -> bool:
     """A read the version could not have meant: the old app sees only its labels; the new app sees any value
     but NULL and the old labels (values with no label, like medical_chat, are its own: the rehearsal's traffic
     writes them)."""

@@ -65,7 +65,7 @@ def create_seed_schema(
     conn: psycopg.Connection, names: SeedNames = SeedNames(), *, enum_default: str | None = None
 ) -> None:
     """Create schema (unless public), enum, table and index exactly like the app's seed."""
-    default = sql.SQL("")
+    default: sql.Composable = sql.SQL("")
     if enum_default is not None:
         if enum_default not in names.labels:
             raise ValueError(f"enum_default {enum_default!r} is not one of {names.labels}")

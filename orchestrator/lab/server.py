@@ -25,12 +25,14 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from orchestrator.engine import db
 
 PG_USER = "orchestrator_pg"  # unprivileged OS user for initdb/pg_ctl when we run as root
 # Throwaway servers trade durability for speed: a crash loses only test data.
@@ -68,12 +70,15 @@ def _with_dbname(dsn: str, dbname: str) -> str:
 
 def _server_major(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        return int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000
+        return int(db.scalar(conn, "SHOW server_version_num")) // 10000
 
 
 def _bin_major(bin_dir: Path) -> int:
     out = subprocess.run([str(bin_dir / "pg_ctl"), "--version"], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"\(PostgreSQL\)\s+(\d+)", out).group(1))
+    found = re.search(r"\(PostgreSQL\)\s+(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read the version in {bin_dir / 'pg_ctl'} --version: {out.strip()!r}")
+    return int(found.group(1))
 
 
 def _import_embedded():
@@ -105,7 +110,7 @@ def _pg_os_user() -> str:
 def _run(cmd: list[str], user: str | None, cwd: Path) -> None:
     # Output goes to a file, not a pipe: a postmaster inheriting a pipe would make us wait forever.
     with tempfile.TemporaryFile("w+") as out:
-        kw = dict(user=user, group=pwd.getpwnam(user).pw_gid, extra_groups=[]) if user else {}
+        kw: dict[str, Any] = dict(user=user, group=pwd.getpwnam(user).pw_gid, extra_groups=[]) if user else {}
         r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, text=True, **kw)
         if r.returncode:
             out.seek(0)
@@ -262,12 +267,12 @@ def start_standby(primary: Server, timeout_s: float = 60) -> Server:
     bin_dir = Path(primary.bin_dir)
     params = conninfo_to_dict(primary.dsn)
     with psycopg.connect(primary.dsn, autocommit=True) as conn:
-        data_dir = Path(conn.execute("SHOW data_directory").fetchone()[0])
-        wal_level = conn.execute("SHOW wal_level").fetchone()[0]
-        senders = int(conn.execute("SHOW max_wal_senders").fetchone()[0])
+        data_dir = Path(db.scalar(conn, "SHOW data_directory"))
+        wal_level = db.scalar(conn, "SHOW wal_level")
+        senders = int(db.scalar(conn, "SHOW max_wal_senders"))
         before = {r[0] for r in conn.execute("SELECT pid FROM pg_stat_replication").fetchall()}
-        hba = conn.execute("SELECT count(*) FROM pg_hba_file_rules WHERE type = 'local' "
-                           "AND 'replication' = ANY(database)").fetchone()[0]
+        hba = db.scalar(conn, "SELECT count(*) FROM pg_hba_file_rules WHERE type = 'local' "
+                              "AND 'replication' = ANY(database)")
     if wal_level not in ("replica", "logical") or senders < 1:
         raise RuntimeError(f"primary cannot stream: wal_level={wal_level}, max_wal_senders={senders}")
     if not hba:
@@ -297,16 +302,16 @@ def start_standby(primary: Server, timeout_s: float = 60) -> Server:
     try:
         _run([str(bin_dir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync",
               "-C", "-S", slot,
-              "-h", params.get("host", "/tmp"), "-p", str(params.get("port", 5432)),
-              "-U", params.get("user", "postgres"), "-w"], user, tmp)
+              "-h", str(params.get("host", "/tmp")), "-p", str(params.get("port", 5432)),
+              "-U", str(params.get("user", "postgres")), "-w"], user, tmp)
         opts = f"-k {tmp} -h '' -c hot_standby=on -c hot_standby_feedback=off"
         _run([str(bin_dir / "pg_ctl"), "-w", "-t", str(int(timeout_s)), "-D", str(data), "-l", str(tmp / "log"),
               "-o", opts, "start"], user, tmp)
         started = True
         deadline = time.monotonic() + timeout_s
         with psycopg.connect(primary.dsn, autocommit=True) as conn:
-            while not conn.execute("SELECT EXISTS (SELECT FROM pg_stat_replication WHERE state = 'streaming' "
-                                   "AND NOT pid = ANY(%s))", (list(before),)).fetchone()[0]:
+            while not db.scalar(conn, "SELECT EXISTS (SELECT FROM pg_stat_replication WHERE state = 'streaming' "
+                                      "AND NOT pid = ANY(%s))", (list(before),)):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"standby in {data} not streaming after {timeout_s:.0f}s")
                 time.sleep(0.1)

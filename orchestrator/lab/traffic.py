@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from orchestrator.engine import db
 from orchestrator.lab import chatter as _chatter
 from orchestrator.lab.seed import REFERENCE_MAPPING, SeedNames
 
@@ -286,11 +287,12 @@ class AppTraffic:
     def _sample_ids(self, conn: psycopg.Connection, want: int = 2000, table: str | None = None) -> list[str]:
         """A cheap spread of existing ids: block sampling sized from reltuples."""
         table = table or self.names.table
-        reltuples = conn.execute(
+        reltuples = db.scalar(
+            conn,
             sql.SQL("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                     "WHERE n.nspname = %s AND c.relname = %s"),
             [self.names.schema, table],
-        ).fetchone()[0]
+        )
         t = sql.Identifier(self.names.schema, table)
         ids: list[str] = []
         if reltuples and reltuples > want:

@@ -37,12 +37,13 @@ from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal, overload
 
 import psycopg
 from psycopg import sql
 
 from orchestrator.console import local
+from orchestrator.engine import db
 from orchestrator.engine.db import libpq_dsn, sqlalchemy_url
 from orchestrator.engine.errors import BadInput, OrchestratorError
 from orchestrator.engine.playbook import Playbook, load
@@ -256,7 +257,7 @@ class GeneratedFile:
 
 def read_generated(versions_dir: Path) -> list[GeneratedFile]:
     """Files in versions_dir written by `revisions generate` (any playbook)."""
-    out = []
+    out: list[GeneratedFile] = []
     if not versions_dir.is_dir():
         return out
     for path in sorted(versions_dir.glob("*.py")):
@@ -561,6 +562,12 @@ def _script_has_chain(script, pb: Playbook) -> bool:
         return False
 
 
+@overload
+def sync_chain(connection, script, pb: Playbook, phases: dict[int, PhaseRow] | None,
+               opts: dict | None = None, *, create: Literal[True] = True) -> SyncResult: ...
+@overload
+def sync_chain(connection, script, pb: Playbook, phases: dict[int, PhaseRow] | None,
+               opts: dict | None = None, *, create: bool) -> SyncResult | None: ...
 def sync_chain(connection, script, pb: Playbook, phases: dict[int, PhaseRow] | None,
                opts: dict | None = None, *, create: bool = True) -> SyncResult | None:
     """Move the playbook's branch in the version table to where the orchestrator's state says it is.
@@ -673,7 +680,10 @@ def sync_alembic_version(dsn: str, pb: Playbook, phases: dict[int, PhaseRow] | N
             with engine.begin() as sa_conn:
                 sa_conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": SYNC_LOCK_TIMEOUT})
                 if phases is None:
-                    phases = read_phases(sa_conn.connection.driver_connection, pb)
+                    raw = sa_conn.connection.driver_connection
+                    if raw is None:  # never: an open SQLAlchemy connection has its driver's
+                        raise RuntimeError("the SQLAlchemy connection has no psycopg connection")
+                    phases = read_phases(raw, pb)
                 result = sync_chain(sa_conn, script, pb, phases, opts, create=create)
         finally:
             engine.dispose()
@@ -695,8 +705,8 @@ def _version_table(opts: dict) -> sql.Identifier:
 def _has_version_table(dsn_or_conn, opts: dict) -> bool:
     if isinstance(dsn_or_conn, psycopg.Connection):
         conn = dsn_or_conn
-        return conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                            (_version_table(opts).as_string(conn),)).fetchone()[0]
+        return db.scalar(conn, "SELECT to_regclass(%s) IS NOT NULL",
+                               (_version_table(opts).as_string(conn),))
     with psycopg.connect(dsn_or_conn, autocommit=True, connect_timeout=10) as conn:
         return _has_version_table(conn, opts)
 
@@ -715,7 +725,7 @@ def reconcile(connection, script, config=None) -> list[SyncResult]:
     """For env.py, before Alembic reads its version table: bring every generated chain in line with the
     orchestrator's state, so `alembic upgrade +1` continues from the phase the CLI ran last.
     `-x reconcile=off` skips it (Alembic then trusts its version table alone)."""
-    results = []
+    results: list[SyncResult] = []
     if config is not None and x_arguments(config).get("reconcile", "").lower() in ("off", "false", "0", "no"):
         return results
     root = project_root(Path(script.dir))

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from orchestrator.engine import catalog, parity, preflight
+from orchestrator.engine import catalog, db, parity, preflight
 from orchestrator.engine.backfill import reverse_key
 from orchestrator.engine.backfill import summary as backfill_summary
 from orchestrator.engine.catalog import Facts, facts_from_json, facts_to_json
@@ -361,12 +361,12 @@ class Orchestrator:
         if way_back:
             out["way_back"] = way_back
         hints = versions.connection_hints(self.pb)
-        if hints is not None:
+        if hints is not None and self.pb.app_versions is not None:  # hints: only with app_versions
             seen = versions.old_last_seen(self.x.conn, self.pb)
             out["app_versions"] = {**hints, "old_last_write": seen.isoformat() if seen else None,
-                                   "views_present": bool(self.x.conn.execute(
-                                       "SELECT to_regnamespace(%s) IS NOT NULL", (self.pb.app_versions.new,)
-                                   ).fetchone()[0])}
+                                   "views_present": bool(db.scalar(
+                                       self.x.conn, "SELECT to_regnamespace(%s) IS NOT NULL",
+                                       (self.pb.app_versions.new,)))}
         return out
 
 

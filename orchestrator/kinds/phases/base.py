@@ -21,6 +21,7 @@ class Phase:
     rollback_doc: ClassVar[str]
     locks_doc: ClassVar[str]
     visible_to_app: ClassVar[bool] = False  # its rollback changes what the app sees: ask before doing it
+    number: int  # its position in its kind, from 1: set on each instance by kinds.phases_for
 
     def expand(self, ctx: Context) -> dict | None:
         raise NotImplementedError
@@ -56,9 +57,10 @@ class Phase:
         for c in ctxs:
             self.contract(c)
 
-    def uncontract_all(self, ctxs: list[Context]) -> None:
+    def uncontract_all(self, ctxs: list[Context]) -> dict | None:  # the swap's returns the restore's details
         for c in reversed(ctxs):
             self.uncontract(c)
+        return None
 
     def before_rollback_all(self, ctxs: list[Context]) -> None:
         """Before a rollback: raise Refused (nothing changed, the phase's status kept) if it would lose data.

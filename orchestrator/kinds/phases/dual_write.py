@@ -10,18 +10,20 @@ copy would change, so the backfill's own updates and most app updates never call
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from psycopg import sql
 
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
-from orchestrator.engine.sqlkit import L, Q, case_map
+from orchestrator.engine.sqlkit import L, Q, Stmt, case_map
 from orchestrator.kinds.phases import versions
 from orchestrator.kinds.phases.base import Phase
 
 INSERT, UPDATE = "_sync_ins", "_sync_upd"
 
 
-def forward_function(ctx: Context) -> sql.Composable:
+def forward_function(ctx: Context) -> sql.Composed:
     """Before the swap. The enum column is the old version's, the shadow the new version's (its view writes
     it): whichever of the two a write changed is copied to the other; the enum side by default."""
     new, shadow = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.shadow)
@@ -33,7 +35,7 @@ def forward_function(ctx: Context) -> sql.Composable:
     return _function(ctx, ctx.fn("_fwd"), [body])
 
 
-def reverse_function(ctx: Context, closing: bool = False) -> sql.Composable:
+def reverse_function(ctx: Context, closing: bool = False) -> sql.Composed:
     """After the swap. The varchar column is the new version's, the retired enum column the old version's (its
     view writes it): the same, the other way round; old labels written into the varchar column by a stale
     instance are translated. `closing` (while the swap is rolled back): a write giving the column a value with
@@ -60,14 +62,14 @@ def reverse_function(ctx: Context, closing: bool = False) -> sql.Composable:
     return _function(ctx, ctx.fn("_rev"), body)
 
 
-def _wrote(column: sql.Identifier, disagree: sql.Composable) -> sql.Composable:
+def _wrote(column: sql.Identifier, disagree: sql.Composable) -> sql.Composed:
     """The write set `column` itself (an INSERT giving it, an UPDATE changing it) and the two columns disagree:
     that version's write wins."""
     return Q("(CASE WHEN TG_OP = 'INSERT' THEN NEW.{0} IS NOT NULL ELSE NEW.{0} IS DISTINCT FROM OLD.{0} END) "
              "AND {1}").format(column, disagree)
 
 
-def _seen_old(ctx: Context, column: sql.Identifier | None = None) -> sql.Composable:
+def _seen_old(ctx: Context, column: sql.Identifier | None = None) -> Stmt:
     """Note that the old version wrote (app_versions): `status` shows when, `contract` waits for quiet."""
     if ctx.pb.app_versions is None:
         return Q("")
@@ -77,12 +79,12 @@ def _seen_old(ctx: Context, column: sql.Identifier | None = None) -> sql.Composa
     return Q(" IF (TG_OP = 'INSERT' OR NEW.{0} IS DISTINCT FROM OLD.{0}) THEN{1} END IF;").format(column, call)
 
 
-def _function(ctx: Context, name: sql.Identifier, body: list[sql.Composable]) -> sql.Composable:
+def _function(ctx: Context, name: sql.Identifier, body: Sequence[sql.Composable]) -> sql.Composed:
     text = ctx.x.render(Q("BEGIN {} RETURN NEW; END").format(Q(" ").join(body)))
     return Q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(name, L(text))
 
 
-def out_of_sync(ctx: Context, swapped: bool) -> sql.Composable:
+def out_of_sync(ctx: Context, swapped: bool) -> sql.Composed:
     """True for a NEW row whose copy is not what the sync function would write."""
     new = Q("NEW.{}").format(ctx.col)
     if not swapped:
@@ -94,7 +96,7 @@ def out_of_sync(ctx: Context, swapped: bool) -> sql.Composable:
     return cond
 
 
-def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composable]:
+def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composed]:
     function = ctx.fn("_rev" if swapped else "_fwd")
     return [
         *drop_triggers(ctx),
@@ -127,15 +129,15 @@ def refuse_later_triggers(ctx: Context) -> None:
                       f"changed", hint="rename them to sort before '~' (e.g. a lowercase name), then re-run")
 
 
-def drop_triggers(ctx: Context) -> list[sql.Composable]:
+def drop_triggers(ctx: Context) -> list[sql.Composed]:
     return [Q("DROP TRIGGER IF EXISTS {} ON {}").format(ctx.trigger(t), ctx.table) for t in (INSERT, UPDATE)]
 
 
-def drop_functions(ctx: Context) -> sql.Composable:
+def drop_functions(ctx: Context) -> sql.Composed:
     return Q("DROP FUNCTION IF EXISTS {}(), {}()").format(ctx.fn("_fwd"), ctx.fn("_rev"))
 
 
-def _triggers_present(ctx: Context, every: bool) -> sql.Composable:
+def _triggers_present(ctx: Context, every: bool) -> sql.Composed:
     checks = [ctx.exists_query("trigger", ctx.trigger_name(t)) for t in (INSERT, UPDATE)]
     return Q("SELECT ({})").format(Q(") AND (" if every else ") OR (").join(checks))
 

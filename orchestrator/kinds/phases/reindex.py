@@ -57,11 +57,13 @@ def rebuild_indexes(ctx: Context, done: list[str], record: Callable[[list[str]],
                lock=LOCK)
         return
     oid = catalog.table_oid(x.conn, *ctx.table_name)
+    if oid is None:  # no such table: no index to rebuild (what the queries below would find for a NULL oid)
+        return
     for name in candidates(ctx, oid):
         if name in done:
             continue
 
-        def cleanup(name: str = name) -> list[sql.Composable]:
+        def cleanup(name: str = name) -> list[sql.Composed]:
             return [Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(n)) for n in leftovers(ctx, oid, name)]
 
         x.concurrently(Q("REINDEX INDEX CONCURRENTLY {}").format(ctx.index(name)), lock=LOCK, cleanup=cleanup,

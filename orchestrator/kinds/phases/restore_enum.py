@@ -30,7 +30,7 @@ def labels(ctx: Context) -> list[str]:
     return list(ctx.facts.enum.labels) if ctx.facts.enum is not None else list(ctx.m.mapping)
 
 
-def type_exists(ctx: Context) -> sql.Composable:
+def type_exists(ctx: Context) -> sql.Composed:
     return Q("SELECT to_regtype({}) IS NOT NULL").format(L(ctx.x.render(ctx.enum_type)))
 
 
@@ -54,8 +54,8 @@ def refuse_new_dependents(ctxs: list[Context]) -> None:
     ours = (pb.app_versions.old, pb.app_versions.new) if pb.app_versions else ()
     found = []
     for ctx in ctxs:
-        oid = catalog.table_oid(x.conn, *ctx.table_name)
-        attnum = catalog.column(x.conn, oid, ctx.m.column.name)["attnum"]
+        oid = catalog.existing_table_oid(x.conn, *ctx.table_name)
+        attnum = catalog.existing_column(x.conn, oid, ctx.m.column.name)["attnum"]
         simple, blockers = catalog.column_indexes(x.conn, oid, attnum)
         known = {ix.name for ix in ctx.facts.indexes}
         found += [f"{ctx.m.label}: index {ix.name!r}" for ix in simple if ix.name not in known]
@@ -81,7 +81,7 @@ def create_type(ctxs: list[Context]) -> None:
     """CREATE TYPE with the original labels in their order, owner, comment and grants: one transaction."""
     ctx = ctxs[0]
     enum, facts = ctx.enum_type, ctx.facts.enum
-    stmts: list[sql.Composable] = [Q("CREATE TYPE {} AS ENUM ({})").format(enum, Q(", ").join(L(v) for v in labels(ctx)))]
+    stmts: list[sql.Composed] = [Q("CREATE TYPE {} AS ENUM ({})").format(enum, Q(", ").join(L(v) for v in labels(ctx)))]
     if facts is not None:
         if facts.comment is not None:
             stmts.append(Q("COMMENT ON TYPE {} IS {}").format(enum, L(facts.comment)))

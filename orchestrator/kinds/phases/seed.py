@@ -43,7 +43,7 @@ class SeedRowsPhase(Phase):
                           hint="keep the migration, or restore/delete those rows yourself and re-run the rollback "
                                "(rows already gone are skipped)")
 
-    def _edited_query(self, ctx: Context, key: dict, seed: dict) -> sql.Composable:
+    def _edited_query(self, ctx: Context, key: dict, seed: dict) -> sql.Composed:
         # Each column compared as the table's type would hold the seed value (json columns via jsonb).
         cols = [c for c in seed if c not in ctx.m.seed_rows.key]
         differs = join((Q("to_jsonb(t) -> {0} IS DISTINCT FROM to_jsonb(s) -> {0}").format(L(c)) for c in cols),
@@ -73,7 +73,7 @@ class SeedRowsPhase(Phase):
                 found.append((table, list(cols)))
         return found
 
-    def _key_cond(self, ctx: Context, row: dict, alias: str | None = None) -> sql.Composable:
+    def _key_cond(self, ctx: Context, row: dict, alias: str | None = None) -> sql.Composed:
         if alias is not None:
             return join((Q("{} = {}").format(I(alias, k), L(_value(row[k]))) for k in ctx.m.seed_rows.key), " AND ")
         return join((Q("{} = {}").format(I(k), L(_value(row[k]))) for k in ctx.m.seed_rows.key), " AND ")

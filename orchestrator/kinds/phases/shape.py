@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.engine import catalog
+from orchestrator.engine import catalog, db
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, L, Q, typed_literal
@@ -22,8 +22,8 @@ def refuse_new_indexes(ctx: Context) -> None:
     """Indexes on the column created after phase 1 have no copy on the new column: the swap would leave them
     on the retired column (and the contract would drop them, a UNIQUE one with its guarantee)."""
     conn = ctx.x.conn
-    oid = catalog.table_oid(conn, *ctx.table_name)
-    info = catalog.column(conn, oid, ctx.m.column.name)
+    oid = catalog.existing_table_oid(conn, *ctx.table_name)
+    info = catalog.existing_column(conn, oid, ctx.m.column.name)
     simple, blockers = catalog.column_indexes(conn, oid, info["attnum"])
     known = {ix.name for ix in ctx.facts.indexes}
     added = [ix.name for ix in simple if ix.name not in known]
@@ -38,8 +38,8 @@ def refuse_new_indexes(ctx: Context) -> None:
 def current_default_label(ctx: Context) -> str | None:
     """The old column's default label now (it may have changed since phase 1); refuses a non-label default."""
     conn = ctx.x.conn
-    oid = catalog.table_oid(conn, *ctx.table_name)
-    info = catalog.column(conn, oid, ctx.m.column.name)
+    oid = catalog.existing_table_oid(conn, *ctx.table_name)
+    info = catalog.existing_column(conn, oid, ctx.m.column.name)
     label, problem = catalog.default_label(info["default"], catalog.enum_labels(conn, info["type_oid"]))
     if problem and ctx.m.target.default is None:
         raise Refused(f"cannot swap {ctx.m.label}: {problem}, set after phase 1; nothing was changed",
@@ -53,7 +53,7 @@ def new_default(ctx: Context, label: str | None) -> str | None:
     return ctx.m.mapping[label] if label is not None else None
 
 
-def carry_statements(ctx: Context, source: str, target: str) -> list[sql.Composable]:
+def carry_statements(ctx: Context, source: str, target: str) -> list[sql.Composed]:
     """GRANTs and COMMENT that the column `source` has, given to `target` too (same table)."""
     if ctx.x.dry_run and not ctx.has("column", source):
         return []
@@ -70,15 +70,15 @@ def carry_statements(ctx: Context, source: str, target: str) -> list[sql.Composa
         out.append(Q("GRANT {} ({}) ON {} TO {}{}").format(  # grantee 0 (no role) is PUBLIC
             Q(privilege), I(target), ctx.table, Q("PUBLIC") if grantee is None else I(grantee),
             Q(" WITH GRANT OPTION") if grantable else Q("")))
-    comment = conn.execute("SELECT col_description(to_regclass(%s), (SELECT attnum FROM pg_attribute WHERE "
-                           "attrelid = to_regclass(%s) AND attname = %s))",
-                           (ctx.x.render(ctx.table), ctx.x.render(ctx.table), source)).fetchone()[0]
+    comment = db.scalar(conn, "SELECT col_description(to_regclass(%s), (SELECT attnum FROM pg_attribute WHERE "
+                              "attrelid = to_regclass(%s) AND attname = %s))",
+                              (ctx.x.render(ctx.table), ctx.x.render(ctx.table), source))
     if comment is not None:
         out.append(Q("COMMENT ON COLUMN {} IS {}").format(I(*ctx.table_name, target), L(comment)))
     return out
 
 
-def set_default(ctx: Context, value: str | None) -> list[sql.Composable]:
+def set_default(ctx: Context, value: str | None) -> list[sql.Composed]:
     if value is None:
         return []
     return [Q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(

@@ -19,17 +19,17 @@ from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import create_triggers, refuse_later_triggers, remove_sync, reverse_function
 
 
-def lock_tables(ctxs: list[Context], mode: str = "ACCESS EXCLUSIVE") -> sql.Composable:
+def lock_tables(ctxs: list[Context], mode: str = "ACCESS EXCLUSIVE") -> sql.Composed:
     """LOCK every table of the playbook, in one fixed (sorted) order, as the first statement of the swap."""
     names = sorted({ctx.m.table.schema_ + "\x00" + ctx.m.table.name: ctx.table for ctx in ctxs}.items())
     return Q("LOCK TABLE {} IN {} MODE").format(Q(", ").join(t for _, t in names), Q(mode))
 
 
-def all_of(queries) -> sql.Composable:
+def all_of(queries) -> sql.Composed:
     return Q("SELECT ({})").format(Q(") AND (").join(list(queries)))
 
 
-def any_of(queries) -> sql.Composable:
+def any_of(queries) -> sql.Composed:
     return Q("SELECT ({})").format(Q(") OR (").join(list(queries)))
 
 
@@ -70,7 +70,7 @@ class SwapColumns(Phase):
     def old_check(self, ctx: Context) -> str:
         return _suffixed(f"_ec_{ctx.m.retired}", "_nn")
 
-    def swapped(self, ctx: Context) -> sql.Composable:
+    def swapped(self, ctx: Context) -> sql.Composed:
         return ctx.exists_query("column", ctx.m.retired)
 
     # -- expand -----------------------------------------------------------------------------------
@@ -78,8 +78,8 @@ class SwapColumns(Phase):
         if ctx.x.dry_run or ctx.has("column", ctx.m.retired):
             return
         conn = ctx.x.conn
-        oid = catalog.table_oid(conn, *ctx.table_name)
-        info = catalog.column(conn, oid, ctx.m.column.name)
+        oid = catalog.existing_table_oid(conn, *ctx.table_name)
+        info = catalog.existing_column(conn, oid, ctx.m.column.name)
         ours = (ctx.pb.app_versions.old, ctx.pb.app_versions.new) if ctx.pb.app_versions else ()
         blockers = catalog.column_dependents(conn, oid, info["attnum"], ours)
         if blockers:
@@ -138,7 +138,7 @@ class SwapColumns(Phase):
                  skip_if=self.swapped(ctx), lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)",
                  what="validate NOT NULL check", online=True)
 
-    def _swap_statements(self, ctx: Context, default_label: str | None) -> list[sql.Composable]:
+    def _swap_statements(self, ctx: Context, default_label: str | None) -> list[sql.Composed]:
         t, f = ctx.table, ctx.facts
         prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
         if f.not_null:
@@ -198,7 +198,7 @@ class SwapColumns(Phase):
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
         target_check.drop_all(ctxs)  # back on the shadow column: no trace of target.check
 
-    def _unswap_statements(self, ctx: Context) -> list[sql.Composable]:
+    def _unswap_statements(self, ctx: Context) -> list[sql.Composed]:
         from orchestrator.kinds.phases.dual_write import drop_triggers
         t, f = ctx.table, ctx.facts
         stmts = [*drop_triggers(ctx),
@@ -239,7 +239,10 @@ class SwapColumns(Phase):
 
     def _apply_fallback(self, ctx: Context) -> None:
         x, no_label = ctx.x, ctx.no_label()
-        fallback = ctx.m.mapping[ctx.m.rollback.fallback_label]
+        label = ctx.m.rollback.fallback_label
+        if label is None:  # never: only `unmapped: fallback` comes here, and the playbook requires the label then
+            raise RuntimeError(f"{ctx.m.label}: rollback.fallback_label is not set")
+        fallback = ctx.m.mapping[label]
         batch = ctx.pb.settings.batch_size
         pk = ctx.pk_row
         # no_label again outside the subquery: a row an app write changed meanwhile is re-checked, not clobbered

@@ -33,20 +33,20 @@ def name(ctx: Context) -> str:
     return _suffixed(f"_ec_{ctx.m.column.name}", "_check")
 
 
-def add_statement(ctx: Context) -> sql.Composable:
+def add_statement(ctx: Context) -> sql.Composed:
     return Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
         ctx.table, I(name(ctx)), expression(ctx.m.target.check, ctx.shadow))
 
 
-def validate_statement(ctx: Context) -> sql.Composable:
+def validate_statement(ctx: Context) -> sql.Composed:
     return Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(name(ctx)))
 
 
-def drop_statement(ctx: Context) -> sql.Composable:
+def drop_statement(ctx: Context) -> sql.Composed:
     return Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(name(ctx)))
 
 
-def _swapped(ctx: Context) -> sql.Composable:
+def _swapped(ctx: Context) -> sql.Composed:
     return ctx.exists_query("column", ctx.m.retired)
 
 

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg import sql
 
+from orchestrator.engine import db
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import Playbook, _suffixed
@@ -97,7 +98,7 @@ def remove_tracking(ctxs: list[Context]) -> None:
              Q("DROP SEQUENCE IF EXISTS {}").format(sequence(pb)), lock="none", what="drop the old-version note")
 
 
-def replace_views(ctx: Context, swapped: bool) -> list[sql.Composable]:
+def replace_views(ctx: Context, swapped: bool) -> list[sql.Composed]:
     """The views of both versions pointed at the columns as they are once the statement's transaction ends
     (the swap runs with both versions present: the new one since phase 4)."""
     if not enabled(ctx.pb):
@@ -129,7 +130,7 @@ def _refuse_foreign_objects(ctxs: list[Context], which: tuple[str, ...]) -> None
                           hint="choose another schema name in app_versions, or empty that schema")
 
 
-def _seen_old_definition(ctx: Context) -> sql.Composable:
+def _seen_old_definition(ctx: Context) -> sql.Composed:
     seq = ctx.x.render(sequence(ctx.pb))
     body = ctx.x.render(Q("""DECLARE now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
         BEGIN IF (SELECT last_value FROM {0}) < now_s THEN PERFORM setval({1}::regclass, now_s); END IF; END""")
@@ -150,7 +151,7 @@ def _columns(ctx: Context) -> list[str]:
     return [name for name, _ in _numbered_columns(ctx)]
 
 
-def _view(ctx: Context, version: str, swapped: bool) -> sql.Composable:
+def _view(ctx: Context, version: str, swapped: bool) -> sql.Composed:
     """The table's columns in its order; the migrated column at its original place, taken from the enum column
     (old version) or the varchar one (new version) as they are named when `swapped` says."""
     m = ctx.m
@@ -163,7 +164,8 @@ def _view(ctx: Context, version: str, swapped: bool) -> sql.Composable:
     # reverse migration after the contract re-added it as the last column, where it stood.
     ours = (enum_now, varchar_now)
     place = ctx.facts.attnum
-    items, placed = [], False
+    items: list[sql.Composable] = []
+    placed = False
     for name, attnum in _numbered_columns(ctx):
         if not placed and (name in ours if place is None else attnum >= place and name not in ours):
             items.append(migrated)
@@ -177,7 +179,7 @@ def _view(ctx: Context, version: str, swapped: bool) -> sql.Composable:
         view_name(ctx, version), options, join(items), ctx.table)
 
 
-def _defaults(ctx: Context, version: str) -> list[sql.Composable]:
+def _defaults(ctx: Context, version: str) -> list[sql.Composed]:
     """Views have no defaults of their own: the table's, and for the migrated column its version's value."""
     m, view = ctx.m, view_name(ctx, version)
     enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
@@ -199,7 +201,7 @@ def _defaults(ctx: Context, version: str) -> list[sql.Composable]:
     return out
 
 
-def _grants(ctx: Context, version: str) -> list[sql.Composable]:
+def _grants(ctx: Context, version: str) -> list[sql.Composed]:
     """The table's grants (and its columns') on the view, and USAGE on the version schema to the same roles."""
     m, view = ctx.m, view_name(ctx, version)
     enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
@@ -242,9 +244,9 @@ def old_last_seen(conn: psycopg.Connection, pb: Playbook) -> datetime | None:
     if not enabled(pb):
         return None
     name = sequence(pb).as_string(conn)
-    if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is None:
+    if db.scalar(conn, "SELECT to_regclass(%s)", (name,)) is None:
         return None
-    value, called = conn.execute(Q("SELECT last_value, is_called FROM {}").format(sequence(pb))).fetchone()
+    value, called = db.one(conn, Q("SELECT last_value, is_called FROM {}").format(sequence(pb)))
     return datetime.fromtimestamp(value, timezone.utc) if called and value > 0 else None
 
 
@@ -252,7 +254,7 @@ def refuse_if_old_version_active(conn: psycopg.Connection, pb: Playbook) -> None
     """Before the first contract step: the old version must have been quiet for settings.old_version_quiet_s."""
     seen = old_last_seen(conn, pb)
     quiet = pb.settings.old_version_quiet_s
-    if seen is None or quiet == 0:
+    if seen is None or quiet == 0 or pb.app_versions is None:  # (seen is None already without app_versions)
         return
     ago = max(0.0, (datetime.now(timezone.utc) - seen).total_seconds())  # clocks of client and server differ
     if ago < quiet:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from orchestrator.lab.rehearse import AFTER_CONTRACT, RehearsalResult, Step
+from orchestrator.lab.rehearse.model import AFTER_CONTRACT, RehearsalResult, Step
 from orchestrator.lab.traffic import StatementSample
 
 # --------------------------------------------------------------------------------------------------
@@ -234,9 +234,9 @@ def svg_plot(result: RehearsalResult, width: int = 1200, height: int = 470) -> s
                f'text-anchor="middle" fill="#374151">app statement latency (log scale)</text>')
     # Latency: per-pixel buckets, max and median.
     buckets: list[list[float]] = [[] for _ in range(pw)]
-    for s in samples:
-        if s.error is None:
-            buckets[min(pw - 1, int(pw * s.t / t_end))].append(s.latency_ms)
+    for sample in samples:
+        if sample.error is None:
+            buckets[min(pw - 1, int(pw * sample.t / t_end))].append(sample.latency_ms)
     # One polyline per run of non-empty buckets: the moments the app was held show as gaps.
     runs: list[tuple[list[str], list[str]]] = []
     empty = 0
@@ -261,12 +261,12 @@ def svg_plot(result: RehearsalResult, width: int = 1200, height: int = 470) -> s
         out.append(f'<circle cx="{x(ls.t):.1f}" cy="{y(ls.max_wait_ms):.1f}" r="2.2" fill="#f59e0b" '
                    f'stroke="#92400e" stroke-width="0.4"><title>{ls.waiting} app backends waiting on '
                    f'{e(ls.events)} for {ls.max_wait_ms:.1f} ms</title></circle>')
-    for s in samples:
-        if s.error is not None:
-            cx, cy = x(s.t), top + 8
+    for sample in samples:
+        if sample.error is not None:
+            cx, cy = x(sample.t), top + 8
             out.append(f'<path d="M{cx - 4:.1f},{cy - 4:.1f} L{cx + 4:.1f},{cy + 4:.1f} M{cx - 4:.1f},{cy + 4:.1f} '
-                       f'L{cx + 4:.1f},{cy - 4:.1f}" stroke="#b91c1c" stroke-width="2"><title>{e(s.kind)}: '
-                       f'{e(s.error or "")}</title></path>')
+                       f'L{cx + 4:.1f},{cy - 4:.1f}" stroke="#b91c1c" stroke-width="2"><title>{e(sample.kind)}: '
+                       f'{e(sample.error or "")}</title></path>')
     out.append("</svg>")
     return "\n".join(out)
 
