@@ -106,7 +106,8 @@ def test_app_update_trigger_refused_by_default_then_fired_when_the_playbook_says
     assert query(dsn, "SELECT count(*) FROM _orchestrator.backfills")[0][0] == 0
 
     # The operator accepts the side effects: a tunable, so the same migration goes on (no fingerprint change).
-    r = cli("run", "3", dsn=dsn, playbook_path=playbook_file(tmp_path / "fire.yaml", **{"settings.app_triggers": "fire"}))
+    r = cli("run", "3", dsn=dsn,
+            playbook_path=playbook_file(tmp_path / "fire.yaml", **{"settings.app_triggers": "fire"}))
     assert r.returncode == 0, r.stderr[-3000:]
     for t in TABLES:
         rows, old = stamps(dsn, t)
@@ -263,7 +264,8 @@ def test_online_timeout_refusal_names_the_session_still_in_the_way(dsn, tmp_path
     assert r.returncode == 3, r.stderr[-3000:]
     line = error_line(r)
     assert still == [("idle in transaction",)], still
-    assert f"pid {report.pid} (" in line and "idle in transaction" in line and "SELECT count(*) FROM audit" in line, line
+    assert (f"pid {report.pid} (" in line and "idle in transaction" in line
+            and "SELECT count(*) FROM audit" in line), line
     assert "virtualxid" in line and "online_lock_timeout_ms=1500ms" in line, line
     assert "blocker has gone" not in line, line
     builds = builds_in_run_log(dsn)

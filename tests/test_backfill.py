@@ -243,4 +243,5 @@ def test_ddl_cancels_an_autovacuum_that_would_outlast_every_lock_timeout(dsn, pg
     finally:
         execute(admin, "ALTER SYSTEM RESET autovacuum_naptime")
         execute(admin, "SELECT pg_reload_conf()")
-        execute(dsn, "ALTER TABLE workflow_templates RESET (autovacuum_vacuum_cost_delay, autovacuum_vacuum_cost_limit)")
+        execute(dsn, "ALTER TABLE workflow_templates "
+                     "RESET (autovacuum_vacuum_cost_delay, autovacuum_vacuum_cost_limit)")

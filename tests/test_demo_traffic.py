@@ -27,7 +27,8 @@ def _columns(snap: dict, table: str) -> dict[str, dict]:
 
 def _table_values(conn, names: SeedNames, ids) -> dict[str, str]:
     rows = conn.execute(
-        sql.SQL("SELECT id, {}::text FROM {} WHERE id = ANY(%s)").format(sql.Identifier(names.column), names.table_ident),
+        sql.SQL("SELECT id, {}::text FROM {} WHERE id = ANY(%s)").format(sql.Identifier(names.column),
+                                                                          names.table_ident),
         [list(ids)],
     ).fetchall()
     return dict(rows)
@@ -82,7 +83,8 @@ def test_insert_rows(conn, names):
     insert_rows(conn, 500, names)  # a second call must not collide with the first
     t, col = names.table_ident, sql.Identifier(names.column)
     total, distinct, lmin, lmax, owners = conn.execute(
-        sql.SQL("SELECT count(*), count(DISTINCT id), min(length(id)), max(length(id)), count(DISTINCT owner_id) FROM {}")
+        sql.SQL("SELECT count(*), count(DISTINCT id), min(length(id)), max(length(id)), "
+                "count(DISTINCT owner_id) FROM {}")
         .format(t)
     ).fetchone()
     assert (total, distinct, lmin, lmax) == (3_000, 3_000, 26, 26)
@@ -146,7 +148,8 @@ def test_schema_snapshot_sees_every_object_kind_but_not_orchestrator_schema(conn
 
     steps = {
         "functions": "CREATE FUNCTION public.sync_wt() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$",
-        "triggers": "CREATE TRIGGER wt_sync BEFORE INSERT ON workflow_templates FOR EACH ROW EXECUTE FUNCTION sync_wt()",
+        "triggers": "CREATE TRIGGER wt_sync BEFORE INSERT ON workflow_templates "
+                    "FOR EACH ROW EXECUTE FUNCTION sync_wt()",
         "views": "CREATE VIEW wt_view AS SELECT id FROM workflow_templates",
         "constraints": "ALTER TABLE workflow_templates ADD CONSTRAINT name_len CHECK (length(name) > 0) NOT VALID",
         "indexes": "CREATE INDEX ix_extra ON workflow_templates (owner_id)",

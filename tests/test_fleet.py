@@ -149,7 +149,8 @@ def test_canary_rollout_stops_on_a_failing_target_and_resumes(six, tmp_path):
 
     st = status_json(inv, env, tmp_path)
     assert (st["t1"]["phase"], st["t1"]["state"], st["t1"]["phase_name"]) == (6, "applied", "seed_rows")
-    assert st["t1"]["backfill"]["finished"] and st["t1"]["backfill"]["rows_scanned"] == st["t1"]["backfill"]["rows_total"] > 0
+    assert (st["t1"]["backfill"]["finished"]
+            and st["t1"]["backfill"]["rows_scanned"] == st["t1"]["backfill"]["rows_total"] > 0)
     assert (st["t3"]["phase"], st["t3"]["state"], st["t3"]["step"]) == (0, "failed", "expand")
     assert "attempts" in st["t3"]["error"] and st["t3"]["error_at"] and st["t3"]["lock_retries"] >= 1
     assert st["t2"]["phase"] in (0, 6) and st["t2"]["state"] == ("applied" if st["t2"]["phase"] else "pending")

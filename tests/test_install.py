@@ -51,7 +51,8 @@ def test_the_install_has_no_lab_or_test_package(dba_venv):
     assert not present & LAB_AND_TEST, present & LAB_AND_TEST
     assert {"psycopg", "sqlalchemy", "alembic", "tenacity", "structlog"} <= present
     # the package runs from the virtualenv's site-packages, not from this checkout
-    where = subprocess.run([str(dba_venv / "bin" / "python"), "-c", "import orchestrator; print(orchestrator.__file__)"],
+    where = subprocess.run([str(dba_venv / "bin" / "python"), "-c",
+                            "import orchestrator; print(orchestrator.__file__)"],
                            capture_output=True, text=True, check=True, cwd=dba_venv.parent).stdout
     assert str(dba_venv) in where and str(ROOT / "orchestrator") not in where
 

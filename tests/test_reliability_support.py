@@ -320,6 +320,7 @@ def password_dsn(dsn: str, user: str, password: str) -> str:
 
 
 __all__ = ["AppWriter", "BACKWARD", "Blocker", "Chain", "FORWARD", "ROWS", "SETTINGS", "advisory_locks",
-           "argv", "build_chain", "clone", "crash_points", "spread", "drop", "error_line", "in_process", "load_playbook", "make_playbook",
+           "argv", "build_chain", "clone", "crash_points", "spread", "drop", "error_line", "in_process",
+           "load_playbook", "make_playbook",
            "orch_cli", "outcome", "outcome_diff", "password_dsn", "playbook_dict", "playbook_file",
            "state_summary", "status_json", "table_rows"]

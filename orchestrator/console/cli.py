@@ -178,7 +178,8 @@ def rollback(ctx: typer.Context, phase: int = typer.Argument(..., help="phase nu
 @app.command(epilog=output.EXIT_CODES)
 def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase number; default all"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the SQL; change nothing"),
-             yes: bool = typer.Option(False, "--yes", "-y", help="confirm the contract (going back after it is a reverse migration)"),
+             yes: bool = typer.Option(False, "--yes", "-y",
+                                      help="confirm the contract (going back after it is a reverse migration)"),
              old_version_gone: bool = typer.Option(False, "--old-version-gone",
                                                    help="contract although the old app version wrote recently")):
     """Remove what the phases left behind, in order, once every phase is applied. Ends the rollback window.
@@ -550,8 +551,10 @@ def _revisions_dir(directory: Optional[str]) -> Path:
 @revisions_app.command("generate")
 def revisions_generate(
         ctx: typer.Context,
-        playbook: Optional[str] = typer.Option(None, "--playbook", "-p", help="playbook YAML (default: the global one)"),
-        directory: Optional[str] = typer.Option(None, "--dir", help="Alembic script directory (default: alembic.ini's)"),
+        playbook: Optional[str] = typer.Option(None, "--playbook", "-p",
+                                               help="playbook YAML (default: the global one)"),
+        directory: Optional[str] = typer.Option(None, "--dir",
+                                                help="Alembic script directory (default: alembic.ini's)"),
         depends_on: Optional[list[str]] = typer.Option(None, "--depends-on",
                                                        help="application revision the branch needs (repeatable)"),
         branch_label: Optional[str] = typer.Option(None, "--branch-label", help="default: the playbook name")):
@@ -572,7 +575,8 @@ def revisions_generate(
 def revisions_check(
         playbook: Optional[list[str]] = typer.Option(None, "--playbook", "-p",
                                                      help="check only this playbook (default: every one with files)"),
-        directory: Optional[str] = typer.Option(None, "--dir", help="Alembic script directory (default: alembic.ini's)")):
+        directory: Optional[str] = typer.Option(None, "--dir",
+                                                help="Alembic script directory (default: alembic.ini's)")):
     """Exit 1 when the revision files and the playbooks disagree (edited playbook, missing or stale file).
 
     Example: orchestrator revisions check

@@ -86,8 +86,9 @@ def _fleet(ctx: typer.Context,
                                                            "command runs"),
            metrics_addr: str = typer.Option("127.0.0.1", "--metrics-addr", help="address of the metrics endpoint"),
            metrics_textfile: Optional[Path] = typer.Option(None, "--metrics-textfile",
-                                                           help="write the metrics to this .prom file (node_exporter "
-                                                                "textfile collector) after each target and at the end")):
+                                                           help="write the metrics to this .prom file "
+                                                                "(node_exporter textfile collector) after each target "
+                                                                "and at the end")):
     ctx.obj = FleetOpts(ctx, ctx.obj, inventory, metrics_port, metrics_addr, metrics_textfile)
 
 
@@ -169,7 +170,8 @@ def _status_table(st: dict) -> Table:
             progress = f"{bf['rows_scanned']:,}/{bf['rows_total']:,}" + (" done" if bf["finished"] else "") + (
                 f" {bf['rows_per_s']:,} rows/s" if bf["rows_per_s"] and not bf["finished"] else "")
         phase = "-" if not t["reachable"] else f"{t['phase']} {t['phase_name'] or ''}".strip()
-        table.add_row(t["name"], t["wave"], t["env"] or "", phase, t["state"] + (f" ({t['step']})" if t["step"] else ""),
+        table.add_row(t["name"], t["wave"], t["env"] or "", phase,
+                      t["state"] + (f" ({t['step']})" if t["step"] else ""),
                       progress, "; ".join(h["reason"] for h in t["throttles"]), (t["error"] or "")[:100])
     return table
 
@@ -195,7 +197,8 @@ def fleet_run(ctx: typer.Context, phase: int = typer.Argument(..., help="phase n
 
 @fleet_app.command("contract")
 def fleet_contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, help="phase; default all"),
-                   yes: bool = typer.Option(False, "--yes", "-y", help="confirm the contract (going back after it is a reverse migration)"),
+                   yes: bool = typer.Option(False, "--yes", "-y",
+                                            help="confirm the contract (going back after it is a reverse migration)"),
                    as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON")):
     """Contract every target, wave by wave (ends the rollback window). Needs --yes off a terminal.
 

@@ -19,7 +19,8 @@ from orchestrator.engine.playbook import Settings
 
 
 def _ours(statement: str, _before: list[str]) -> bool:
-    return '"_ec_' in statement or '"~ec_' in statement  # objects the orchestrator created itself (trigger functions, helper checks)
+    # objects the orchestrator created itself (trigger functions, helper checks)
+    return '"_ec_' in statement or '"~ec_' in statement
 
 
 def _after_validate(_statement: str, before: list[str]) -> bool:

@@ -144,10 +144,11 @@ class Backfill:
         estimate = self.x.scalar(Q("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass({})")
                                  .format(L(self.x.render(self.ctx.table))))
         self.x.conn.execute(Q("""INSERT INTO {} (playbook, target, cursor, end_key, rows_estimate, batch_size,
-                                                  started_at, updated_at) VALUES (%s, %s, NULL, %s, %s, %s, now(), now())
+                                                  started_at, updated_at)
+                                 VALUES (%s, %s, NULL, %s, %s, %s, now(), now())
                                  ON CONFLICT (playbook, target) DO NOTHING""").format(self.state.t("backfills")),
-                            (self.state.playbook, self.key, json.dumps(list(end[0]) if end else None, default=str), estimate,
-                             self.s.batch_size))
+                            (self.state.playbook, self.key, json.dumps(list(end[0]) if end else None, default=str),
+                             estimate, self.s.batch_size))
         return self._progress()
 
     def _progress(self) -> dict:

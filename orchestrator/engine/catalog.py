@@ -190,13 +190,25 @@ def column_indexes(conn: psycopg.Connection, oid: int, attnum: int) -> tuple[lis
 
 
 def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_schemas: tuple = ()) -> list[str]:
-    """Objects depending on the column other than its own default and indexes: views, constraints, ...
-    (the orchestrator's own version views, in `own_view_schemas`, excepted)."""
+    """Objects depending on the column other than its own default and indexes: views, constraints, generated
+    columns, ... (the orchestrator's own version views, in `own_view_schemas`, excepted)."""
+    # A generated column reading this one depends on it through its expression (pg_attrdef, up to 17) or itself
+    # (pg_class with the column's number, 18); a default never reads a column, so no other pg_attrdef does.
     rows = conn.execute(r"""
-        SELECT pg_describe_object(d.classid, d.objid, d.objsubid), d.classid::regclass::text
+        SELECT CASE WHEN d.classid IN ('pg_class'::regclass, 'pg_attrdef'::regclass)
+                    THEN format('generated column %%I (its expression reads the column: drop it, and re-create it '
+                                'on the new column after the swap)', (
+                         SELECT a.attname FROM pg_attribute a LEFT JOIN pg_attrdef ad ON ad.oid = d.objid
+                         WHERE (d.classid = 'pg_class'::regclass AND a.attrelid = d.objid AND a.attnum = d.objsubid)
+                            OR (a.attrelid = ad.adrelid AND a.attnum = ad.adnum)))
+                    ELSE pg_describe_object(d.classid, d.objid, d.objsubid) END,
+               d.classid::regclass::text
         FROM pg_depend d
         WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s AND d.refobjsubid = %s
-          AND d.classid NOT IN ('pg_attrdef'::regclass, 'pg_class'::regclass)
+          AND NOT (d.classid = 'pg_class'::regclass AND d.objsubid = 0)  -- indexes: column_indexes
+          AND NOT (d.classid = 'pg_attrdef'::regclass AND EXISTS (  -- the column's own default
+               SELECT FROM pg_attrdef ad
+               WHERE ad.oid = d.objid AND ad.adrelid = d.refobjid AND ad.adnum = d.refobjsubid))
           AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
                SELECT FROM pg_constraint c WHERE c.oid = d.objid AND c.contype IN ('p', 'n')))
           AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (  -- our own version views
@@ -214,16 +226,19 @@ def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_
     return sorted(set(out))
 
 
-def type_dependents(conn: psycopg.Connection, type_oid: int, oid: int, attnum: int) -> list[str]:
-    """Other users of the enum type (columns, functions, casts...), which would stop DROP TYPE."""
+def type_dependents(conn: psycopg.Connection, type_oid: int, columns: list[tuple[int, int]]) -> list[str]:
+    """Other users of the enum type (columns, functions, casts...), which would stop DROP TYPE. `columns`:
+    (table oid, attnum) of the columns the playbook migrates: they and their defaults go with the migration."""
+    oids, attnums = [c[0] for c in columns], [c[1] for c in columns]
     rows = conn.execute("""
+        WITH ours(oid, attnum) AS (SELECT * FROM unnest(%s::oid[], %s::int2[]))
         SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
         FROM pg_depend d
         WHERE d.refclassid = 'pg_type'::regclass AND d.refobjid = %s AND d.deptype = 'n'
-          AND NOT (d.classid = 'pg_class'::regclass AND d.objid = %s AND d.objsubid = %s)
+          AND NOT (d.classid = 'pg_class'::regclass AND (d.objid, d.objsubid) IN (SELECT oid, attnum FROM ours))
           AND NOT (d.classid = 'pg_attrdef'::regclass AND d.objid IN (
-               SELECT ad.oid FROM pg_attrdef ad WHERE ad.adrelid = %s AND ad.adnum = %s))
-        ORDER BY 1""", (type_oid, oid, attnum, oid, attnum)).fetchall()
+               SELECT ad.oid FROM pg_attrdef ad JOIN ours ON ad.adrelid = ours.oid AND ad.adnum = ours.attnum))
+        ORDER BY 1""", (oids, attnums, type_oid)).fetchall()
     return [r[0] for r in rows]
 
 
@@ -368,13 +383,13 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
             where = ", ".join(f"{t}.{c}" if s == "public" else f"{s}.{t}.{c}" for s, t, c in others)
             raise BadInput(f"columns: {where} also uses the enum type {schema}.{name}, which the playbook drops; "
                            f"list it under 'columns' (or set settings.drop_enum_type: false to keep the type)")
-        blockers = []
+        columns = []
         for facts in found:
             if facts[0].attnum is None:  # never: inspected just now (only state stored by old versions lacks it)
                 raise RuntimeError(f"no attnum in the facts of table oid {facts[2]}")
-            blockers += [d for d in type_dependents(conn, type_oid, facts[2], facts[0].attnum)
-                         if not d.startswith("column ")]  # columns: covered above, per column
-        blockers = sorted(set(blockers))
+            columns.append((facts[2], facts[0].attnum))
+        blockers = sorted({d for d in type_dependents(conn, type_oid, columns)
+                           if not d.startswith("column ")})  # columns: covered above
         if blockers:
             raise BadInput(f"enum type {schema}.{name}: " + "; ".join(
                 f"{d} uses the enum type (set settings.drop_enum_type: false to keep it)" for d in blockers))
@@ -391,6 +406,10 @@ def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) 
     oid = table_oid(conn, schema, table)
     if oid is None:
         raise BadInput(f"{f('table.name')}: {where} does not exist")
+    if db.scalar(conn, "SELECT relkind = 'p' OR relispartition FROM pg_class WHERE oid = %s", (oid,)):
+        # The scans read heap blocks of one relation (a parent has none) and the swap renames one table's column.
+        raise BadInput(f"{f('table.name')}: {where} is partitioned or a partition, which this version does not "
+                       "migrate online; nothing was changed")
     pk = primary_key(conn, oid)
     if not pk:
         raise BadInput(f"{f('table.name')}: {where} has no primary key; batches need one")

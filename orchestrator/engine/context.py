@@ -95,10 +95,13 @@ class Context:
 
     def old_value(self, expr: sql.Composable) -> sql.Composed:
         """What the enum copy holds for a new value: its label; for a value with no label, the fallback label
-        under `rollback.unmapped: fallback` (so the old version reads a label), else NULL."""
+        under `rollback.unmapped: fallback` (so the old version reads a label), else NULL. NULL stays NULL: it
+        is no value (and taking it for the fallback label would make an old-version INSERT of that label look
+        like a copy that agrees already, leaving the new column empty)."""
         rb = self.m.rollback
         if rb.unmapped == "fallback":
-            return Q("coalesce({}, {})").format(self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
+            return Q("CASE WHEN {} IS NULL THEN NULL ELSE coalesce({}, {}) END").format(
+                expr, self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
         return self.backward(expr)
 
     def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composed:
@@ -132,13 +135,16 @@ class Context:
                         AND attname = {} AND NOT attisdropped)""").format(
                 sql.Literal(self.x.render(self.table)), sql.Literal(name))
         if kind == "valid_index":
-            return Q("""SELECT EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass({}) AND indisvalid)""").format(
+            return Q("""SELECT EXISTS (SELECT FROM pg_index
+                        WHERE indexrelid = to_regclass({}) AND indisvalid)""").format(
                 sql.Literal(self.x.render(I(schema, name))))
         if kind == "trigger":
-            return Q("""SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname = {})""").format(
+            return Q("""SELECT EXISTS (SELECT FROM pg_trigger
+                        WHERE tgrelid = to_regclass({}) AND tgname = {})""").format(
                 sql.Literal(self.x.render(self.table)), sql.Literal(name))
         if kind == "constraint":
-            return Q("""SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {})""").format(
+            return Q("""SELECT EXISTS (SELECT FROM pg_constraint
+                        WHERE conrelid = to_regclass({}) AND conname = {})""").format(
                 sql.Literal(self.x.render(self.table)), sql.Literal(name))
         raise ValueError(kind)
 

@@ -415,8 +415,8 @@ class Playbook(Strict):
         if self.columns is None:
             if self.table is None or self.column is None:
                 missing = "table" if self.table is None else "column"
-                raise ValueError(f"playbook field '{missing}': required but missing (or list every column of the enum type "
-                                 f"under 'enum' and 'columns')")
+                raise ValueError(f"playbook field '{missing}': required but missing (or list every column of the "
+                                 f"enum type under 'enum' and 'columns')")
             if self.enum is not None:
                 raise ValueError("playbook field 'enum': goes with 'columns'; with 'table' and 'column' name the "
                                  "type in column.enum_type")

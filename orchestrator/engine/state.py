@@ -67,7 +67,8 @@ class State:
                    started_at timestamptz, finished_at timestamptz, run_by text, host text, env text, error text,
                    details jsonb NOT NULL DEFAULT '{{}}', PRIMARY KEY (playbook, phase))""").format(self.t("phases")),
             Q("""CREATE TABLE IF NOT EXISTS {} (
-                   playbook text NOT NULL, target text NOT NULL, cursor jsonb, end_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+                   playbook text NOT NULL, target text NOT NULL, cursor jsonb, end_key jsonb,
+                   rows_done bigint NOT NULL DEFAULT 0,
                    rows_scanned bigint NOT NULL DEFAULT 0,
                    rows_estimate bigint, batches int NOT NULL DEFAULT 0, batch_size int,
                    last_batch_ms real, max_batch_ms real, started_at timestamptz, updated_at timestamptz,

@@ -59,7 +59,8 @@ def to_python(pattern: str) -> re.Pattern:
 
     def bad(pos: int, why: str) -> PatternError:
         return PatternError(f"{why} at position {pos} of {pattern!r} (accepted: literals, . ^ $ ( ) (?: ) | "
-                            f"* + ? {{m,n}} and [...] of characters and ranges; see orchestrator/engine/target_rules.py)")
+                            f"* + ? {{m,n}} and [...] of characters and ranges; "
+                            f"see orchestrator/engine/target_rules.py)")
 
     while i < n:
         c = pattern[i]

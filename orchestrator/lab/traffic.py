@@ -162,7 +162,9 @@ class AppTraffic:
         self._n_writers = writers
         t, c = names.table_ident, sql.Identifier(names.column)
         self._sql = {
-            "insert_default": sql.SQL("INSERT INTO {} (id, owner_id, name) VALUES (%s, %s, %s) RETURNING {}").format(t, c),
+            "insert_default": sql.SQL(
+                "INSERT INTO {} (id, owner_id, name) VALUES (%s, %s, %s) RETURNING {}"
+            ).format(t, c),
             "insert_default_ep": sql.SQL(
                 "INSERT INTO {} (id, owner_id, name, execution_pattern) VALUES (%s, %s, %s, %s) RETURNING {}"
             ).format(t, c),
@@ -207,7 +209,8 @@ class AppTraffic:
                 self._workers[zlib.crc32(rid.encode()) % self._n_writers].own_spec_ids.append(rid)
         self._t0 = time.monotonic()
         for w in self._workers:
-            w.thread = threading.Thread(target=self._run, args=(w,), name=f"app-traffic-{w.role}-{w.index}", daemon=True)
+            w.thread = threading.Thread(target=self._run, args=(w,), name=f"app-traffic-{w.role}-{w.index}",
+                                        daemon=True)
             w.thread.start()
         return self
 

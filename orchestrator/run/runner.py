@@ -182,6 +182,8 @@ class Orchestrator:
                 if not rows and not self.dry_run:
                     raise Refused(f"phase {n} needs phase 1 first", hint="orchestrator run 1")
             if rows and rows[n].status == APPLIED:
+                if not self.dry_run:
+                    phase.reapply_all(self.contexts(facts))
                 log.info("already applied; nothing to do")
                 return "already applied"
             self._refuse_new_labels()

@@ -44,8 +44,8 @@ class BackfillPhase(Phase):
                     "settings.indexes_after_backfill DROP INDEX CONCURRENTLY the indexes it built")
     contract_doc = ("nothing to remove; with settings.reindex_on_contract REINDEX INDEX CONCURRENTLY each index of "
                     "the table but the retired column's, packed again (the backfill left them half empty)")
-    locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most lock_timeout; "
-                 "then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
+    locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most "
+                 "lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
         from orchestrator.engine.backfill import check_app_triggers

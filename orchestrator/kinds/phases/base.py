@@ -75,6 +75,10 @@ class Phase:
     def before_contract_all(self, ctxs: list[Context]) -> None:
         """Before the first contract step (after it there is no rollback): raise Refused if unsafe."""
 
+    def reapply_all(self, ctxs: list[Context]) -> None:
+        """`run N` of a phase already applied: put back what a step that stopped part-way (a rollback killed or
+        out of lock budget) may have left changed. Idempotent; by default there is nothing to put back."""
+
     def before_expand_all(self, ctxs: list[Context]) -> None:
         for c in ctxs:
             self.before_expand(c)

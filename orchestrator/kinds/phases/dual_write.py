@@ -25,13 +25,16 @@ INSERT, UPDATE = "_sync_ins", "_sync_upd"
 
 def forward_function(ctx: Context) -> sql.Composed:
     """Before the swap. The enum column is the old version's, the shadow the new version's (its view writes
-    it): whichever of the two a write changed is copied to the other; the enum side by default."""
+    it): whichever of the two a write changed is copied to the other; the enum side by default. Copies that
+    agree already are left alone: a new value with no enum label beside the enum copy's fallback label (or
+    NULL) is what the new version wrote, not something to overwrite with the enum side's mapping."""
     new, shadow = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.shadow)
     to_old = ctx.old_value(shadow)
-    wrote_new = _wrote(ctx.shadow, Q("NOT {}").format(ctx.copies_agree(new, shadow)))
+    disagree = Q("NOT {}").format(ctx.copies_agree(new, shadow))
+    wrote_new = _wrote(ctx.shadow, disagree)
     # Conditions in parentheses: PL/pgSQL would take a CASE's THEN for the IF's.
-    body = Q("IF ({}) THEN NEW.{} := {}; ELSE NEW.{} := {};{} END IF;").format(
-        wrote_new, ctx.col, to_old, ctx.shadow, ctx.forward(new), _seen_old(ctx, ctx.col))
+    body = Q("IF ({}) THEN NEW.{} := {}; ELSIF ({}) THEN NEW.{} := {};{} END IF;").format(
+        wrote_new, ctx.col, to_old, disagree, ctx.shadow, ctx.forward(new), _seen_old(ctx, ctx.col))
     return _function(ctx, ctx.fn("_fwd"), [body])
 
 
@@ -100,6 +103,7 @@ def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composed]:
     function = ctx.fn("_rev" if swapped else "_fwd")
     return [
         *drop_triggers(ctx),
+        *versions.old_write_trigger(ctx),
         Q("CREATE TRIGGER {} BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
             ctx.trigger(INSERT), ctx.table, function),
         Q("CREATE TRIGGER {} BEFORE UPDATE ON {} FOR EACH ROW WHEN ({}) EXECUTE FUNCTION {}()").format(
@@ -130,7 +134,8 @@ def refuse_later_triggers(ctx: Context) -> None:
 
 
 def drop_triggers(ctx: Context) -> list[sql.Composed]:
-    return [Q("DROP TRIGGER IF EXISTS {} ON {}").format(ctx.trigger(t), ctx.table) for t in (INSERT, UPDATE)]
+    return [*(Q("DROP TRIGGER IF EXISTS {} ON {}").format(ctx.trigger(t), ctx.table) for t in (INSERT, UPDATE)),
+            *versions.drop_old_write_trigger(ctx)]
 
 
 def drop_functions(ctx: Context) -> sql.Composed:
@@ -194,19 +199,20 @@ class DualWrite(Phase):
     def before_expand(self, ctx: Context) -> None:
         refuse_later_triggers(ctx)
 
-    # With app_versions, the version schemas come and go with the sync that makes their writes reach both columns.
+    # With app_versions, the old version's views come with phase 1 and the new version's with phase 4; the
+    # old version's writes are noted from here on.
     def expand_all(self, ctxs: list[Context]) -> dict | None:
         versions.install_tracking(ctxs)
-        details = super().expand_all(ctxs)
-        versions.install_views(ctxs, ("old",))
-        return details
+        return super().expand_all(ctxs)
 
     def rollback_all(self, ctxs: list[Context]) -> None:
-        versions.remove_views(ctxs)  # at contract 2 both versions' (the new one falls through to the tables)
         remove_sync(ctxs)
 
     def contract_all(self, ctxs: list[Context]) -> None:
-        self.rollback_all(ctxs)
+        # The old version is gone (the contract waited for its quiet). The new version keeps its views until
+        # contract 5 drops the enum column: only then do the tables look like them.
+        versions.remove_views(ctxs, ("old",))
+        remove_sync(ctxs)
 
     def uncontract_all(self, ctxs: list[Context]) -> None:
         # The sync is back already: the undo of the swap's contract (before this one) needed it for its backfill.

@@ -20,7 +20,7 @@ from orchestrator.engine import catalog, parity
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import shape, target_check
+from orchestrator.kinds.phases import shape, target_check, versions
 from orchestrator.kinds.phases.dual_write import install_sync
 from orchestrator.kinds.phases.shadow import AddShadowColumn
 
@@ -131,6 +131,9 @@ def restore(ctxs: list[Context]) -> dict:
     """Every step skips what is done, so a re-run after a crash resumes (the backfill at its stored cursor)."""
     from orchestrator.engine.backfill import Backfill, analyze  # the engine imports the phase context (cycle)
     create_type(ctxs)
+    # The new version's views first (contract 5 dropped them): its search_path leads to them again before the
+    # tables grow a column it does not know, so its statements keep their result type.
+    versions.install_views(ctxs, ("new",), swapped=True)
     for ctx in ctxs:
         add_enum_column(ctx)
     install_sync(ctxs, swapped=True)  # from here every write keeps the enum copy in step

@@ -48,7 +48,8 @@ class SeedRowsPhase(Phase):
         cols = [c for c in seed if c not in ctx.m.seed_rows.key]
         differs = join((Q("to_jsonb(t) -> {0} IS DISTINCT FROM to_jsonb(s) -> {0}").format(L(c)) for c in cols),
                        " OR ")
-        return Q("SELECT EXISTS (SELECT FROM {0} t, jsonb_populate_record(NULL::{0}, {1}) s WHERE {2} AND ({3}))").format(
+        return Q("SELECT EXISTS (SELECT FROM {0} t, jsonb_populate_record(NULL::{0}, {1}) s "
+                 "WHERE {2} AND ({3}))").format(
             ctx.table, L(Jsonb({c: seed[c] for c in cols})), self._key_cond(ctx, key, alias="t"),
             differs if cols else Q("false"))
 
@@ -56,9 +57,11 @@ class SeedRowsPhase(Phase):
         """(table, columns) of each foreign key with rows pointing at the row with this key."""
         fks = ctx.x.query(Q("""SELECT n.nspname, c.relname,
                                       array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
-                                            JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY i),
+                                            JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n
+                                            ORDER BY i),
                                       array(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
-                                            JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY i)
+                                            JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n
+                                            ORDER BY i)
                                FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
                                JOIN pg_namespace n ON n.oid = c.relnamespace
                                WHERE k.contype = 'f' AND k.confrelid = to_regclass({})""").format(

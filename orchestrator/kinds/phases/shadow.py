@@ -5,6 +5,7 @@ from __future__ import annotations
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, Q, extra_type, join, typed_literal
+from orchestrator.kinds.phases import versions
 from orchestrator.kinds.phases.base import Phase
 
 
@@ -20,6 +21,16 @@ class AddShadowColumn(Phase):
                     "DROP COLUMN shadow and the extra columns")
     locks_doc = ("ACCESS EXCLUSIVE for milliseconds (catalog only, under lock_timeout); index builds take "
                  "SHARE UPDATE EXCLUSIVE, which does not block reads or writes")
+
+    def expand_all(self, ctxs: list[Context]) -> dict | None:
+        # With app_versions, the old version's views come before its tables grow columns: a statement it
+        # prepared (SELECT *) is re-planned against a view of the columns it knows, not the wider table.
+        versions.install_views(ctxs, ("old",))
+        return super().expand_all(ctxs)
+
+    def rollback_all(self, ctxs: list[Context]) -> None:
+        super().rollback_all(ctxs)
+        versions.remove_views(ctxs, ("old",))  # the tables are as they were: the old version falls through to them
 
     def expand(self, ctx: Context) -> None:
         adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]

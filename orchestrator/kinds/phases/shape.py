@@ -53,7 +53,7 @@ def new_default(ctx: Context, label: str | None) -> str | None:
     return ctx.m.mapping[label] if label is not None else None
 
 
-def carry_statements(ctx: Context, source: str, target: str) -> list[sql.Composed]:
+def carry_statements(ctx: Context, source: str, target: str, *, comment: bool = True) -> list[sql.Composed]:
     """GRANTs and COMMENT that the column `source` has, given to `target` too (same table)."""
     if ctx.x.dry_run and not ctx.has("column", source):
         return []
@@ -70,11 +70,13 @@ def carry_statements(ctx: Context, source: str, target: str) -> list[sql.Compose
         out.append(Q("GRANT {} ({}) ON {} TO {}{}").format(  # grantee 0 (no role) is PUBLIC
             Q(privilege), I(target), ctx.table, Q("PUBLIC") if grantee is None else I(grantee),
             Q(" WITH GRANT OPTION") if grantable else Q("")))
-    comment = db.scalar(conn, "SELECT col_description(to_regclass(%s), (SELECT attnum FROM pg_attribute WHERE "
-                              "attrelid = to_regclass(%s) AND attname = %s))",
-                              (ctx.x.render(ctx.table), ctx.x.render(ctx.table), source))
-    if comment is not None:
-        out.append(Q("COMMENT ON COLUMN {} IS {}").format(I(*ctx.table_name, target), L(comment)))
+    if not comment:
+        return out
+    text = db.scalar(conn, "SELECT col_description(to_regclass(%s), (SELECT attnum FROM pg_attribute WHERE "
+                           "attrelid = to_regclass(%s) AND attname = %s))",
+                     (ctx.x.render(ctx.table), ctx.x.render(ctx.table), source))
+    if text is not None:
+        out.append(Q("COMMENT ON COLUMN {} IS {}").format(I(*ctx.table_name, target), L(text)))
     return out
 
 

@@ -7,22 +7,30 @@ reverse trigger, until the contract: that is the rollback window.
 
 from __future__ import annotations
 
+import psycopg
+import structlog
 from psycopg import sql
 
 from orchestrator.engine import catalog
+from orchestrator.engine.backfill import progress_key
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
-from orchestrator.engine.errors import Refused
+from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q, typed_literal
 from orchestrator.kinds.phases import restore_enum, shape, target_check, versions
 from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import create_triggers, refuse_later_triggers, remove_sync, reverse_function
 
+log = structlog.get_logger()
+
 
 def lock_tables(ctxs: list[Context], mode: str = "ACCESS EXCLUSIVE") -> sql.Composed:
-    """LOCK every table of the playbook, in one fixed (sorted) order, as the first statement of the swap."""
+    """LOCK every table of the playbook, in one fixed (sorted) order, as the first statement of the swap; the
+    version views (app_versions) before them, in the order an app statement through a view takes its locks
+    (the view, then its table): the other way round, each would wait for what the other holds."""
     names = sorted({ctx.m.table.schema_ + "\x00" + ctx.m.table.name: ctx.table for ctx in ctxs}.items())
-    return Q("LOCK TABLE {} IN {} MODE").format(Q(", ").join(t for _, t in names), Q(mode))
+    return Q("LOCK TABLE {} IN {} MODE").format(
+        Q(", ").join([*versions.existing_views(ctxs), *(t for _, t in names)]), Q(mode))
 
 
 def all_of(queries) -> sql.Composed:
@@ -175,14 +183,18 @@ class SwapColumns(Phase):
         for ctx in ctxs:
             x.atomic(reverse_function(ctx, closing=True), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
                      lock="none (function only)", what="refuse new values without an enum label")
+        try:
+            self._close_and_unswap(ctxs)
+        except BaseException:  # refused, out of lock budget, a lost connection, Ctrl-C: the sync as it was
+            self.reapply_all(ctxs)
+            raise
+        target_check.drop_all(ctxs)  # back on the shadow column: no trace of target.check
+
+    def _close_and_unswap(self, ctxs: list[Context]) -> None:
+        x = ctxs[0].x
         x.atomic(lock_tables(ctxs, "SHARE ROW EXCLUSIVE"), lock="SHARE ROW EXCLUSIVE on every table (waits for "
                  "the writes in flight, then released)", what="wait for writes in flight")
-        try:
-            self._resolve_unmapped(ctxs)
-        except Refused:
-            for ctx in ctxs:  # refused: the sync as it was
-                x.atomic(reverse_function(ctx), lock="none (function only)", what="restore the sync")
-            raise
+        self._resolve_unmapped(ctxs)
         for ctx in ctxs:
             if ctx.facts.not_null:
                 x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
@@ -196,7 +208,20 @@ class SwapColumns(Phase):
         x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
                  skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
-        target_check.drop_all(ctxs)  # back on the shadow column: no trace of target.check
+
+    def reapply_all(self, ctxs: list[Context]) -> None:
+        """The normal sync of the swapped state, in case a rollback that stopped part-way (killed, out of lock
+        budget) left the one that refuses new values without an enum label. Never raises: a failure here must
+        not hide the error that brought us here; `run 5` and the same rollback call it again."""
+        x = ctxs[0].x
+        if x.dry_run:
+            return
+        for ctx in ctxs:
+            try:
+                x.atomic(reverse_function(ctx), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
+                         lock="none (function only)", what="restore the sync")
+            except (OrchestratorError, psycopg.Error) as err:
+                log.warning("could not restore the sync", table=ctx.m.label, error=str(err))
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composed]:
         from orchestrator.kinds.phases.dual_write import drop_triggers
@@ -263,15 +288,16 @@ class SwapColumns(Phase):
                 x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(ix.retired_name)),
                                lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {ix.retired_name}")
             x.atomic(Q("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(ctx.table, ctx.retired),
-                     lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"drop the retired column of {ctx.m.label}")
+                     lock="ACCESS EXCLUSIVE (catalog only, milliseconds)",
+                     what=f"drop the retired column of {ctx.m.label}")
+        # The tables now look like the new version's views (versions._view): its search_path falls through to
+        # them with the same columns, so its prepared statements keep their result type.
+        versions.remove_views(ctxs, ("new",))
         if ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
             x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctxs[0].enum_type), lock="ACCESS EXCLUSIVE on the type only",
                      what="drop the enum type")
 
         if ctxs[0].state is not None and not x.dry_run:  # a later undo must backfill again, from the start
-            from orchestrator.engine.backfill import (
-                progress_key,  # the engine imports the phase context: import late (cycle)
-            )
             x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = ANY(%s)").format(
                 ctxs[0].state.t("backfills")), (ctxs[0].state.playbook, [progress_key(c, reverse=True) for c in ctxs]))
 

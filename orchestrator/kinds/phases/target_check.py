@@ -65,10 +65,18 @@ def prepare(ctx: Context) -> None:
         bad = Q("NOT ({})").format(expression(ctx.m.target.check, ctx.shadow))
         n, ids = ctx.sample_ids(bad, limit=10)
         values = x.query(Q("SELECT DISTINCT {}::text FROM {} WHERE {} LIMIT 5").format(ctx.shadow, ctx.table, bad))
+        # A value the new version wrote (no enum label, the enum copy holding the fallback label or NULL) is one
+        # the copies agree on: the backfill keeps it, so only correcting the row mends it.
+        written, written_ids = ctx.sample_ids(Q("({}) AND {}").format(bad, ctx.copies_agree(ctx.col, ctx.shadow)))
+        hint = ("orchestrator rollback 5, 4 and 3, then run 3, 4 and 5 again: the backfill rewrites those rows from "
+                "the mapping (or roll back every phase and change target.check)")
+        if written:
+            hint = (f"{written} of them hold a value the app wrote to {ctx.m.shadow} (e.g. ids {written_ids}), which "
+                    f"the backfill keeps: correct those rows, then run 5 again (or roll back every phase and change "
+                    f"target.check)")
         raise Refused(f"{ctx.m.label}: {n} rows hold a value that breaks target.check (e.g. ids {ids}, values "
                       f"{[v for (v,) in values]}); the swap was not started and nothing was changed",
-                      hint="orchestrator rollback 5, 4 and 3, then run 3, 4 and 5 again: the backfill rewrites "
-                           "those rows from the mapping (or roll back every phase and change target.check)") from None
+                      hint=hint) from None
 
 
 def drop(ctx: Context) -> None:

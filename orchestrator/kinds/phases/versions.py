@@ -1,4 +1,4 @@
-"""A schema of views per application version (playbook `app_versions`), from phase 2 until the contract.
+"""A schema of views per application version (playbook `app_versions`), from phase 1 until the contract.
 
 During a rolling deploy the old and the new app run side by side. The old version connects with
 `search_path=<old>,public` and sees each migrated table as a view whose column is the enum with its labels;
@@ -7,24 +7,39 @@ the new columns). The views are plain column lists, so PostgreSQL updates them i
 (dual_write) copy whichever column a version wrote to the other. The swap re-points both views in its own
 transaction (`CREATE OR REPLACE VIEW`, same names and types), so neither version sees it happen.
 
-The old version's writes are noted (a sequence set to the time, by a SECURITY DEFINER function the triggers
-call): `status` shows when it last wrote, and `contract` waits for `settings.old_version_quiet_s` of quiet.
+The new version's views have the shape its tables will have after the contract: the varchar column where it
+stands in the table (not where the enum column stood), so a statement the new version prepared against a view
+returns the same columns after contract 5 drops the retired column and the views, and its search_path falls
+through to the tables. The old version's views go at contract 2 (the old version is gone by then); the new
+version's at contract 5, once the tables look like them.
+
+The old version's writes are noted (a sequence set to the time, by a SECURITY DEFINER function): a statement
+trigger on each table notes every write of a session whose search_path holds the old version's schema,
+whatever columns it changes, and the sync triggers note writes of the enum column from anywhere. `status`
+shows when it last wrote, and `contract` waits for `settings.old_version_quiet_s` of quiet.
+
+The swap and its rollback lock the views before the tables: an app statement through a view locks the view,
+then its table, and taking them in the other order would leave each waiting for what the other holds.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from orchestrator.engine import db
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import Playbook, _suffixed
-from orchestrator.engine.sqlkit import I, L, Q, join, typed_literal
+from orchestrator.engine.sqlkit import I, L, Q, join
+from orchestrator.kinds.phases import shape
 
 SCHEMA_LOCK = "none on the tables (CREATE SCHEMA / VIEW: catalog only)"
+OLD_WRITES = "_old_writes"  # the statement trigger's suffix (Context.trigger_name)
 
 
 def enabled(pb: Playbook) -> bool:
@@ -40,35 +55,86 @@ def seen_old_function(ctx: Context) -> sql.Identifier:
     return I(ctx.m.table.schema_, _suffixed(f"_ec_{ctx.pb.name}", "_seen_old"))
 
 
+def old_write_function(ctx: Context) -> sql.Identifier:
+    return I(ctx.m.table.schema_, _suffixed(f"_ec_{ctx.pb.name}", "_old_writes"))
+
+
+def _schemas(pb: Playbook, version: str) -> list[str]:
+    return [version_schema(pb, version), *dict.fromkeys(s for s, _ in pb.tables)]
+
+
+def _path_item(schema: str) -> str:
+    """A schema as search_path reads it: bare when that reads back unchanged, else double-quoted."""
+    return schema if re.fullmatch(r"[a-z_][a-z0-9_]*", schema) else '"' + schema.replace('"', '""') + '"'
+
+
 def search_path(pb: Playbook, version: str) -> str:
-    schemas = [getattr(pb.app_versions, version), *dict.fromkeys(s for s, _ in pb.tables)]
-    return ", ".join(schemas)
+    return ", ".join(_path_item(s) for s in _schemas(pb, version))
 
 
 def connection_hints(pb: Playbook) -> dict | None:
-    """What each version's connections need, for `plan`, `status` and the README."""
+    """What each version's connections need, for `plan`, `status` and the README. `dsn_option` is a conninfo
+    key=value pair, quoted as libpq reads it (a space in a schema name is escaped in `options`)."""
     if not enabled(pb):
         return None
-    return {v: {"schema": getattr(pb.app_versions, v), "search_path": search_path(pb, v),
-                "dsn_option": f"options=-csearch_path={search_path(pb, v).replace(' ', '')}"}
-            for v in ("old", "new")}
+    out = {}
+    for v in ("old", "new"):
+        items = ",".join(_path_item(s) for s in _schemas(pb, v))
+        option = "-csearch_path=" + items.replace("\\", "\\\\").replace(" ", "\\ ")
+        out[v] = {"schema": version_schema(pb, v), "search_path": search_path(pb, v),
+                  "dsn_option": make_conninfo("", options=option)}
+    return out
+
+
+def version_schema(pb: Playbook, version: str) -> str:
+    if pb.app_versions is None:
+        raise RuntimeError("no app_versions in the playbook")
+    return str(getattr(pb.app_versions, version))
+
+
+def existing_views(ctxs: list[Context]) -> list[sql.Identifier]:
+    """The version views that exist now (all of them in a dry run), in a fixed order: what the swap locks first."""
+    pb, x = ctxs[0].pb, ctxs[0].x
+    if not enabled(pb):
+        return []
+    names = [view_name(ctx, v) for v in ("old", "new") for ctx in ctxs]
+    if x.dry_run:
+        return names
+    return [n for n in names if db.scalar(x.conn, "SELECT to_regclass(%s) IS NOT NULL", (x.render(n),))]
 
 
 # -- install / remove (phase 2) ---------------------------------------------------------------------------
 def install_tracking(ctxs: list[Context]) -> None:
-    """The sequence and the function the sync triggers call: before the triggers that call it."""
+    """The sequence and the functions the triggers call: before the triggers that call them."""
     pb, x = ctxs[0].pb, ctxs[0].x
     if not enabled(pb):
         return
     x.atomic(Q("CREATE SEQUENCE IF NOT EXISTS {} MINVALUE 0 START 0").format(sequence(pb)),
              *(_seen_old_definition(ctx) for ctx in _one_per_schema(ctxs)),
+             *(_old_writes_definition(ctx) for ctx in _one_per_schema(ctxs)),
              lock="none (sequence and function only)", what="note the old version's writes")
 
 
+def old_write_trigger(ctx: Context) -> list[sql.Composed]:
+    """A statement trigger noting every write of an old-version session, whichever columns it changes (the sync
+    triggers only see writes that touch the migrated column). Through a view, the table's statement triggers
+    are the ones that fire."""
+    if not enabled(ctx.pb):
+        return []
+    return [Q("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()")
+            .format(ctx.trigger(OLD_WRITES), ctx.table, old_write_function(ctx))]
+
+
+def drop_old_write_trigger(ctx: Context) -> list[sql.Composed]:
+    if not enabled(ctx.pb):
+        return []
+    return [Q("DROP TRIGGER IF EXISTS {} ON {}").format(ctx.trigger(OLD_WRITES), ctx.table)]
+
+
 def install_views(ctxs: list[Context], which: tuple[str, ...], swapped: bool = False) -> None:
-    """The old version's views come with the sync (phase 2); the new version's once every row has its new
-    value (phase 4, after parity): before that it would read NULL for rows the backfill has not reached.
-    `swapped`: both at once after the swap, when the undo of contract 2 brings them back."""
+    """The old version's views come first (phase 1, before the tables grow columns); the new version's once
+    every row has its new value (phase 4, after parity): before that it would read NULL for rows the backfill
+    has not reached. `swapped`: both at once after the swap, when the undo of contract 2 brings them back."""
     pb, x = ctxs[0].pb, ctxs[0].x
     if not enabled(pb):
         return
@@ -76,7 +142,11 @@ def install_views(ctxs: list[Context], which: tuple[str, ...], swapped: bool = F
     stmts = [Q("CREATE SCHEMA IF NOT EXISTS {}").format(I(getattr(pb.app_versions, v))) for v in which]
     for ctx in ctxs:
         for version in which:
-            stmts += [_view(ctx, version, swapped), *_defaults(ctx, version), *_grants(ctx, version)]
+            stmts += [_view(ctx, version, swapped), *_grants(ctx, version)]
+            if version == "new" and not swapped:
+                # Through its view the new version writes the shadow column: the column privileges the app's
+                # roles have on the column (GRANT INSERT (...) ...) are needed there from now, not at the swap.
+                stmts += shape.carry_statements(ctx, ctx.m.column.name, ctx.m.shadow, comment=False)
     x.atomic(*stmts, lock=SCHEMA_LOCK, what=f"create the {' and '.join(which)} version schema")
 
 
@@ -94,7 +164,8 @@ def remove_tracking(ctxs: list[Context]) -> None:
     pb, x = ctxs[0].pb, ctxs[0].x
     if not enabled(pb):
         return
-    x.atomic(*(Q("DROP FUNCTION IF EXISTS {}()").format(seen_old_function(ctx)) for ctx in _one_per_schema(ctxs)),
+    x.atomic(*(Q("DROP FUNCTION IF EXISTS {}(), {}()").format(old_write_function(ctx), seen_old_function(ctx))
+               for ctx in _one_per_schema(ctxs)),
              Q("DROP SEQUENCE IF EXISTS {}").format(sequence(pb)), lock="none", what="drop the old-version note")
 
 
@@ -130,6 +201,14 @@ def _refuse_foreign_objects(ctxs: list[Context], which: tuple[str, ...]) -> None
                           hint="choose another schema name in app_versions, or empty that schema")
 
 
+def _old_writes_definition(ctx: Context) -> sql.Composed:
+    # The invoker's search_path, not a fixed one: it is what tells an old-version session from the others.
+    body = ctx.x.render(Q("BEGIN IF {}::name = ANY (current_schemas(false)) THEN PERFORM {}(); END IF; "
+                          "RETURN NULL; END").format(L(version_schema(ctx.pb, "old")), seen_old_function(ctx)))
+    return Q("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
+        old_write_function(ctx), L(body))
+
+
 def _seen_old_definition(ctx: Context) -> sql.Composed:
     seq = ctx.x.render(sequence(ctx.pb))
     body = ctx.x.render(Q("""DECLARE now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
@@ -152,19 +231,31 @@ def _columns(ctx: Context) -> list[str]:
 
 
 def _view(ctx: Context, version: str, swapped: bool) -> sql.Composed:
-    """The table's columns in its order; the migrated column at its original place, taken from the enum column
-    (old version) or the varchar one (new version) as they are named when `swapped` says."""
+    """The table's columns in its order, the migrated column taken from the enum column (old version) or the
+    varchar one (new version) as they are named when `swapped` says. The old version sees it at its original
+    place; the new version where the varchar column stands, the shape the table has after the contract."""
     m = ctx.m
     enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
     varchar_now = m.column.name if enum_now == m.retired else m.shadow
     enum_then, varchar_then = (m.retired, m.column.name) if swapped else (m.column.name, m.shadow)
     extras = {c.name for c in m.extra_columns}
     migrated = Q("{} AS {}").format(I(enum_then if version == "old" else varchar_then), I(m.column.name))
+    options = Q(" WITH (security_invoker = true)") if ctx.x.conn.info.server_version >= 150000 else Q("")
+    if version == "new":
+        present = _columns(ctx)
+        if m.retired not in present and m.shadow not in present:  # one column: the contract dropped the other
+            enum_now, varchar_now = ("", m.column.name) if swapped else (m.column.name, "")
+        items: list[sql.Composable] = [migrated if name == varchar_now else I(name)
+                                       for name, _ in _numbered_columns(ctx) if name != enum_now]
+        if varchar_now not in present:  # only in a dry run before phase 1 added it
+            items.append(migrated)
+        return Q("CREATE OR REPLACE VIEW {}{} AS SELECT {} FROM {}").format(
+            view_name(ctx, version), options, join(items), ctx.table)
     # At the column's original place (phase 1 recorded its attnum): where the enum column stands, or, once a
     # reverse migration after the contract re-added it as the last column, where it stood.
     ours = (enum_now, varchar_now)
     place = ctx.facts.attnum
-    items: list[sql.Composable] = []
+    items = []
     placed = False
     for name, attnum in _numbered_columns(ctx):
         if not placed and (name in ours if place is None else attnum >= place and name not in ours):
@@ -174,36 +265,21 @@ def _view(ctx: Context, version: str, swapped: bool) -> sql.Composed:
             items.append(I(name))
     if not placed:
         items.append(migrated)
-    options = Q(" WITH (security_invoker = true)") if ctx.x.conn.info.server_version >= 150000 else Q("")
     return Q("CREATE OR REPLACE VIEW {}{} AS SELECT {} FROM {}").format(
         view_name(ctx, version), options, join(items), ctx.table)
 
 
-def _defaults(ctx: Context, version: str) -> list[sql.Composed]:
-    """Views have no defaults of their own: the table's, and for the migrated column its version's value."""
-    m, view = ctx.m, view_name(ctx, version)
-    enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
-    extras = {c.name for c in m.extra_columns}
-    rows = ctx.x.conn.execute("""SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
-                                 JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                                 WHERE a.attrelid = to_regclass(%s)""", (ctx.x.render(ctx.table),)).fetchall()
-    out = []
-    for name, expr in rows:
-        if name in (enum_now, m.shadow, m.retired, m.column.name) or (name in extras and version == "old"):
-            continue
-        # the server's own text of the default expression, as pg_dump uses it
-        out.append(Q("ALTER VIEW {} ALTER COLUMN {} SET DEFAULT {}").format(view, I(name), Q(expr)))
-    label = ctx.facts.default_label
-    if label is not None:
-        value = typed_literal(label, ctx.enum_type) if version == "old" else \
-            typed_literal(m.target.default or m.mapping[label], ctx.target_type)
-        out.append(Q("ALTER VIEW {} ALTER COLUMN {} SET DEFAULT {}").format(view, I(m.column.name), value))
-    return out
-
-
 def _grants(ctx: Context, version: str) -> list[sql.Composed]:
-    """The table's grants (and its columns') on the view, and USAGE on the version schema to the same roles."""
+    """Who may use the view. With security_invoker (PostgreSQL 15+) a view checks the caller's own privileges
+    on the table, column by column, so the view and its schema are open to PUBLIC and the table's grants decide,
+    those given after the views were made too (a role without USAGE on the version schema would silently skip
+    it on its search_path and read the table's column instead). Before 15 a view reads the table with its
+    owner's rights: the table's grants (and its columns') are copied, with USAGE on the schema to those roles."""
     m, view = ctx.m, view_name(ctx, version)
+    schema = I(version_schema(ctx.pb, version))
+    if ctx.x.conn.info.server_version >= 150000:
+        return [Q("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO PUBLIC").format(view),
+                Q("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(schema)]
     enum_now = m.retired if m.retired in _columns(ctx) else m.column.name
     rows = ctx.x.conn.execute("""
         SELECT NULL::name, p.privilege_type, (SELECT rolname FROM pg_roles WHERE oid = p.grantee)
@@ -227,7 +303,6 @@ def _grants(ctx: Context, version: str) -> list[sql.Composed]:
         else:
             shown = m.column.name if column == enum_now else column
             out.append(Q("GRANT {} ({}) ON {} TO {}").format(Q(privilege), I(shown), view, who))
-    schema = I(getattr(ctx.pb.app_versions, version))
     out += [Q("GRANT USAGE ON SCHEMA {} TO {}").format(schema, Q("PUBLIC") if r is None else I(r))
             for r in sorted(roles, key=lambda r: r or "")]
     return out
