@@ -51,7 +51,10 @@ def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
     assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_workflow_templates_workflow_type_ecnew"' in text
     assert 'RENAME COLUMN "workflow_type_new" TO "workflow_type"' in text
     assert 'ALTER TABLE "public"."template_specs" ADD COLUMN IF NOT EXISTS "workflow_type_new"' in text
-    assert 'LOCK TABLE "public"."template_specs", "public"."workflow_templates" IN ACCESS EXCLUSIVE MODE' in text
+    # the version views first, in the order an app statement through a view takes its locks (view, then table)
+    assert ('LOCK TABLE "chatter_v1"."workflow_templates", "chatter_v1"."template_specs", '
+            '"chatter_v2"."workflow_templates", "chatter_v2"."template_specs", '
+            '"public"."template_specs", "public"."workflow_templates" IN ACCESS EXCLUSIVE MODE') in text
     assert "-- lock: ACCESS EXCLUSIVE (catalog only" in text and "-- lock: SHARE UPDATE EXCLUSIVE" in text
     assert "squawk prefer-text-field" in text and "accepted:" in text
     assert "UNSAFE" not in text

@@ -458,3 +458,26 @@ def test_item13_target_check_refusal_hint_under_fallback_leads_out(chatter_db):
         orch.close()
     execute(dsn, f"UPDATE template_specs SET workflow_type_new = 'medical_chat' WHERE id = '{rid}'")
     assert run(pb, dsn, 5) == ["applied"]
+
+
+# -- the seed made the column nullable: after the contract its new model may insert NULL; '' is still refused ----
+def test_the_reference_playbook_follows_the_seed_nullable_column(chatter_db):
+    dsn = chatter_db
+    pb = real_playbook()
+    assert pb.migrations[0].target.nullable
+    run(pb, dsn, 1, 2, 3, 4, 5, 6)
+    orch = Orchestrator(pb, dsn)
+    try:
+        orch.contract()
+    finally:
+        orch.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as the seed's new model (workflow_type=None) writes
+        for table, make in ((chatter.TEMPLATES, chatter.template_values), (chatter.SPECS, chatter.spec_values)):
+            values = make(new_id(), "unused")
+            values["workflow_type"] = None
+            conn.execute(chatter.insert_sql("public", table, tuple(values)), chatter.insert_params(values))
+            values = make(new_id(), "unused")
+            values["workflow_type"] = ""
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(chatter.insert_sql("public", table, tuple(values)), chatter.insert_params(values))
+    assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type IS NULL") == [(1,)]

@@ -163,14 +163,14 @@ class BeforeTemplateSpec(_SpecColumns, BeforeBase):
 
 class AfterWorkflowTemplate(_TemplateColumns, AfterBase):
     __tablename__ = chatter.TEMPLATES
-    workflow_type: Mapped[str] = mapped_column(String(50), sort_order=-1)
+    workflow_type: Mapped[str | None] = mapped_column(String(50), nullable=True, sort_order=-1)
     is_dynamic: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"), sort_order=2)
     execution_pattern: Mapped[str | None] = mapped_column(String(100), sort_order=2)
 
 
 class AfterTemplateSpec(_SpecColumns, AfterBase):
     __tablename__ = chatter.SPECS
-    workflow_type: Mapped[str] = mapped_column(String(50), sort_order=-1)
+    workflow_type: Mapped[str | None] = mapped_column(String(50), nullable=True, sort_order=-1)
 
 
 # Every mapped class of either version: each has the `id` and `workflow_type` columns.
