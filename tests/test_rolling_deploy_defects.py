@@ -481,3 +481,37 @@ def test_the_reference_playbook_follows_the_seed_nullable_column(chatter_db):
             with pytest.raises(psycopg.errors.CheckViolation):
                 conn.execute(chatter.insert_sql("public", table, tuple(values)), chatter.insert_params(values))
     assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE workflow_type IS NULL") == [(1,)]
+
+
+# -- found by the model: a value with no label left in the new column after the sync is gone ------------------
+@pytest.mark.parametrize("policy", ["fallback", "refuse"])
+def test_a_new_value_left_behind_by_a_rolled_back_sync_does_not_outlive_old_writes(chatter_db, policy):
+    """Phases 1-4, the new version inserts a value with no enum label, then rollback 4, 3 and 2: without the sync
+    that value would stay in the new column while the old version writes the row (to the fallback label, say),
+    and the next backfill would keep it, as if the copies agreed. Under fallback the rollback of the sync gives
+    it the fallback label's value; under refuse it refuses, naming the row."""
+    dsn = chatter_db
+    if policy == "refuse":  # a value with no label needs a nullable enum column before the swap
+        execute(dsn, "ALTER TABLE template_specs ALTER COLUMN workflow_type DROP NOT NULL")
+    pb = real_playbook(**{"rollback.unmapped": policy})
+    run(pb, dsn, 1, 2, 3, 4)
+    rid = new_id()
+    with connect(dsn, NEW) as new:
+        chatter.insert_spec(new, rid, "medical_chat", schema=NEW)
+    orch = Orchestrator(pb, dsn)
+    try:
+        orch.rollback(4)
+        orch.rollback(3)
+        if policy == "refuse":
+            with pytest.raises(Refused, match=rid):
+                orch.rollback(2)
+            return
+        orch.rollback(2)
+    finally:
+        orch.close()
+    with connect(dsn, OLD) as old:
+        old.execute("UPDATE template_specs SET workflow_type = 'rag' WHERE id = %s", (rid,))
+        old.execute("UPDATE template_specs SET workflow_type = 'plain' WHERE id = %s", (rid,))
+    run(pb, dsn, 2, 3, 4)
+    assert query(dsn, "SELECT workflow_type::text, workflow_type_new FROM template_specs WHERE id = %s",
+                 (rid,)) == [("plain", "simple_chat")]

@@ -214,8 +214,9 @@ class Executor:
                                          "older": older}).fetchall()
         except psycopg.Error:
             return "blockers could not be listed"
-        if not rows:
-            return "the blocker has gone"
+        if not rows:  # each wait was behind some statement that had finished by now: a busy queue, not one session
+            return ("no session holds a lock in the way now: the waits were behind short statements that came and "
+                    "went (a busy lock queue)")
         return "blocked by " + "; ".join(_blocker(*row) for row in rows)
 
     # -- statements -------------------------------------------------------------------------------

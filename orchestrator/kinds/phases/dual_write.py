@@ -14,7 +14,7 @@ from typing import Sequence
 
 from psycopg import sql
 
-from orchestrator.engine.context import Context
+from orchestrator.engine.context import Context, unlabeled_refusal
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import L, Q, Stmt, case_map
 from orchestrator.kinds.phases import versions
@@ -171,6 +171,28 @@ def remove_sync(ctxs: list[Context]) -> None:
     versions.remove_tracking(ctxs)  # after the triggers that call it
 
 
+def _unlabeled_shadow(ctx: Context) -> sql.Composed:
+    """Rows whose new column holds a value with no enum label (the new version's, before the swap)."""
+    return Q("{} IS NOT NULL AND {} IS NULL").format(ctx.shadow, ctx.backward(ctx.shadow))
+
+
+def _fallback_shadow(ctx: Context) -> None:
+    """Under fallback: those values become the fallback label's value, as the enum copy already reads, in
+    batches (re-checked outside the subquery: a row written meanwhile is not clobbered)."""
+    x = ctx.x
+    if x.dry_run:
+        x.note(f"-- rows WHERE {x.render(_unlabeled_shadow(ctx))}: {ctx.m.shadow} = the fallback label's value")
+        return
+    if not ctx.has("column", ctx.m.shadow):
+        return
+    cond, pk = _unlabeled_shadow(ctx), ctx.pk_row
+    stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {}) AND {}").format(
+        ctx.table, ctx.shadow, ctx.forward(ctx.col), pk, pk, ctx.table, cond, L(ctx.pb.settings.batch_size), cond)
+    while x.atomic(stmt, lock="ROW EXCLUSIVE", what="give the new column the fallback label's value",
+                   skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(ctx.table, cond)):
+        pass
+
+
 class DualWrite(Phase):
     name = "dual_write"
     title = "install the dual-write trigger"
@@ -205,7 +227,26 @@ class DualWrite(Phase):
         versions.install_tracking(ctxs)
         return super().expand_all(ctxs)
 
+    def before_rollback_all(self, ctxs: list[Context]) -> None:
+        """Without the sync the new column is no longer kept in step. A value with no enum label the new version
+        wrote there would outlive it and later pass for a copy that agrees (beside the fallback label, or NULL),
+        so the backfill of a new attempt would keep it over what the old version wrote since. Under refuse:
+        refuse, naming the rows; under fallback the rollback gives them the fallback label's value."""
+        if ctxs[0].x.dry_run or ctxs[0].m.rollback.unmapped != "refuse":
+            return
+        found = []
+        for ctx in ctxs:
+            if ctx.has("column", ctx.m.shadow):
+                n, ids = ctx.sample_ids(_unlabeled_shadow(ctx))
+                if n:
+                    found.append((ctx, n, ids))
+        if found:
+            raise unlabeled_refusal("rollback of the sync", ctxs, found)
+
     def rollback_all(self, ctxs: list[Context]) -> None:
+        if ctxs[0].m.rollback.unmapped == "fallback":
+            for ctx in ctxs:
+                _fallback_shadow(ctx)
         remove_sync(ctxs)
 
     def contract_all(self, ctxs: list[Context]) -> None:
