@@ -359,5 +359,5 @@ def test_rolling_deploy_model(pg_server, template):
 
 @pytest.mark.slow
 def test_rolling_deploy_model_long(pg_server, template):
-    _run(pg_server, template, int(os.environ.get("ROLLING_DEPLOY_EXAMPLES", 60)),
+    _run(pg_server, template, int(os.environ.get("ROLLING_DEPLOY_EXAMPLES", 40)),
          int(os.environ.get("ROLLING_DEPLOY_STEPS", 80)))
