@@ -151,6 +151,17 @@ class Context:
     def has(self, kind: str, name: str) -> bool:
         return bool(self.x.scalar(self.exists_query(kind, name)))
 
+    def update_in_batches(self, column: sql.Identifier, value: sql.Composable, where: sql.Composable, *,
+                          what: str) -> None:
+        """SET column = value on the rows matching `where`, a batch per short transaction. `where` again outside
+        the subquery: a row an app write changed meanwhile is re-checked, not clobbered."""
+        pk = self.pk_row
+        stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {}) AND {}").format(
+            self.table, column, value, pk, pk, self.table, where, sql.Literal(self.pb.settings.batch_size), where)
+        while self.x.atomic(stmt, lock="ROW EXCLUSIVE", what=what,
+                            skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(self.table, where)):
+            pass
+
     def sample_ids(self, where: sql.Composable, limit: int = 5) -> tuple[int, list]:
         """How many rows match, and a few of their primary keys, for messages that name rows."""
         n = self.x.scalar(Q("SELECT count(*) FROM {} WHERE {}").format(self.table, where))

@@ -183,14 +183,9 @@ def _fallback_shadow(ctx: Context) -> None:
     if x.dry_run:
         x.note(f"-- rows WHERE {x.render(_unlabeled_shadow(ctx))}: {ctx.m.shadow} = the fallback label's value")
         return
-    if not ctx.has("column", ctx.m.shadow):
-        return
-    cond, pk = _unlabeled_shadow(ctx), ctx.pk_row
-    stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {}) AND {}").format(
-        ctx.table, ctx.shadow, ctx.forward(ctx.col), pk, pk, ctx.table, cond, L(ctx.pb.settings.batch_size), cond)
-    while x.atomic(stmt, lock="ROW EXCLUSIVE", what="give the new column the fallback label's value",
-                   skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(ctx.table, cond)):
-        pass
+    if ctx.has("column", ctx.m.shadow):
+        ctx.update_in_batches(ctx.shadow, ctx.forward(ctx.col), _unlabeled_shadow(ctx),
+                              what="give the new column the fallback label's value")
 
 
 class DualWrite(Phase):

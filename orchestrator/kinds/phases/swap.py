@@ -263,19 +263,11 @@ class SwapColumns(Phase):
             self._apply_fallback(ctx)
 
     def _apply_fallback(self, ctx: Context) -> None:
-        x, no_label = ctx.x, ctx.no_label()
+        no_label = ctx.no_label()
         label = ctx.m.rollback.fallback_label
         if label is None:  # never: only `unmapped: fallback` comes here, and the playbook requires the label then
             raise RuntimeError(f"{ctx.m.label}: rollback.fallback_label is not set")
-        fallback = ctx.m.mapping[label]
-        batch = ctx.pb.settings.batch_size
-        pk = ctx.pk_row
-        # no_label again outside the subquery: a row an app write changed meanwhile is re-checked, not clobbered
-        stmt = Q("UPDATE {} SET {} = {} WHERE {} IN (SELECT {} FROM {} WHERE {} LIMIT {}) AND {}").format(
-            ctx.table, ctx.col, L(fallback), pk, pk, ctx.table, no_label, L(batch), no_label)
-        while x.atomic(stmt, lock="ROW EXCLUSIVE", what="apply the rollback fallback label",
-                       skip_if=Q("SELECT NOT EXISTS (SELECT FROM {} WHERE {})").format(ctx.table, no_label)):
-            pass
+        ctx.update_in_batches(ctx.col, L(ctx.m.mapping[label]), no_label, what="apply the rollback fallback label")
 
     # -- contract ---------------------------------------------------------------------------------
     def contract_all(self, ctxs: list[Context]) -> None:
