@@ -278,7 +278,7 @@ def test_both_versions_through_every_phase_and_the_contract(dsn, driver):
                 progress(*apps)
                 for a in apps:
                     assert_reused(before_swap[a.prefix], executions(a), a)
-            assert (views_of(dsn, OLD) == set(TABLES)) == (n >= 1), f"old version's views after phase {n}"
+            assert views_of(dsn, OLD) == set(TABLES), f"old version's views after phase {n}"  # from phase 1 on
             if len(apps) == 1 and new_version_ready(dsn, n):
                 new = app(dsn, "after", driver, "NEW", vary_extras=True, pool_size=1).start()
                 new.stage = f"phase {n}"

@@ -10,6 +10,8 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -48,7 +50,6 @@ class ViewTraffic:
         self.dsn, self.stop_at = dsn, threading.Event()
         self.errors: list[str] = []
         self.ops: Counter = Counter()
-        self.slowest_ms = 0.0
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=((OLD, NEW)[i % 2], i), daemon=True)
                         for i in range(connections)]
@@ -82,7 +83,6 @@ class ViewTraffic:
             while not self.stop_at.is_set():
                 rid = self.ids[(i * 7 + n) % len(self.ids)]
                 kind = ("read", "touch", "write", "insert")[i % 4]
-                start = time.monotonic()
                 try:
                     if kind == "read":
                         conn.execute("SELECT * FROM workflow_templates WHERE id = %s", (rid,), prepare=True).fetchone()
@@ -96,7 +96,6 @@ class ViewTraffic:
                         chatter.insert_spec(conn, new_id(), value, schema=version)
                     with self.lock:
                         self.ops[version] += 1
-                        self.slowest_ms = max(self.slowest_ms, (time.monotonic() - start) * 1000)
                 except psycopg.Error as err:
                     with self.lock:
                         self.errors.append(f"{version} {kind}: {' '.join(str(err).split())}")
@@ -299,21 +298,28 @@ def test_item14_search_path_hint_works_for_mixed_case_and_spaced_schemas(dsn):
 
 
 # -- item 6: column-level grants let the new version write the column through its view before the swap ---------
-def test_item6_column_grants_reach_the_shadow_column_for_the_new_version(chatter_db):
-    dsn = chatter_db
+@contextmanager
+def app_role(dsn: str, grants: str) -> Iterator[str]:
+    """A login role of the app's, given `grants` ({0} is the role); yields its DSN, dropped afterwards."""
     role = f"app_{secrets.token_hex(3)}"
-    cols = "id, created_at, updated_at, owner_id, name, description, workflow_type, default_params, usage_count"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app'").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
-        # Column privileges for the writes; SELECT on the table (through a view every column it lists is read).
-        conn.execute(sql.SQL(f"GRANT SELECT ON template_specs, users TO {{0}}; GRANT INSERT ({cols}), "
-                             "UPDATE (workflow_type, usage_count) ON template_specs TO {0}").format(
-            sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {0}; " + grants).format(sql.Identifier(role)))
     try:
-        pb = real_playbook()
-        run(pb, dsn, 1, 2, 3, 4)
-        app = make_conninfo(dsn, user=role, password="app")
+        yield make_conninfo(dsn, user=role, password="app")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_item6_column_grants_reach_the_shadow_column_for_the_new_version(chatter_db):
+    dsn = chatter_db
+    cols = "id, created_at, updated_at, owner_id, name, description, workflow_type, default_params, usage_count"
+    # Column privileges for the writes; SELECT on the table (through a view every column it lists is read).
+    grants = (f"GRANT SELECT ON template_specs, users TO {{0}}; GRANT INSERT ({cols}), "
+              "UPDATE (workflow_type, usage_count) ON template_specs TO {0}")
+    with app_role(dsn, grants) as app:
+        run(real_playbook(), dsn, 1, 2, 3, 4)
         with connect(app, NEW) as new:
             rid = new_id()
             new.execute("INSERT INTO template_specs (id, owner_id, name, description, workflow_type, default_params, "
@@ -323,35 +329,19 @@ def test_item6_column_grants_reach_the_shadow_column_for_the_new_version(chatter
                         "(SELECT min(id) FROM template_specs)")
             assert new.execute("SELECT workflow_type FROM template_specs WHERE id = (SELECT min(id) FROM "
                                "template_specs)").fetchone()[0] == "rag_chat"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 # -- item 7: a role granted table access after the views exist uses its version's views ----------------------
 def test_item7_a_role_granted_after_the_views_exist_sees_its_version(chatter_db):
     dsn = chatter_db
-    pb = real_playbook()
-    run(pb, dsn, 1, 2, 3, 4)
-    role = f"late_{secrets.token_hex(3)}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app'").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {0}; GRANT SELECT, INSERT, UPDATE ON "
-                             "workflow_templates, template_specs TO {0}; GRANT SELECT ON users TO {0}").format(
-            sql.Identifier(role)))
-    try:
-        app = make_conninfo(dsn, user=role, password="app")
-        with connect(app, NEW) as new:
-            assert new.execute("SELECT (current_schemas(false))[1]").fetchone()[0] == NEW
-            rid = new_id()
-            chatter.insert_spec(new, rid, "advanced_chat", schema=NEW)
-            assert new.execute("SELECT workflow_type FROM template_specs WHERE id = %s", (rid,)).fetchone()[0] \
-                == "advanced_chat"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    run(real_playbook(), dsn, 1, 2, 3, 4)
+    grants = "GRANT SELECT, INSERT, UPDATE ON workflow_templates, template_specs TO {0}; GRANT SELECT ON users TO {0}"
+    with app_role(dsn, grants) as app, connect(app, NEW) as new:
+        assert new.execute("SELECT (current_schemas(false))[1]").fetchone()[0] == NEW
+        rid = new_id()
+        chatter.insert_spec(new, rid, "advanced_chat", schema=NEW)
+        assert new.execute("SELECT workflow_type FROM template_specs WHERE id = %s", (rid,)).fetchone()[0] \
+            == "advanced_chat"
 
 
 # -- item 8: a STORED generated column elsewhere in the table does not stop phase 2 -----------------------------

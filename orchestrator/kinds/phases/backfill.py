@@ -7,10 +7,13 @@ from contextlib import contextmanager
 import psycopg
 import structlog
 
+from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
 from orchestrator.engine.context import Context
 from orchestrator.engine.sqlkit import L, Q
 from orchestrator.engine.state import APPLIED
 from orchestrator.kinds.phases.base import Phase
+from orchestrator.kinds.phases.reindex import rebuild_indexes
+from orchestrator.kinds.phases.shadow import build_indexes, index_names
 
 log = structlog.get_logger()
 
@@ -48,15 +51,9 @@ class BackfillPhase(Phase):
                  "lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
-        from orchestrator.engine.backfill import check_app_triggers
         check_app_triggers(ctxs)  # refuse (naming them) unless settings.app_triggers says fire or skip
 
     def expand(self, ctx: Context) -> dict:
-        from orchestrator.engine.backfill import (  # the engine imports the phase context; import late (cycle)
-            Backfill,
-            analyze,
-        )
-        from orchestrator.kinds.phases.shadow import build_indexes
         engine = Backfill(ctx)
         s = ctx.pb.settings
         if ctx.x.dry_run:
@@ -86,13 +83,11 @@ class BackfillPhase(Phase):
                 "max_batch_ms": max((t["max_batch_ms"] or 0 for t in tables.values()), default=0), "tables": tables}
 
     def check(self, ctx: Context) -> list[str]:
-        from orchestrator.kinds.phases.shadow import index_names
         return [f"index {n!r} missing or invalid" for n in index_names(ctx) if not ctx.has("valid_index", n)]
 
     def contract_all(self, ctxs: list[Context]) -> None:
         if not ctxs[0].pb.settings.reindex_on_contract:
             return super().contract_all(ctxs)
-        from orchestrator.kinds.phases.reindex import rebuild_indexes
         state = ctxs[0].state
         # The indexes rebuilt so far, by table: a re-run after a crash goes on with the next one.
         done = dict(state.details(self.number).get("reindexed", {})) if state is not None else {}
@@ -104,7 +99,6 @@ class BackfillPhase(Phase):
 
     def rollback(self, ctx: Context) -> None:
         if ctx.pb.settings.indexes_after_backfill:  # the indexes this phase built: back to phase 2's state
-            from orchestrator.kinds.phases.shadow import index_names
             for name in index_names(ctx):
                 ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
                                    lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from orchestrator.engine import catalog, parity
+from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, L, Q
@@ -70,7 +71,6 @@ def refuse_new_dependents(ctxs: list[Context]) -> None:
 
 def before(ctxs: list[Context]) -> None:
     """Refusals that must come before anything changes."""
-    from orchestrator.engine.backfill import check_app_triggers
     refuse_new_dependents(ctxs)
     refuse_unlabeled(ctxs)
     if not ctxs[0].x.dry_run:
@@ -129,7 +129,6 @@ def check_parity(ctx: Context) -> dict:
 
 def restore(ctxs: list[Context]) -> dict:
     """Every step skips what is done, so a re-run after a crash resumes (the backfill at its stored cursor)."""
-    from orchestrator.engine.backfill import Backfill, analyze  # the engine imports the phase context (cycle)
     create_type(ctxs)
     # The new version's views first (contract 5 dropped them): its search_path leads to them again before the
     # tables grow a column it does not know, so its statements keep their result type.

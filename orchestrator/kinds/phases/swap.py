@@ -11,7 +11,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from orchestrator.engine import catalog
+from orchestrator.engine import catalog, parity
 from orchestrator.engine.backfill import progress_key
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import OrchestratorError, Refused
@@ -19,7 +19,13 @@ from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q, typed_literal
 from orchestrator.kinds.phases import restore_enum, shape, target_check, versions
 from orchestrator.kinds.phases.base import Phase
-from orchestrator.kinds.phases.dual_write import create_triggers, refuse_later_triggers, remove_sync, reverse_function
+from orchestrator.kinds.phases.dual_write import (
+    create_triggers,
+    drop_triggers,
+    refuse_later_triggers,
+    remove_sync,
+    reverse_function,
+)
 
 log = structlog.get_logger()
 
@@ -43,7 +49,6 @@ def any_of(queries) -> sql.Composed:
 
 def recheck_parity(ctx: Context) -> None:
     """Phase 4's verdict may be stale (writes that bypassed the triggers since): scan again before the swap."""
-    from orchestrator.engine import parity
     result = parity.check(ctx, swapped=False)
     if result.mismatches:
         raise Refused(f"cannot swap {ctx.m.label}: {result.mismatches} of {result.rows} rows changed since phase 4 "
@@ -103,7 +108,6 @@ class SwapColumns(Phase):
                   else self._default_label(ctx) for ctx in ctxs}
         target_check.prepare_all(ctxs)  # target.check: NOT VALID + VALIDATE on the shadow column
         if x.dry_run:
-            from orchestrator.engine import parity
             for ctx in ctxs:  # the parity scan again, as phase 4 runs it
                 x.note(parity.plan_note(ctx, swapped=False), lock="ACCESS SHARE")
         elif not any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
@@ -224,7 +228,6 @@ class SwapColumns(Phase):
                 log.warning("could not restore the sync", table=ctx.m.label, error=str(err))
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composed]:
-        from orchestrator.kinds.phases.dual_write import drop_triggers
         t, f = ctx.table, ctx.facts
         stmts = [*drop_triggers(ctx),
                  reverse_function(ctx),  # as it was before the rollback closed it, for the next swap

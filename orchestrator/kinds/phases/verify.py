@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.engine import parity
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.kinds.phases import versions
@@ -17,7 +18,6 @@ class VerifyPhase(Phase):
     locks_doc = "ACCESS SHARE only (plain reads)"
 
     def expand(self, ctx: Context) -> dict:
-        from orchestrator.engine import parity
         if ctx.x.dry_run:
             ctx.x.note(parity.plan_note(ctx, swapped=False), lock="ACCESS SHARE")
             return {}
@@ -46,7 +46,6 @@ class VerifyPhase(Phase):
     def before_contract_all(self, ctxs: list[Context]) -> None:
         """The contract ends the rollback window: scan again, so a verdict made stale by writes that bypassed the
         triggers (session_replication_role = replica, disabled triggers) stops it, naming rows."""
-        from orchestrator.engine import parity
         for ctx in ctxs:
             if not ctx.has("column", ctx.m.retired):
                 continue
