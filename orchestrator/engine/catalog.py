@@ -12,7 +12,7 @@ import psycopg
 from psycopg import errors as pgerr
 from psycopg.types.json import Jsonb
 
-from orchestrator.engine import db, target_rules
+from orchestrator.engine import convert, db, target_rules
 from orchestrator.engine.errors import BadInput
 from orchestrator.engine.playbook import ColumnMigration, Playbook, _key, _suffixed
 from orchestrator.engine.sqlkit import I, L, Q, Stmt, extra_type
@@ -45,6 +45,9 @@ class Facts:
     # The enum type as it was (shared by every column of the playbook): what a reverse migration after the
     # contract recreates. None in state recorded before these were kept (the playbook's mapping order is used).
     enum: EnumFacts | None = None
+    # kind change_type: the column's type before and after, as format_type() spells them.
+    old_type: str | None = None
+    new_type: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -53,7 +56,8 @@ class Facts:
     def from_json(cls, data: dict) -> Facts:
         return cls(pk=data["pk"], not_null=data["not_null"], default_label=data["default_label"],
                    indexes=[IndexFact(**i) for i in data["indexes"]], attnum=data.get("attnum"),
-                   enum=EnumFacts(**data["enum"]) if data.get("enum") else None)
+                   enum=EnumFacts(**data["enum"]) if data.get("enum") else None,
+                   old_type=data.get("old_type"), new_type=data.get("new_type"))
 
 
 @dataclass
@@ -373,6 +377,8 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
     One Facts per column the playbook migrates, in its order.
     """
     check_state_schema(conn, pb.settings.state_schema)
+    if pb.kind == "change_type":
+        return [_inspect_type_change(conn, m) for m in pb.migrations]
     found = [_inspect_column(conn, pb, m) for m in pb.migrations]
     type_oid = found[0][1]
     listed = {(m.table.schema_, m.table.name, m.column.name) for m in pb.migrations}
@@ -396,8 +402,8 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
     return [f for f, _, _ in found]
 
 
-def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) -> tuple[Facts, int, int]:
-    """(facts, enum type oid, table oid) of one column, or BadInput naming the first thing that is wrong."""
+def _table(conn: psycopg.Connection, m: ColumnMigration) -> tuple[int, list[str], dict]:
+    """(table oid, primary key, column info) of a column to migrate, or BadInput naming what is wrong."""
     schema, table, col = m.table.schema_, m.table.name, m.column.name
     f = m.field
     where = f"table {schema}.{table}"
@@ -416,6 +422,51 @@ def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) 
     info = column(conn, oid, col)
     if info is None:
         raise BadInput(f"{f('column.name')}: {where} has no column {col!r}")
+    existing = columns(conn, oid)
+    for name, field_ in ((m.shadow, f("column.shadow")), (m.retired, f("column.retired")),
+                         *((c.name, f"{m.where}extra_columns.name") for c in m.extra_columns)):
+        if name in existing:
+            raise BadInput(f"{field_}: {where} already has a column {name!r}")
+    return oid, pk, info
+
+
+def _inspect_type_change(conn: psycopg.Connection, m: ColumnMigration) -> Facts:
+    """Facts of one change_type column, its conversions proven on the table (engine/convert.py)."""
+    if m.change is None:
+        raise RuntimeError(f"{m.label} is not a change_type column")
+    oid, pk, info = _table(conn, m)
+    where = f"{m.label} ({info['type']})"
+    identity, generated = db.one(conn, "SELECT attidentity, attgenerated FROM pg_attribute WHERE attrelid = %s "
+                                       "AND attnum = %s", (oid, info["attnum"]))
+    if generated:
+        raise BadInput(f"{m.field('column.name')}: {where} is a generated column; change its expression instead")
+    if identity:
+        raise BadInput(f"{m.field('column.name')}: {where} is an identity column, whose sequence cannot move to "
+                       f"another column online; make it a plain column with a sequence default first "
+                       f"(ALTER TABLE ... ALTER COLUMN ... DROP IDENTITY, then a sequence owned by it)")
+    new_type = convert.canonical_type(conn, m, m.change.type)
+    if new_type == info["type"]:
+        raise BadInput(f"{m.where}type: {m.label} is of type {new_type} already")
+    convert.prove(conn, m, info["type"], new_type, pk)
+    indexes, blockers = column_indexes(conn, oid, info["attnum"])
+    blockers += column_dependents(conn, oid, info["attnum"])
+    for ix in indexes:
+        for n in (ix.shadow_name, ix.retired_name):
+            if relation_exists(conn, m.table.schema_, n):
+                blockers.append(f"a relation named {n!r} already exists in schema {m.table.schema_!r}")
+    if blockers:
+        raise BadInput(f"table {m.table.schema_}.{m.table.name}.{m.column.name} cannot be migrated online: "
+                       + "; ".join(blockers))
+    return Facts(pk=pk, not_null=info["not_null"], default_label=None, indexes=indexes, attnum=info["attnum"],
+                 old_type=info["type"], new_type=new_type)
+
+
+def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) -> tuple[Facts, int, int]:
+    """(facts, enum type oid, table oid) of one column, or BadInput naming the first thing that is wrong."""
+    schema, table, col = m.table.schema_, m.table.name, m.column.name
+    f = m.field
+    where = f"table {schema}.{table}"
+    oid, pk, info = _table(conn, m)
     if info["typtype"] != "e":
         raise BadInput(f"{f('column.name')}: {col!r} is of type {info['type']}, not an enum")
     if (info["type_schema"], info["type_name"]) != (m.enum_schema, m.column.enum_type):
@@ -430,11 +481,6 @@ def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) 
     if unknown:
         raise BadInput(f"{f('mapping')}.{_key(unknown[0])}: {unknown[0]!r} is not a label of enum "
                        f"{m.column.enum_type}")
-    existing = columns(conn, oid)
-    for name, field_ in ((m.shadow, f("column.shadow")), (m.retired, f("column.retired")),
-                         *((c.name, f"{m.where}extra_columns.name") for c in m.extra_columns)):
-        if name in existing:
-            raise BadInput(f"{field_}: {where} already has a column {name!r}")
     if not info["not_null"] and not m.target.nullable:
         raise BadInput(f"{f('target.nullable')}: {m.label} allows NULL today, so the new column cannot be NOT NULL "
                        "(the app may write NULL); set target.nullable: true")

@@ -7,6 +7,7 @@ from typing import Any
 
 from psycopg import sql
 
+from orchestrator.engine import convert
 from orchestrator.engine.catalog import Facts
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.executor import Executor
@@ -50,15 +51,42 @@ class Context:
         return I(self.m.retired)
 
     @property
+    def changes_type(self) -> bool:
+        """kind change_type (up/down expressions), not an enum's label mapping."""
+        return self.m.change is not None
+
+    @property
     def enum_type(self) -> sql.Identifier:
         return I(self.m.enum_schema, self.m.column.enum_type)
 
     @property
     def target_type(self) -> Stmt:
+        if self.changes_type:
+            return Q(self._fact(self.facts.new_type))  # format_type() text from the catalog, see convert.py
         return column_type(self.m.target.type, self.m.target.length)
 
+    @property
+    def old_type(self) -> sql.Composable:
+        """The column's type before the migration: the enum, or (change_type) what the catalog said."""
+        return Q(self._fact(self.facts.old_type)) if self.changes_type else self.enum_type
+
+    @property
+    def new_not_null(self) -> bool:
+        """The new column is NOT NULL: as the playbook's target says, or (change_type) as the old column was."""
+        return self.facts.not_null if self.changes_type else not self.m.target.nullable
+
+    @property
+    def old_name(self) -> str:
+        """What the old values are, in messages: the enum type, or the column's old type."""
+        return f"{self.facts.old_type}" if self.changes_type else f"enum {self.m.column.enum_type}"
+
+    def _fact(self, value: str | None) -> str:
+        if value is None:
+            raise RuntimeError(f"{self.m.label}: the stored facts lack the column's types")
+        return value
+
     def fn(self, suffix: str) -> sql.Identifier:
-        return I(self.m.table.schema_, _suffixed(f"_ec_{self.m.table.name}_{self.m.column.name}", suffix))
+        return convert.function(self.m, suffix)
 
     def trigger_name(self, suffix: str) -> str:
         # PostgreSQL fires a table's triggers in byte order of their names: "~" sorts after every ASCII name,
@@ -77,17 +105,22 @@ class Context:
 
     # Expressions
     def forward(self, expr: sql.Composable) -> sql.Composed:
-        """map(old label) -> new value."""
+        """map(old label) -> new value; up(old value) for change_type."""
+        if self.changes_type:
+            return Q("{}({})").format(convert.up(self.m), expr)
         return case_map(expr, self.m.mapping.items())  # compared as the enum: cheaper than via text
 
     def backward(self, expr: sql.Composable) -> sql.Composed:
-        """new value -> enum label (NULL when the value has no label)."""
+        """new value -> enum label (NULL when the value has no label); down(new value) for change_type, NULL
+        where down fails."""
+        if self.changes_type:
+            return Q("{}({})").format(convert.back(self.m), expr)
         return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
 
     def no_label(self, *, typed: bool = True) -> sql.Composed:
         """Rows whose app value has no enum label (NULL needs none when the old column allowed it). typed=False
         compares as text, for the reverse migration before its CREATE TYPE."""
-        label = self.backward(self.col) if typed else case_map(self.col, self.m.reverse.items())
+        label = self.backward(self.col) if typed or self.changes_type else case_map(self.col, self.m.reverse.items())
         cond = Q("{} IS NULL").format(label)
         if not self.facts.not_null:
             cond = Q("{} AND {} IS NOT NULL").format(cond, self.col)
@@ -183,6 +216,10 @@ def unlabeled_rows(ctxs: list[Context], *, typed: bool = True) -> list[tuple[Con
 def unlabeled_refusal(what: str, ctxs: list[Context], found: list[tuple[Context, int, list]]) -> Refused:
     """One message for every table's unlabeled rows, under rollback.unmapped: refuse."""
     where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
+    if ctxs[0].changes_type:
+        return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that `down` cannot take back to "
+                       f"the old type ({where}); nothing was changed",
+                       hint="change or delete those rows (they hold values only the new type can), then re-run")
     return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that have no label in enum "
                    f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
                    hint="change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: "

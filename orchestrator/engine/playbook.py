@@ -68,7 +68,7 @@ class TableSpec(Strict):
 
 class ColumnSpec(Strict):
     name: str
-    enum_type: str
+    enum_type: str = ""  # required by enum_to_varchar (Playbook._validate); change_type has none
     enum_schema: str | None = None  # defaults to the table's schema
     shadow: str | None = None  # the new column while both exist; default <name>_new
     retired: str | None = None  # what the enum column is renamed to at the swap; default <name>_old
@@ -76,7 +76,9 @@ class ColumnSpec(Strict):
     @field_validator("name", "enum_type", "enum_schema", "shadow", "retired")
     @classmethod
     def _ident(cls, v: str | None, info) -> str | None:
-        return None if v is None else _identifier(v, f"column.{info.field_name}")
+        if v is None or (v == "" and info.field_name == "enum_type"):
+            return v
+        return _identifier(v, f"column.{info.field_name}")
 
 
 class TargetCheck(Strict):
@@ -245,6 +247,24 @@ class EnumRef(Strict):
         return _identifier(v, f"enum.{info.field_name.rstrip('_')}")
 
 
+class TypeChange(Strict):
+    """What `kind: change_type` does to one column: the new SQL type and the two conversions, each a SQL
+    expression naming the column (`up` over the old column, `down` over the new one)."""
+
+    type: str
+    up: str
+    down: str
+
+    @field_validator("type", "up", "down")
+    @classmethod
+    def _text(cls, v: str, info) -> str:
+        if not v.strip():
+            raise ValueError(f"{info.field_name} must not be empty")
+        if ";" in v and info.field_name == "type":
+            raise ValueError("type must be one SQL type, e.g. bigint or varchar(200)")
+        return v
+
+
 class ColumnEntry(Strict):
     """One column using the enum type: `columns: [{table, column, ...}]`; unset fields take the playbook's."""
 
@@ -253,6 +273,10 @@ class ColumnEntry(Strict):
     column: str
     shadow: str | None = None
     retired: str | None = None
+    # kind: change_type
+    type: str | None = None
+    up: str | None = None
+    down: str | None = None
     target: TargetSpec | None = None
     mapping: dict[str, str] | None = None
     extra_columns: list[ExtraColumn] = Field(default_factory=list)
@@ -329,6 +353,7 @@ class ColumnMigration:
     where: str = ""
     own_mapping: bool = False  # the entry has a mapping of its own (messages name its field)
     own_target: bool = False
+    change: TypeChange | None = None  # kind: change_type (then mapping is empty)
 
     @property
     def shadow(self) -> str:
@@ -392,14 +417,14 @@ _LIST_FORM_FIELDS = {"table.name": "@table", "table.schema": "@schema", "column.
 class Playbook(Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    kind: Literal["enum_to_varchar"] = "enum_to_varchar"
+    kind: Literal["enum_to_varchar", "change_type"] = "enum_to_varchar"
     # Either every column of an enum type (`enum` + `columns`), or one column (`table` + `column`).
     enum: EnumRef | None = None
     columns: list[ColumnEntry] | None = None
     table: TableSpec | None = None
     column: ColumnSpec | None = None
-    target: TargetSpec = Field(default_factory=TargetSpec)
-    mapping: dict[str, str] = Field(min_length=1)
+    target: TargetSpec = Field(default_factory=lambda: TargetSpec(type="text"))  # enum_to_varchar requires it
+    mapping: dict[str, str] = Field(default_factory=dict)
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)
     extra_columns: list[ExtraColumn] = Field(default_factory=list)
     seed_rows: SeedRows = Field(default_factory=SeedRows)
@@ -412,6 +437,15 @@ class Playbook(Strict):
 
     @model_validator(mode="after")
     def _validate(self) -> Playbook:
+        if self.kind == "change_type":
+            _check_change_type(self)
+        else:
+            if not self.mapping and not (self.columns and all(e.mapping for e in self.columns)):
+                raise ValueError("playbook field 'mapping': required but missing")
+            if self.column is not None and not self.column.enum_type:
+                raise ValueError("playbook field 'column.enum_type': required but missing")
+            if "target" not in self.model_fields_set and not (self.columns and all(e.target for e in self.columns)):
+                raise ValueError("target.length is required for varchar")
         if self.columns is None:
             if self.table is None or self.column is None:
                 missing = "table" if self.table is None else "column"
@@ -424,7 +458,7 @@ class Playbook(Strict):
             if self.table is not None or self.column is not None:
                 raise ValueError("playbook fields 'table'/'column' and 'columns' exclude each other: list every "
                                  "column under 'columns'")
-            if self.enum is None:
+            if self.enum is None and self.kind == "enum_to_varchar":
                 raise ValueError("playbook field 'enum': required with 'columns' (the enum type they use)")
             if not self.columns:
                 raise ValueError("playbook field 'columns': list at least one column")
@@ -465,6 +499,13 @@ class Playbook(Strict):
             return [ColumnMigration(table=self.table, column=self.column, target=self.target, mapping=self.mapping,
                                     rollback=self.rollback, extra_columns=tuple(self.extra_columns),
                                     seed_rows=self.seed_rows)]
+        if self.kind == "change_type":
+            return [ColumnMigration(
+                table=TableSpec(schema=e.schema_ or "public", name=e.table),
+                column=ColumnSpec(name=e.column, enum_type="", shadow=e.shadow, retired=e.retired),
+                target=self.target, mapping={}, rollback=self.rollback, where=f"columns[{i}].",
+                change=TypeChange(type=e.type, up=e.up, down=e.down))  # type: ignore[arg-type]  # _validate
+                for i, e in enumerate(self.columns)]
         enum = self.enum
         if enum is None:  # never: _validate requires it with 'columns'
             raise RuntimeError("a playbook with 'columns' must have 'enum'")
@@ -502,8 +543,44 @@ class Playbook(Strict):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# What only an enum has: a playbook of kind change_type that sets one is refused rather than ignored.
+_ENUM_ONLY_FIELDS = ("enum", "table", "column", "mapping", "extra_columns", "seed_rows")
+_ENUM_ONLY_ENTRY_FIELDS = ("target", "mapping", "extra_columns", "seed_rows")
+
+
+def _check_change_type(pb: Playbook) -> None:
+    """kind: change_type lists every column under `columns`, each with type, up and down; nothing of an enum."""
+    for name in _ENUM_ONLY_FIELDS:
+        if name in pb.model_fields_set:
+            raise ValueError(f"playbook field '{name}': not used by kind change_type (list each column under "
+                             f"'columns' with table, column, type, up and down)")
+    if "target" in pb.model_fields_set:
+        raise ValueError("playbook field 'target': not used by kind change_type (each column gives its type)")
+    if not pb.columns:
+        raise ValueError("playbook field 'columns': list at least one column (table, column, type, up, down)")
+    if pb.rollback.unmapped != "refuse" or pb.rollback.reverse_mapping or pb.rollback.fallback_label is not None:
+        raise ValueError("playbook field 'rollback': kind change_type only refuses a rollback that would lose "
+                         "values `down` cannot take back (rollback.unmapped: refuse)")
+    if "drop_enum_type" in pb.settings.model_fields_set or "translate_old_writes" in pb.settings.model_fields_set:
+        raise ValueError("settings.drop_enum_type and settings.translate_old_writes are for enum_to_varchar")
+    for i, e in enumerate(pb.columns):
+        for name in ("type", "up", "down"):
+            if getattr(e, name) is None:
+                raise ValueError(f"playbook field 'columns.{i}.{name}': required with kind change_type")
+        for name in _ENUM_ONLY_ENTRY_FIELDS:
+            if name in e.model_fields_set:
+                raise ValueError(f"playbook field 'columns.{i}.{name}': not used by kind change_type")
+        try:
+            TypeChange(type=e.type, up=e.up, down=e.down)  # type: ignore[arg-type]  # checked just above
+        except ValidationError as err:
+            raise ValueError(f"playbook field 'columns.{i}.{err.errors()[0]['loc'][0]}': "
+                             f"{err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def _check_unit(m: ColumnMigration) -> None:
     """A column's mapping, rollback mapping and seed rows agree with each other and its target type."""
+    if m.change is not None:
+        return
     labels = set(m.mapping)
     if not labels:
         raise ValueError(f"{m.field('mapping')}: must map at least one label")

@@ -25,6 +25,23 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
     missing: list[str] = []
     for schema, name in pb.tables:
         missing += _table_privileges(conn, schema, name)
+    if pb.kind == "enum_to_varchar":
+        missing += _enum_privileges(conn, pb)
+    missing += _state_schema(conn, pb.settings.state_schema)
+
+    if pb.settings.app_triggers == "skip":
+        missing += _replication_role(conn)
+    if pb.app_versions is not None:
+        absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not db.scalar(
+            conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,))]
+        if absent and not db.scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
+            missing.append(f"CREATE on database {conn.info.dbname} (for the app version schemas "
+                           f"{', '.join(absent)})")
+    return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
+
+
+def _enum_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
+    missing: list[str] = []
     enum_schema, enum_name = pb.enum_type
     enum = conn.execute("""SELECT pg_has_role(t.typowner, 'USAGE'), t.typowner::regrole::text,
                                   has_type_privilege(t.oid, 'USAGE')
@@ -45,16 +62,7 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
         if pb.settings.drop_enum_type and not is_owner:
             missing.append(f"ownership of type {type_name} (owned by {owner}; the contract drops it)")
 
-    missing += _state_schema(conn, pb.settings.state_schema)
-    if pb.settings.app_triggers == "skip":
-        missing += _replication_role(conn)
-    if pb.app_versions is not None:
-        absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not db.scalar(
-            conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,))]
-        if absent and not db.scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
-            missing.append(f"CREATE on database {conn.info.dbname} (for the app version schemas "
-                           f"{', '.join(absent)})")
-    return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
+    return missing
 
 
 def _table_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[str]:

@@ -15,7 +15,13 @@ def enum_to_varchar() -> list[Phase]:
     return [AddShadowColumn(), DualWrite(), BackfillPhase(), VerifyPhase(), SwapColumns(), SeedRowsPhase()]
 
 
-KINDS = {"enum_to_varchar": enum_to_varchar}
+def change_type() -> list[Phase]:
+    """Any column type to another through the playbook's up/down expressions: the enum's phases less the
+    seed rows (no built-in values to add)."""
+    return [AddShadowColumn(), DualWrite(), BackfillPhase(), VerifyPhase(), SwapColumns()]
+
+
+KINDS = {"enum_to_varchar": enum_to_varchar, "change_type": change_type}
 
 
 def phases_for(kind: str) -> list[Phase]:

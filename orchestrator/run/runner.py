@@ -205,6 +205,8 @@ class Orchestrator:
 
     def _refuse_new_labels(self) -> None:
         """A label added to the enum type since the playbook was written would be copied as NULL."""
+        if self.pb.kind != "enum_to_varchar":
+            return
         added = catalog.labels_without_mapping(self.x.conn, self.pb)
         if added:
             column, label = added[0]

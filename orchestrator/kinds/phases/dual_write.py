@@ -14,7 +14,7 @@ from typing import Sequence
 
 from psycopg import sql
 
-from orchestrator.engine.context import Context, unlabeled_refusal
+from orchestrator.engine.context import TRIGGER_PREFIX, Context, unlabeled_refusal
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import L, Q, Stmt, case_map
 from orchestrator.kinds.phases import versions
@@ -60,8 +60,8 @@ def reverse_function(ctx: Context, closing: bool = False) -> sql.Composed:
         body.append(Q("IF ({0} IS NOT NULL AND {1} IS NULL AND (TG_OP = 'INSERT' OR {0} IS DISTINCT FROM OLD.{2})) "
                       "THEN RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = {3} || {0} || {4}; "
                       "END IF;").format(new, ctx.backward(new), ctx.col,
-                                        L(f"{ctx.m.label}: the value "), L(" has no label in the enum: the swap is "
-                                                                            "being rolled back")))
+                                        L(f"{ctx.m.label}: the value "),
+                                        L(f" cannot go back to {ctx.old_name}: the swap is being rolled back")))
     return _function(ctx, ctx.fn("_rev"), body)
 
 
@@ -113,13 +113,12 @@ def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composed]:
 
 def later_triggers(ctx: Context) -> list[str]:
     """The table's other row-level BEFORE INSERT/UPDATE triggers that would fire after the sync (their names
-    sort after ours), and could change the column behind it."""
+    sort after ours), and could change the column behind it. Ours (every column's) each touch their own pair."""
     rows = ctx.x.query(Q("""SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass({}) AND NOT tgisinternal
                             AND tgtype & 1 = 1 AND tgtype & 2 = 2 AND tgtype & (4 | 16) <> 0
-                            AND tgname NOT IN ({}, {}) AND tgname COLLATE "C" > {} COLLATE "C"
+                            AND tgname NOT LIKE {} AND tgname COLLATE "C" > {} COLLATE "C"
                             ORDER BY 1""").format(
-        L(ctx.x.render(ctx.table)), L(ctx.trigger_name(INSERT)), L(ctx.trigger_name(UPDATE)),
-        L(ctx.trigger_name(INSERT))))
+        L(ctx.x.render(ctx.table)), L(TRIGGER_PREFIX.replace("_", "\\_") + "%"), L(ctx.trigger_name(INSERT))))
     return [r[0] for r in rows]
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.engine import catalog, parity
+from orchestrator.engine import catalog, convert, parity
 from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, L, Q
 from orchestrator.kinds.phases import shape, target_check, versions
 from orchestrator.kinds.phases.dual_write import install_sync
-from orchestrator.kinds.phases.shadow import AddShadowColumn
+from orchestrator.kinds.phases.shadow import AddShadowColumn, create_converters
 
 
 def labels(ctx: Context) -> list[str]:
@@ -72,7 +72,18 @@ def refuse_new_dependents(ctxs: list[Context]) -> None:
 def before(ctxs: list[Context]) -> None:
     """Refusals that must come before anything changes."""
     refuse_new_dependents(ctxs)
-    refuse_unlabeled(ctxs)
+    if ctxs[0].changes_type and not ctxs[0].x.dry_run:  # the check below calls `back`: made now, gone if refused
+        for ctx in ctxs:
+            create_converters(ctx)
+        try:
+            refuse_unlabeled(ctxs)
+        except Refused:
+            for ctx in ctxs:
+                ctx.x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)",
+                             what="drop conversion functions")
+            raise
+    else:
+        refuse_unlabeled(ctxs)
     if not ctxs[0].x.dry_run:
         check_app_triggers(ctxs, reverse=True)  # its batches update every row, as phase 3's did
 
@@ -100,7 +111,7 @@ def create_type(ctxs: list[Context]) -> None:
 def add_enum_column(ctx: Context) -> None:
     """The retired column again: nullable, no default (catalog only), with the column's comment and grants,
     which the varchar column has carried since the swap."""
-    ctx.x.atomic(Q("ALTER TABLE {} ADD COLUMN {} {}").format(ctx.table, ctx.retired, ctx.enum_type),
+    ctx.x.atomic(Q("ALTER TABLE {} ADD COLUMN {} {}").format(ctx.table, ctx.retired, ctx.old_type),
                  *shape.carry_statements(ctx, ctx.m.column.name, ctx.m.retired),
                  skip_if=ctx.exists_query("column", ctx.m.retired),
                  lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"add the enum column to {ctx.m.label}")
@@ -121,7 +132,7 @@ def check_parity(ctx: Context) -> dict:
     result = parity.check(ctx, swapped=True)
     if result.mismatches:
         raise Refused(f"parity check after the reverse backfill found {result.mismatches} of {result.rows} rows of "
-                      f"{ctx.m.label} whose enum copy differs from the reverse mapping (e.g. ids {result.sample})",
+                      f"{ctx.m.label} whose old copy differs from the reverse conversion (e.g. ids {result.sample})",
                       hint="find what writes bypassing the triggers, then re-run the same rollback: the backfill "
                            "mends the drifted rows")
     return {"parity": result.to_json()}
@@ -129,7 +140,11 @@ def check_parity(ctx: Context) -> dict:
 
 def restore(ctxs: list[Context]) -> dict:
     """Every step skips what is done, so a re-run after a crash resumes (the backfill at its stored cursor)."""
-    create_type(ctxs)
+    if ctxs[0].changes_type:  # no type to make: the conversion functions instead (contract 5 dropped them)
+        for ctx in ctxs:
+            create_converters(ctx)
+    else:
+        create_type(ctxs)
     # The new version's views first (contract 5 dropped them): its search_path leads to them again before the
     # tables grow a column it does not know, so its statements keep their result type.
     versions.install_views(ctxs, ("new",), swapped=True)

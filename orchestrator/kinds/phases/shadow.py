@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.engine import convert
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, Q, extra_type, join, typed_literal
@@ -33,6 +34,8 @@ class AddShadowColumn(Phase):
         versions.remove_views(ctxs, ("old",))  # the tables are as they were: the old version falls through to them
 
     def expand(self, ctx: Context) -> None:
+        if ctx.changes_type:  # up, down and back (engine/convert.py): the sync, backfill and parity call them
+            create_converters(ctx)
         adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]
         for c in ctx.m.extra_columns:
             clause = Q("ADD COLUMN IF NOT EXISTS {} {}").format(I(c.name), extra_type(c))
@@ -91,6 +94,8 @@ class AddShadowColumn(Phase):
         drops += [Q("DROP COLUMN IF EXISTS {}").format(I(c.name)) for c in ctx.m.extra_columns]
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(drops)),
                      lock="ACCESS EXCLUSIVE (catalog only)", what="drop columns")
+        if ctx.changes_type:
+            ctx.x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)", what="drop conversion functions")
 
     def _refuse_losing_app_values(self, ctx: Context) -> None:
         """Extra columns are the new app's to fill; values other than the default/backfill are its data. So is
@@ -102,7 +107,8 @@ class AddShadowColumn(Phase):
             if n:
                 raise Refused(f"rollback would drop {ctx.m.shadow!r} holding values that {ctx.m.label} lacks "
                               f"(NULL there) in {n} rows (e.g. ids {ids}); nothing was changed",
-                              hint=f"give those rows a value in {ctx.m.column.name!r} (an enum label), then re-run")
+                              hint=f"give those rows a value in {ctx.m.column.name!r} "
+                                   f"({'of its type' if ctx.changes_type else 'an enum label'}), then re-run")
         for c in ctx.m.extra_columns:
             if not ctx.has("column", c.name):
                 continue
@@ -123,6 +129,16 @@ class AddShadowColumn(Phase):
             problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
                          if not ctx.has("valid_index", ix.shadow_name)]
         return problems
+
+
+def create_converters(ctx: Context) -> None:
+    """The conversion functions of a change_type column (CREATE OR REPLACE: a re-run, or the way back after the
+    contract, makes them again)."""
+    facts = ctx.facts
+    if facts.old_type is None or facts.new_type is None:
+        raise RuntimeError(f"{ctx.m.label}: the stored facts lack the column's types")
+    ctx.x.atomic(*convert.create_statements(ctx.m, facts.old_type, facts.new_type), lock="none (functions only)",
+                 what="create conversion functions")
 
 
 def index_names(ctx: Context) -> list[str]:

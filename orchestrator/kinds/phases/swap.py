@@ -11,12 +11,12 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from orchestrator.engine import catalog, parity
+from orchestrator.engine import catalog, convert, parity
 from orchestrator.engine.backfill import progress_key
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.engine.playbook import _suffixed
-from orchestrator.engine.sqlkit import I, L, Q, typed_literal
+from orchestrator.engine.sqlkit import I, L, Q
 from orchestrator.kinds.phases import restore_enum, shape, target_check, versions
 from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import (
@@ -100,7 +100,7 @@ class SwapColumns(Phase):
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
         refuse_later_triggers(ctx)
         shape.refuse_new_indexes(ctx)
-        shape.current_default_label(ctx)
+        shape.current_default(ctx)
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         x = ctxs[0].x
@@ -130,7 +130,7 @@ class SwapColumns(Phase):
     def _default_label(self, ctx: Context) -> str | None:
         if ctx.x.dry_run or ctx.has("column", ctx.m.retired):  # already swapped: what the swap recorded
             return self._swap_time_default(ctx)
-        return shape.current_default_label(ctx)
+        return shape.current_default(ctx)
 
     def _swap_time_default(self, ctx: Context) -> str | None:
         recorded = ((ctx.state.details(self.number) if ctx.state is not None and not ctx.x.dry_run else {})
@@ -139,7 +139,7 @@ class SwapColumns(Phase):
 
     def _prepare_not_null(self, ctx: Context) -> None:
         x, t = ctx.x, ctx.table
-        if ctx.m.target.nullable:
+        if not ctx.new_not_null:
             return
         x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
             t, I(self.new_check(ctx)), ctx.shadow),
@@ -155,10 +155,10 @@ class SwapColumns(Phase):
         prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
         if f.not_null:
             prep.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.col))  # rows the old enum cannot hold
-        if not ctx.m.target.nullable:
+        if ctx.new_not_null:
             prep.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow))  # uses the valid CHECK: no scan
         stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep))]
-        if not ctx.m.target.nullable:
+        if ctx.new_not_null:
             # A statement of its own: in the same ALTER TABLE the CHECK would go first and SET NOT NULL would
             # scan the whole table under ACCESS EXCLUSIVE.
             stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.new_check(ctx))))
@@ -239,8 +239,8 @@ class SwapColumns(Phase):
             restore.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
         label = self._swap_time_default(ctx)
         if label is not None:
-            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, typed_literal(label, ctx.enum_type)))
-        if not ctx.m.target.nullable:
+            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, shape.old_default_sql(ctx, label)))
+        if ctx.new_not_null:
             restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
         if restore:
             stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restore)))
@@ -288,7 +288,10 @@ class SwapColumns(Phase):
         # The tables now look like the new version's views (versions._view): its search_path falls through to
         # them with the same columns, so its prepared statements keep their result type.
         versions.remove_views(ctxs, ("new",))
-        if ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
+        if ctxs[0].changes_type:  # the sync is gone: nothing calls the conversions any more
+            for ctx in ctxs:
+                x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)", what="drop conversion functions")
+        elif ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
             x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctxs[0].enum_type), lock="ACCESS EXCLUSIVE on the type only",
                      what="drop the enum type")
 

@@ -1,0 +1,140 @@
+"""kind change_type: a column's conversion as three SQL functions, and the proof that they hold on the real column.
+
+`up` (old type -> new type) and `down` (new -> old) are the playbook's expressions, each the body of a SQL
+function whose one parameter has the column's name, so an expression reads the column as written in the
+playbook. PostgreSQL parses them when the function is created, checks the result type against the declared
+one, and inlines them into the backfill's and the parity scan's statements (a plain expression there).
+`back` is `down` that gives NULL where `down` fails (an id past 2^31 going back to integer): a sync trigger
+calls it, and an app write must never fail because the rollback copy cannot hold its value.
+
+Before anything changes, `prove` creates them in a transaction it rolls back: a syntax error, a wrong result
+type, more than one statement, or a sampled row whose value does not come back through down(up(x)) is a
+BadInput naming the column (and the row).
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.engine.errors import BadInput
+from orchestrator.engine.playbook import ColumnMigration, _suffixed
+from orchestrator.engine.sqlkit import I, L, Q, join, render
+
+SAMPLE_ROWS = 2_000  # rows of the table tried through down(up(x)) before the first phase
+
+
+def function(m: ColumnMigration, suffix: str) -> sql.Identifier:
+    """Our functions for one column (sync, conversions): `_ec_<table>_<column><suffix>` in the table's schema."""
+    return I(m.table.schema_, _suffixed(f"_ec_{m.table.name}_{m.column.name}", suffix))
+
+
+def up(m: ColumnMigration) -> sql.Identifier:
+    return function(m, "_up")
+
+
+def down(m: ColumnMigration) -> sql.Identifier:
+    return function(m, "_down")
+
+
+def back(m: ColumnMigration) -> sql.Identifier:
+    return function(m, "_back")
+
+
+def create_statements(m: ColumnMigration, old_type: str, new_type: str) -> list[sql.Composed]:
+    """CREATE OR REPLACE the three functions. The types are format_type() text read from the catalog (never
+    the playbook's own text); the expressions are the playbook's, each proven to be one expression by prove()."""
+    if m.change is None:
+        raise RuntimeError(f"{m.label} is not a change_type column")
+    col, old, new = I(m.column.name), Q(old_type), Q(new_type)
+    body = render(Q("BEGIN RETURN {}(v); EXCEPTION WHEN data_exception THEN RETURN NULL; END").format(down(m)))
+    return [
+        Q("CREATE OR REPLACE FUNCTION {}({} {}) RETURNS {} LANGUAGE sql STABLE PARALLEL SAFE RETURN ({})").format(
+            up(m), col, old, new, Q(m.change.up)),
+        Q("CREATE OR REPLACE FUNCTION {}({} {}) RETURNS {} LANGUAGE sql STABLE PARALLEL SAFE RETURN ({})").format(
+            down(m), col, new, old, Q(m.change.down)),
+        Q("CREATE OR REPLACE FUNCTION {}(v {}) RETURNS {} LANGUAGE plpgsql STABLE PARALLEL SAFE AS {}").format(
+            back(m), new, old, L(body)),
+    ]
+
+
+def drop_statement(m: ColumnMigration) -> sql.Composed:
+    return Q("DROP FUNCTION IF EXISTS {}, {}, {}").format(back(m), down(m), up(m))
+
+
+def _first_line(err: psycopg.Error) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def canonical_type(conn: psycopg.Connection, m: ColumnMigration, type_text: str) -> str:
+    """The playbook's type as PostgreSQL spells it (format_type), or BadInput: what reaches DDL is the catalog's
+    text, so `bigint, x int` or a type with a trailing clause never gets there."""
+    try:
+        with conn.transaction(force_rollback=True):
+            cur = conn.execute(Q("SELECT NULL::{}").format(Q(type_text)), prepare=True)
+            res = cur.pgresult
+            if res is None or res.nfields != 1:
+                raise BadInput(f"{m.where}type: {type_text!r} is not one SQL type")
+            oid, fmod = res.ftype(0), res.fmod(0)
+            name = conn.execute("SELECT format_type(%s, %s)", (oid, None if fmod < 0 else fmod)).fetchone()
+    except psycopg.Error as err:
+        raise BadInput(f"{m.where}type: {type_text!r} is not a type this server knows: {_first_line(err)}") from None
+    if name is None:
+        raise BadInput(f"{m.where}type: {type_text!r} is not one SQL type")
+    return str(name[0])
+
+
+def prove(conn: psycopg.Connection, m: ColumnMigration, old_type: str, new_type: str, pk: list[str]) -> None:
+    """Create the functions and try them on a sample of the table, in a transaction that is always rolled back."""
+    table, col = I(m.table.schema_, m.table.name), I(m.column.name)
+    stmts = create_statements(m, old_type, new_type)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL lock_timeout = '2s'")
+        conn.execute("SET LOCAL statement_timeout = '60s'")
+        for field, stmt in zip(("up", "down", "down"), stmts):
+            try:
+                with conn.transaction():
+                    conn.execute(stmt, prepare=True)  # the extended protocol: one statement, never two
+            except psycopg.Error as err:
+                raise BadInput(f"{m.where}{field}: {_first_line(err)} (in {m.label}: "
+                               f"{getattr(m.change, field)!r})") from None
+        keys = join(I(c) for c in pk)
+        pct = conn.execute(Q("SELECT least(100, greatest(0.01, 100.0 * {} / nullif(reltuples, 0))) FROM pg_class "
+                             "WHERE oid = to_regclass({})").format(L(SAMPLE_ROWS), L(render(table)))).fetchone()
+        sample = Q("TABLESAMPLE SYSTEM ({})").format(L(float(pct[0]))) if pct and pct[0] is not None and \
+            pct[0] < 100 else Q("")
+        sampled = Q("SELECT ctid, {}, {} FROM {} {} WHERE {} IS NOT NULL LIMIT {}").format(
+            keys, col, table, sample, col, L(SAMPLE_ROWS))
+        try:
+            with conn.transaction():
+                bad = conn.execute(Q("SELECT {}, {}::text, {}({}({}))::text FROM ({}) AS s "
+                                     "WHERE {}({}({})) IS DISTINCT FROM {} LIMIT 1").format(
+                    keys, col, back(m), up(m), col, sampled, back(m), up(m), col, col)).fetchone()
+        except psycopg.Error as err:  # up itself fails on some row: find one, a row at a time
+            _name_failing_row(conn, m, table, sampled, pk, err)
+            return
+        if bad is not None:
+            n = len(pk)
+            key, value, got = (bad[0] if n == 1 else tuple(bad[:n])), bad[n], bad[n + 1]
+            raise BadInput(f"{m.where}down: the value {value} of {m.label} in the row {_pk(pk, key)} does not come "
+                           f"back through down(up(x)): it gives {'NULL (down fails)' if got is None else got}")
+
+
+def _name_failing_row(conn: psycopg.Connection, m: ColumnMigration, table: sql.Identifier, sampled: sql.Composed,
+                      pk: list[str], err: psycopg.Error) -> None:
+    rows = conn.execute(sampled).fetchall()
+    for row in rows:
+        try:
+            with conn.transaction():
+                conn.execute(Q("SELECT {}({}) FROM {} WHERE ctid = %s").format(up(m), I(m.column.name), table),
+                             (row[0],))
+        except psycopg.Error as row_err:
+            key = row[1] if len(pk) == 1 else tuple(row[1:-1])
+            raise BadInput(f"{m.where}up: fails on {m.label} in the row {_pk(pk, key)} (value {row[-1]!s}): "
+                           f"{_first_line(row_err)}") from None
+    raise BadInput(f"{m.where}up: fails on a value of {m.label}: {_first_line(err)}") from None
+
+
+def _pk(pk: list[str], key) -> str:
+    values = key if isinstance(key, tuple) else (key,)
+    return ", ".join(f"{c}={v!r}" for c, v in zip(pk, values))
