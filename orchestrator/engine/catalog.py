@@ -23,6 +23,10 @@ class IndexFact:
     name: str
     unique: bool
     columns: list[str]  # the enum column appears under its original name
+    # change_type of a key: the PRIMARY KEY ('p') or UNIQUE ('u') constraint this index belongs to, moved to
+    # the new column at the swap (ADD CONSTRAINT ... USING INDEX) rather than renamed.
+    constraint: str | None = None
+    constraint_type: str | None = None
 
     @property
     def shadow_name(self) -> str:
@@ -31,6 +35,24 @@ class IndexFact:
     @property
     def retired_name(self) -> str:
         return _suffixed(self.name, "_ecold")
+
+
+@dataclass
+class ForeignKeyFact:
+    """A foreign key from this column to a key the playbook also changes: dropped and re-created (NOT VALID,
+    then VALIDATE) by the swap and its rollback, with the same name and definition."""
+
+    name: str
+    definition: str  # pg_get_constraintdef: columns by name, so the same text points at the swapped columns
+
+
+@dataclass
+class SequenceFact:
+    """The sequence the column owns (serial): it moves with the column (OWNED BY, AS the new type)."""
+
+    schema: str
+    name: str
+    type: str
 
 
 @dataclass
@@ -48,6 +70,8 @@ class Facts:
     # kind change_type: the column's type before and after, as format_type() spells them.
     old_type: str | None = None
     new_type: str | None = None
+    foreign_keys: list[ForeignKeyFact] = field(default_factory=list)
+    sequence: SequenceFact | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,7 +81,9 @@ class Facts:
         return cls(pk=data["pk"], not_null=data["not_null"], default_label=data["default_label"],
                    indexes=[IndexFact(**i) for i in data["indexes"]], attnum=data.get("attnum"),
                    enum=EnumFacts(**data["enum"]) if data.get("enum") else None,
-                   old_type=data.get("old_type"), new_type=data.get("new_type"))
+                   old_type=data.get("old_type"), new_type=data.get("new_type"),
+                   foreign_keys=[ForeignKeyFact(**k) for k in data.get("foreign_keys") or []],
+                   sequence=SequenceFact(**data["sequence"]) if data.get("sequence") else None)
 
 
 @dataclass
@@ -169,31 +195,43 @@ def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
                            WHERE n.nspname = %s AND c.relname = %s)""", (schema, name))
 
 
-def column_indexes(conn: psycopg.Connection, oid: int, attnum: int) -> tuple[list[IndexFact], list[str]]:
-    """Indexes using the column: plain btree ones we can rebuild on the new column, and blockers."""
+def column_indexes(conn: psycopg.Connection, oid: int, attnum: int, *,
+                   keys: bool = False) -> tuple[list[IndexFact], list[str]]:
+    """Indexes using the column: plain btree ones we can rebuild on the new column, and blockers. `keys`
+    (change_type): the column's own one-column primary key or unique constraint is one we can move."""
     rows = conn.execute("""
         SELECT c.relname, i.indisunique, i.indisprimary, am.amname, i.indexprs IS NULL AND i.indpred IS NULL,
                i.indnkeyatts = i.indnatts, NOT EXISTS (SELECT FROM unnest(i.indoption::int2[]) o WHERE o <> 0),
                array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(n, pos)
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n ORDER BY k.pos),
-               pg_get_indexdef(i.indexrelid)
+               pg_get_indexdef(i.indexrelid),
+               (SELECT array[con.conname::text, con.contype::text] FROM pg_constraint con
+                WHERE con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u'))
         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
         JOIN pg_am am ON am.oid = c.relam
         WHERE i.indrelid = %s AND (%s = ANY(i.indkey::int2[]) OR EXISTS (
             SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
               AND d.refobjid = i.indrelid AND d.refobjsubid = %s))""", (oid, attnum, attnum)).fetchall()
     simple, blockers = [], []
-    for name, unique, primary, am, plain, no_include, default_opts, cols, definition in rows:
-        if primary:
-            blockers.append(f"the primary key {name!r} includes the column")
-        elif am == "btree" and plain and no_include and default_opts and len(cols) == len(set(cols)):
+    for name, unique, primary, am, plain, no_include, default_opts, cols, definition, con in rows:
+        movable = am == "btree" and plain and no_include and default_opts and len(cols) == len(set(cols))
+        if con is not None and keys and movable and len(cols) == 1:
+            simple.append(IndexFact(name=name, unique=True, columns=list(cols), constraint=con[0],
+                                    constraint_type=con[1]))
+        elif primary:
+            blockers.append(f"the primary key {name!r} includes the column" + (
+                " with others (a key of one column can be changed)" if keys else ""))
+        elif con is not None and keys:
+            blockers.append(f"the unique constraint {name!r} includes the column with others")
+        elif movable:
             simple.append(IndexFact(name=name, unique=unique, columns=list(cols)))
         else:
             blockers.append(f"index {name!r} ({definition}) cannot be rebuilt automatically")
     return simple, blockers
 
 
-def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_schemas: tuple = ()) -> list[str]:
+def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_schemas: tuple = (),
+                      excused: tuple[str, ...] = ()) -> list[str]:
     """Objects depending on the column other than its own default and indexes: views, constraints, generated
     columns, ... (the orchestrator's own version views, in `own_view_schemas`, excepted)."""
     # A generated column reading this one depends on it through its expression (pg_attrdef, up to 17) or itself
@@ -214,13 +252,14 @@ def column_dependents(conn: psycopg.Connection, oid: int, attnum: int, own_view_
                SELECT FROM pg_attrdef ad
                WHERE ad.oid = d.objid AND ad.adrelid = d.refobjid AND ad.adnum = d.refobjsubid))
           AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (
-               SELECT FROM pg_constraint c WHERE c.oid = d.objid AND c.contype IN ('p', 'n')))
+               SELECT FROM pg_constraint c WHERE c.oid = d.objid
+                 AND (c.contype IN ('p', 'n') OR c.conname = ANY(%s))))  -- keys and foreign keys we move
           AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (  -- our own version views
                SELECT FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
                JOIN pg_namespace n ON n.oid = v.relnamespace WHERE r.oid = d.objid AND n.nspname = ANY(%s)))
           AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (  -- our own sync triggers
                SELECT FROM pg_trigger t WHERE t.oid = d.objid AND t.tgname LIKE '~ec\_%%'))
-        ORDER BY 1""", (oid, attnum, list(own_view_schemas))).fetchall()
+        ORDER BY 1""", (oid, attnum, list(excused), list(own_view_schemas))).fetchall()
     out = [desc for desc, _ in rows]
     # Triggers listed with UPDATE OF the column (no pg_depend entry for tgattr).
     for (name,) in conn.execute("""SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
@@ -378,7 +417,7 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
     """
     check_state_schema(conn, pb.settings.state_schema)
     if pb.kind == "change_type":
-        return [_inspect_type_change(conn, m) for m in pb.migrations]
+        return [_inspect_type_change(conn, pb, m) for m in pb.migrations]
     found = [_inspect_column(conn, pb, m) for m in pb.migrations]
     type_oid = found[0][1]
     listed = {(m.table.schema_, m.table.name, m.column.name) for m in pb.migrations}
@@ -430,7 +469,56 @@ def _table(conn: psycopg.Connection, m: ColumnMigration) -> tuple[int, list[str]
     return oid, pk, info
 
 
-def _inspect_type_change(conn: psycopg.Connection, m: ColumnMigration) -> Facts:
+def foreign_keys(conn: psycopg.Connection, oid: int, attnum: int) -> list[tuple]:
+    """Foreign keys with the column on either side: (name, definition, referencing (schema, table, [columns]),
+    referenced (schema, table, [columns]), referencing table oid)."""
+    return [tuple(r) for r in conn.execute("""
+        SELECT con.conname, pg_get_constraintdef(con.oid),
+               (SELECT array[n.nspname::text, c.relname::text] FROM pg_class c JOIN pg_namespace n
+                 ON n.oid = c.relnamespace WHERE c.oid = con.conrelid),
+               array(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, pos)
+                     JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.pos),
+               (SELECT array[n.nspname::text, c.relname::text] FROM pg_class c JOIN pg_namespace n
+                 ON n.oid = c.relnamespace WHERE c.oid = con.confrelid),
+               array(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, pos)
+                     JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.pos),
+               con.conrelid
+        FROM pg_constraint con
+        WHERE con.contype = 'f' AND ((con.conrelid = %s AND %s = ANY(con.conkey))
+                                     OR (con.confrelid = %s AND %s = ANY(con.confkey)))
+        ORDER BY 1""", (oid, attnum, oid, attnum))]
+
+
+def owned_sequence(conn: psycopg.Connection, oid: int, attnum: int) -> SequenceFact | None:
+    row = conn.execute("""SELECT n.nspname, c.relname, format_type(s.seqtypid, NULL)
+                          FROM pg_depend d JOIN pg_sequence s ON s.seqrelid = d.objid
+                          JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                            AND d.refobjid = %s AND d.refobjsubid = %s AND d.deptype = 'a'""",
+                       (oid, attnum)).fetchone()
+    return SequenceFact(*row) if row else None
+
+
+def _family(pb: Playbook, m: ColumnMigration, fks: list[tuple]) -> list[ForeignKeyFact]:
+    """The foreign keys to move with the column (those it references from), each checked to join two listed
+    columns: a foreign key to or from a column the playbook leaves out would point at a type it no longer has."""
+    listed = {(u.table.schema_, u.table.name, u.column.name) for u in pb.migrations}
+    mine = []
+    for name, definition, (rs, rt), rcols, (fs, ft), fcols, _ in fks:
+        if len(rcols) != 1:
+            raise BadInput(f"{m.field('column.name')}: foreign key {name!r} ({definition}) has several columns; "
+                           f"this version moves foreign keys of one column")
+        for schema, table, col in ((rs, rt, rcols[0]), (fs, ft, fcols[0])):
+            if (schema, table, col) not in listed:
+                shown = f"{table}.{col}" if schema == "public" else f"{schema}.{table}.{col}"
+                raise BadInput(f"columns: {shown} is joined to {m.label} by foreign key {name!r} and must change "
+                               f"with it; list it under 'columns' (with its type, up and down)")
+        if (rs, rt, rcols[0]) == (m.table.schema_, m.table.name, m.column.name):
+            mine.append(ForeignKeyFact(name=name, definition=definition))
+    return mine
+
+
+def _inspect_type_change(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) -> Facts:
     """Facts of one change_type column, its conversions proven on the table (engine/convert.py)."""
     if m.change is None:
         raise RuntimeError(f"{m.label} is not a change_type column")
@@ -448,8 +536,11 @@ def _inspect_type_change(conn: psycopg.Connection, m: ColumnMigration) -> Facts:
     if new_type == info["type"]:
         raise BadInput(f"{m.where}type: {m.label} is of type {new_type} already")
     convert.prove(conn, m, info["type"], new_type, pk)
-    indexes, blockers = column_indexes(conn, oid, info["attnum"])
-    blockers += column_dependents(conn, oid, info["attnum"])
+    fks = foreign_keys(conn, oid, info["attnum"])
+    family = _family(pb, m, fks)
+    indexes, blockers = column_indexes(conn, oid, info["attnum"], keys=True)
+    excused = tuple(f[0] for f in fks) + tuple(ix.constraint for ix in indexes if ix.constraint)
+    blockers += column_dependents(conn, oid, info["attnum"], excused=excused)
     for ix in indexes:
         for n in (ix.shadow_name, ix.retired_name):
             if relation_exists(conn, m.table.schema_, n):
@@ -458,7 +549,8 @@ def _inspect_type_change(conn: psycopg.Connection, m: ColumnMigration) -> Facts:
         raise BadInput(f"table {m.table.schema_}.{m.table.name}.{m.column.name} cannot be migrated online: "
                        + "; ".join(blockers))
     return Facts(pk=pk, not_null=info["not_null"], default_label=None, indexes=indexes, attnum=info["attnum"],
-                 old_type=info["type"], new_type=new_type)
+                 old_type=info["type"], new_type=new_type, foreign_keys=family,
+                 sequence=owned_sequence(conn, oid, info["attnum"]))
 
 
 def _inspect_column(conn: psycopg.Connection, pb: Playbook, m: ColumnMigration) -> tuple[Facts, int, int]:

@@ -53,7 +53,7 @@ def create_statements(m: ColumnMigration, old_type: str, new_type: str) -> list[
             up(m), col, old, new, Q(m.change.up)),
         Q("CREATE OR REPLACE FUNCTION {}({} {}) RETURNS {} LANGUAGE sql STABLE PARALLEL SAFE RETURN ({})").format(
             down(m), col, new, old, Q(m.change.down)),
-        Q("CREATE OR REPLACE FUNCTION {}(v {}) RETURNS {} LANGUAGE plpgsql STABLE PARALLEL SAFE AS {}").format(
+        Q("CREATE OR REPLACE FUNCTION {}(v {}) RETURNS {} LANGUAGE plpgsql STABLE AS {}").format(
             back(m), new, old, L(body)),
     ]
 
@@ -103,13 +103,14 @@ def prove(conn: psycopg.Connection, m: ColumnMigration, old_type: str, new_type:
                              "WHERE oid = to_regclass({})").format(L(SAMPLE_ROWS), L(render(table)))).fetchone()
         sample = Q("TABLESAMPLE SYSTEM ({})").format(L(float(pct[0]))) if pct and pct[0] is not None and \
             pct[0] < 100 else Q("")
-        sampled = Q("SELECT ctid, {}, {} FROM {} {} WHERE {} IS NOT NULL LIMIT {}").format(
-            keys, col, table, sample, col, L(SAMPLE_ROWS))
+        value = I("_ec_value")  # the column may be the key itself: a name of its own in the sample
+        sampled = Q("SELECT ctid, {}, {} AS {} FROM {} {} WHERE {} IS NOT NULL LIMIT {}").format(
+            keys, col, value, table, sample, col, L(SAMPLE_ROWS))
         try:
             with conn.transaction():
                 bad = conn.execute(Q("SELECT {}, {}::text, {}({}({}))::text FROM ({}) AS s "
                                      "WHERE {}({}({})) IS DISTINCT FROM {} LIMIT 1").format(
-                    keys, col, back(m), up(m), col, sampled, back(m), up(m), col, col)).fetchone()
+                    keys, value, back(m), up(m), value, sampled, back(m), up(m), value, value)).fetchone()
         except psycopg.Error as err:  # up itself fails on some row: find one, a row at a time
             _name_failing_row(conn, m, table, sampled, pk, err)
             return

@@ -36,7 +36,7 @@ SELECT i.relname AS name, t.relname AS table, pg_get_indexdef(x.indexrelid) AS d
  ORDER BY 1, 2""",
     "constraints": """
 SELECT con.conname AS name, coalesce(t.relname, '') AS table, con.contype::text AS type,
-       pg_get_constraintdef(con.oid) AS definition
+       pg_get_constraintdef(con.oid) AS definition, con.convalidated AS valid
   FROM pg_constraint con
   JOIN pg_namespace n ON n.oid = con.connamespace
   LEFT JOIN pg_class t ON t.oid = con.conrelid
@@ -101,8 +101,12 @@ SELECT ty.typname, NULL, p.privilege_type,
  WHERE n.nspname = %(schema)s AND ty.typtype = 'e'
  ORDER BY 1, 2 NULLS FIRST, 3, 4""",
     "sequences": """
-SELECT c.relname AS name
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT c.relname AS name, format_type(s.seqtypid, NULL) AS type, s.seqmax::text AS max,
+       (SELECT t.relname || '.' || a.attname FROM pg_depend d
+          JOIN pg_class t ON t.oid = d.refobjid
+          JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+         WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')) AS owned_by
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_sequence s ON s.seqrelid = c.oid
  WHERE n.nspname = %(schema)s AND c.relkind = 'S'
  ORDER BY 1""",
 }

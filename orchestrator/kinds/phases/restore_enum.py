@@ -21,7 +21,7 @@ from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import shape, target_check, versions
+from orchestrator.kinds.phases import keys, shape, target_check, versions
 from orchestrator.kinds.phases.dual_write import install_sync
 from orchestrator.kinds.phases.shadow import AddShadowColumn, create_converters
 
@@ -57,11 +57,12 @@ def refuse_new_dependents(ctxs: list[Context]) -> None:
     for ctx in ctxs:
         oid = catalog.existing_table_oid(x.conn, *ctx.table_name)
         attnum = catalog.existing_column(x.conn, oid, ctx.m.column.name)["attnum"]
-        simple, blockers = catalog.column_indexes(x.conn, oid, attnum)
+        simple, blockers = catalog.column_indexes(x.conn, oid, attnum, keys=ctx.changes_type)
         known = {ix.name for ix in ctx.facts.indexes}
         found += [f"{ctx.m.label}: index {ix.name!r}" for ix in simple if ix.name not in known]
         found += [f"{ctx.m.label}: {b}" for b in blockers]
-        found += [f"{ctx.m.label}: {d}" for d in catalog.column_dependents(x.conn, oid, attnum, ours)
+        found += [f"{ctx.m.label}: {d}" for d in catalog.column_dependents(x.conn, oid, attnum, ours,
+                                                                           excused=keys.excused(ctxs))
                   if not d.startswith(f"constraint {target_check.name(ctx)} ")]
     if found:
         raise Refused(f"the way back cannot carry objects created on the column since the contract: "

@@ -24,7 +24,7 @@ def refuse_new_indexes(ctx: Context) -> None:
     conn = ctx.x.conn
     oid = catalog.existing_table_oid(conn, *ctx.table_name)
     info = catalog.existing_column(conn, oid, ctx.m.column.name)
-    simple, blockers = catalog.column_indexes(conn, oid, info["attnum"])
+    simple, blockers = catalog.column_indexes(conn, oid, info["attnum"], keys=ctx.changes_type)
     known = {ix.name for ix in ctx.facts.indexes}
     added = [ix.name for ix in simple if ix.name not in known]
     if added or blockers:

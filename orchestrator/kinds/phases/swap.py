@@ -17,7 +17,7 @@ from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_ro
 from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import restore_enum, shape, target_check, versions
+from orchestrator.kinds.phases import keys, restore_enum, shape, target_check, versions
 from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import (
     create_triggers,
@@ -26,6 +26,7 @@ from orchestrator.kinds.phases.dual_write import (
     remove_sync,
     reverse_function,
 )
+from orchestrator.kinds.phases.shadow import AddShadowColumn
 
 log = structlog.get_logger()
 
@@ -87,6 +88,12 @@ class SwapColumns(Phase):
         return ctx.exists_query("column", ctx.m.retired)
 
     # -- expand -----------------------------------------------------------------------------------
+    _excused: tuple[str, ...] = ()  # constraints the swap moves (keys.excused), set by before_expand_all
+
+    def before_expand_all(self, ctxs: list[Context]) -> None:
+        self._excused = keys.excused(ctxs)
+        super().before_expand_all(ctxs)
+
     def before_expand(self, ctx: Context) -> None:
         if ctx.x.dry_run or ctx.has("column", ctx.m.retired):
             return
@@ -94,7 +101,7 @@ class SwapColumns(Phase):
         oid = catalog.existing_table_oid(conn, *ctx.table_name)
         info = catalog.existing_column(conn, oid, ctx.m.column.name)
         ours = (ctx.pb.app_versions.old, ctx.pb.app_versions.new) if ctx.pb.app_versions else ()
-        blockers = catalog.column_dependents(conn, oid, info["attnum"], ours)
+        blockers = catalog.column_dependents(conn, oid, info["attnum"], ours, excused=self._excused)
         if blockers:
             raise Refused(f"cannot swap: objects created since phase 1 depend on {ctx.m.column.name!r}: "
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
@@ -121,9 +128,12 @@ class SwapColumns(Phase):
             self._prepare_not_null(ctx)
         # Every table in one short transaction: no statement ever sees one column swapped and another not
         # (a join between them keeps working), locks taken in a fixed order so two runs cannot deadlock.
-        x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._swap_statements(ctx, labels[ctx.m.label])),
+        x.atomic(lock_tables(ctxs), *keys.drop_foreign_keys(ctxs),
+                 *(st for ctx in ctxs for st in self._swap_statements(ctx, labels[ctx.m.label])),
+                 *keys.add_foreign_keys(ctxs),
                  skip_if=all_of(self.swapped(ctx) for ctx in ctxs),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns")
+        keys.validate_foreign_keys(ctxs)
         # The default each enum column had at the swap: its rollback puts that one back.
         return {"tables": {label: {"default_label": d} for label, d in labels.items()}}
 
@@ -153,11 +163,12 @@ class SwapColumns(Phase):
     def _swap_statements(self, ctx: Context, default_label: str | None) -> list[sql.Composed]:
         t, f = ctx.table, ctx.facts
         prep = [Q("ALTER COLUMN {} DROP DEFAULT").format(ctx.col)]
+        key_drops = keys.drop_key(ctx)  # before DROP NOT NULL, which a primary key forbids
         if f.not_null:
             prep.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.col))  # rows the old enum cannot hold
         if ctx.new_not_null:
             prep.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.shadow))  # uses the valid CHECK: no scan
-        stmts = [Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep))]
+        stmts = [*key_drops, Q("ALTER TABLE {} {}").format(t, Q(", ").join(prep))]
         if ctx.new_not_null:
             # A statement of its own: in the same ALTER TABLE the CHECK would go first and SET NOT NULL would
             # scan the whole table under ACCESS EXCLUSIVE.
@@ -167,8 +178,12 @@ class SwapColumns(Phase):
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.shadow, ctx.col)]
         stmts += shape.set_default(ctx, shape.new_default(ctx, default_label))
         for ix in f.indexes:
-            stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
-                      Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.shadow_name), I(ix.name))]
+            if ix.constraint is None:  # a key's index went with its constraint: keys.add_key moves it
+                stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
+                          Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.shadow_name), I(ix.name))]
+        stmts += keys.add_key(ctx, "shadow_name")
+        if f.new_type is not None:
+            stmts += keys.move_sequence(ctx, f.new_type)
         return stmts + create_triggers(ctx, swapped=True) + versions.replace_views(ctx, swapped=True)
 
     # -- rollback ---------------------------------------------------------------------------------
@@ -199,6 +214,12 @@ class SwapColumns(Phase):
         x.atomic(lock_tables(ctxs, "SHARE ROW EXCLUSIVE"), lock="SHARE ROW EXCLUSIVE on every table (waits for "
                  "the writes in flight, then released)", what="wait for writes in flight")
         self._resolve_unmapped(ctxs)
+        if not x.dry_run and any(ctx.has("column", ctx.m.retired) for ctx in ctxs):
+            keys.refuse_sequence_past_old_type(ctxs)
+        for ctx in ctxs:  # the old column's unique index, for its key to come back to (kept after a re-run)
+            for ix in keys.key_indexes(ctx):
+                if x.dry_run or ctx.has("column", ctx.m.retired):
+                    AddShadowColumn._build(ctx, ix.retired_name, [ctx.m.retired], True)
         for ctx in ctxs:
             if ctx.facts.not_null:
                 x.atomic(Q("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
@@ -209,9 +230,15 @@ class SwapColumns(Phase):
                 x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.old_check(ctx))),
                          skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
                          lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column", online=True)
-        x.atomic(lock_tables(ctxs), *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
+        x.atomic(lock_tables(ctxs), *keys.drop_foreign_keys(ctxs),
+                 *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
+                 *keys.add_foreign_keys(ctxs),
                  skip_if=Q("SELECT NOT ({})").format(any_of(self.swapped(ctx) for ctx in ctxs)),
                  lock="ACCESS EXCLUSIVE on every table (catalog only, milliseconds)", what="swap columns back")
+        keys.validate_foreign_keys(ctxs)
+        for ctx in ctxs:  # the new column's copy of the key index went with the key: phase 5 needs it again
+            for ix in keys.key_indexes(ctx):
+                AddShadowColumn._build(ctx, ix.shadow_name, [ctx.m.shadow], True)
 
     def reapply_all(self, ctxs: list[Context]) -> None:
         """The normal sync of the swapped state, in case a rollback that stopped part-way (killed, out of lock
@@ -229,7 +256,7 @@ class SwapColumns(Phase):
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composed]:
         t, f = ctx.table, ctx.facts
-        stmts = [*drop_triggers(ctx),
+        stmts = [*drop_triggers(ctx), *keys.drop_key(ctx),
                  reverse_function(ctx),  # as it was before the rollback closed it, for the next swap
                  Q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, ctx.col),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.shadow),
@@ -247,8 +274,12 @@ class SwapColumns(Phase):
         if f.not_null:  # only after SET NOT NULL, in a statement of its own (see _swap_statements)
             stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.old_check(ctx))))
         for ix in f.indexes:
-            stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
-                      Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
+            if ix.constraint is None:
+                stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.shadow_name)),
+                          Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.retired_name), I(ix.name))]
+        stmts += keys.add_key(ctx, "retired_name")
+        if f.sequence is not None:
+            stmts += keys.move_sequence(ctx, f.sequence.type)
         return stmts + create_triggers(ctx, swapped=False) + versions.replace_views(ctx, swapped=False)
 
     def _resolve_unmapped(self, ctxs: list[Context]) -> None:
