@@ -641,3 +641,31 @@ def test_the_anchor_comes_from_the_command_line_the_playbook_or_the_files():
         "kept", ("app_0001",))
     with pytest.raises(Exception, match="not an Alembic revision"):
         ec.resolve_anchor(PB, depends_on=["x'; DROP"])
+
+
+def test_a_change_type_playbook_as_revisions_upgrade_head_and_downgrade_base(dsn, tmp_path):
+    """The key family (kind change_type) as Alembic revisions: `upgrade head` makes it bigint with its keys,
+    foreign keys and sequence; `downgrade base` brings back the integer catalog (the re-added columns last)."""
+    from orchestrator.lab import shop
+    with psycopg.connect(dsn) as conn:
+        shop.create_shop(conn, accounts=300)
+    script, pb_path = _project(tmp_path, ROOT / "playbooks" / "account_id_to_bigint.yaml")
+    pb_path.write_text(pb_path.read_text().replace("settings:\n", "settings:\n  old_version_quiet_s: 0\n"))
+    ec.generate(pb_path, script)
+    pb = load(pb_path)
+    ini = _ini(tmp_path)
+    before = snapshot(dsn)
+    command.upgrade(config(dsn, ini), "head")
+    assert statuses(dsn, pb) == [CONTRACTED] * 5
+    assert columns(snapshot(dsn), "orders")["account_id"]["type"] == "bigint"
+    assert query_one(dsn, "SELECT format_type(seqtypid, NULL) FROM pg_sequence "
+                          "WHERE seqrelid = 'accounts_id_seq'::regclass") == "bigint"
+    command.downgrade(config(dsn, ini), "base")
+    assert statuses(dsn, pb) == [PENDING] * 5 and version_rows(dsn) == []
+    after = snapshot(dsn)
+    assert ignoring_column_order(after) == ignoring_column_order(before), "\n".join(snapshot_diff(before, after))
+
+
+def query_one(dsn: str, stmt: str):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(stmt).fetchone()[0]

@@ -23,6 +23,15 @@ def _ours(statement: str, _before: list[str]) -> bool:
     return '"_ec_' in statement or '"~ec_' in statement
 
 
+def _ours_or_moved(statement: str, script: list[str]) -> bool:
+    """Ours, or (change_type of a key) a key or foreign key that the same transaction adds again by its name on
+    the swapped column: the guarantee never lapses for any statement but ours."""
+    if _ours(statement, script):
+        return True
+    name = statement.rsplit("DROP CONSTRAINT", 1)[-1].replace("IF EXISTS", "").strip().rstrip(";")
+    return any(f"ADD CONSTRAINT {name} " in line for line in script)
+
+
 def _after_validate(_statement: str, before: list[str]) -> bool:
     return any("VALIDATE CONSTRAINT" in line for line in before)
 
@@ -40,7 +49,8 @@ ACCEPTED = {
     "adding-not-nullable-field": ("SET NOT NULL follows a VALIDATEd CHECK (col IS NOT NULL): PostgreSQL 12+ "
                                   "skips the scan", _after_validate),
     "ban-drop-constraint": ("drops only the orchestrator's own CHECKs (_ec_*): the NOT NULL helper once SET NOT NULL "
-                            "replaced it, or target.check when the swap is rolled back", _ours),
+                            "replaced it, or target.check when the swap is rolled back; or a key or foreign key the "
+                            "same swap transaction adds again on the new column", _ours_or_moved),
     "ban-drop-function": ("drops only the orchestrator's own trigger functions", _ours),
     "ban-drop-default": ("the swap moves the default to the new column (mapped value); the retired enum column "
                          "must not invent values", None),
@@ -55,6 +65,9 @@ ACCEPTED = {
     "ban-drop-schema": ("drops the version schemas it created in phase 2 (app_versions); without CASCADE, so a "
                         "schema holding anything else is not dropped", None),
     "ban-drop-sequence": ("drops its own note of the old version's last write", None),
+    # kind change_type: the way back after the contract re-adds the column with the type it had.
+    "prefer-bigint-over-int": ("the column's original type, re-added only by the way back after the contract (or "
+                               "the type the playbook asks for)", None),
 }
 
 
@@ -144,6 +157,8 @@ def lint(phase: int, action: str, recorded: list[Recorded], settings: Settings) 
     findings = []
     for f in raw:
         statement = where.get(f["line"], lines[f["line"]])
+        # The condition sees the whole script: a constraint the swap drops is re-added after it.
+        context = lines if f["rule_name"] == "ban-drop-constraint" else lines[:f["line"]]
         findings.append(Finding(phase, action, f["rule_name"], f["message"], statement,
-                                accepted(f["rule_name"], statement, lines[:f["line"]], action)))
+                                accepted(f["rule_name"], statement, context, action)))
     return findings
