@@ -238,7 +238,7 @@ class KeyFamily(RuleBasedStateMachine):
         blocker = psycopg.connect(self.dsn)
         try:
             blocker.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
-            orch = Orchestrator(playbook(retries=1), self.dsn)
+            orch = Orchestrator(playbook(retries=1, online_lock_timeout_ms=300), self.dsn)
             try:
                 orch.rollback(self.applied)
             except OrchestratorError:

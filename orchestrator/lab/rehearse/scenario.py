@@ -61,6 +61,7 @@ from orchestrator.engine.state import State
 from orchestrator.kinds.phases.shadow import AddShadowColumn
 from orchestrator.lab import chatter
 from orchestrator.lab.rehearse.base import fallback_label, other_policy
+from orchestrator.lab.rehearse.change_type import ChangeTypeRehearsal
 from orchestrator.lab.rehearse.model import AFTER_CONTRACT, RehearsalResult, _Stop
 from orchestrator.lab.rehearse.steps import Steps
 from orchestrator.lab.rehearse.traffic import LockSampler, RehearsalTraffic
@@ -362,6 +363,10 @@ def rehearse(pb: Playbook, dsn: str | None = None, *, rows: int = 200_000, write
             if console is not None:
                 console.print(f"started {label}", highlight=False)
     try:
+        if pb.kind == "change_type":
+            return ChangeTypeRehearsal(pb, dsn, rows=rows, writers=writers, cycles=cycles,
+                                       after_contract=after_contract, dwell_s=dwell_s, console=console,
+                                       playbook_source=playbook_source, server_label=label).run()
         r = Rehearsal(pb, dsn, rows=rows, writers=writers, readers=readers, cycles=cycles,
                       both_policies=both_policies, final=final, after_contract=after_contract, dwell_s=dwell_s,
                       console=console,
