@@ -69,6 +69,7 @@ class KeyFamily(RuleBasedStateMachine):
             self.orders: dict[int, int] = dict(conn.execute("SELECT id, account_id FROM orders").fetchall())
             self.accounts: set[int] = {r[0] for r in conn.execute("SELECT id FROM accounts")}
         self.applied, self.contracted, self.went_through_contract = 0, 0, False
+        self.rollback_pending: int | None = None  # a phase whose rollback stopped part-way
         self.conns: dict[str, psycopg.Connection] = {}
         self.errors: list[str] = []
         self.big = shop.INT_MAX + 1000
@@ -135,7 +136,15 @@ class KeyFamily(RuleBasedStateMachine):
                 conn.execute("INSERT INTO accounts (id, email) VALUES (%s, 'big@x')", (self.big,))
                 return conn.execute("INSERT INTO orders (account_id) VALUES (%s) RETURNING id",
                                     (self.big,)).fetchone()[0]
-        order = self._app(NEW, "insert an id past 2^31", go)
+        try:
+            order = go(self.conn(NEW))
+        except psycopg.Error as err:
+            # A rollback of the swap stopped part-way (its phase still `running`) keeps refusing, by its own
+            # message, what the old type cannot hold, until the DBA runs it (or `run 5`) again: documented.
+            closing = "the swap is being rolled back" in str(err) and self.rollback_pending == PHASES
+            if not closing:
+                self.errors.append(f"{NEW} insert an id past 2^31: {' '.join(str(err).split())}")
+            return
         if order is not None:
             self.accounts.add(self.big)
             self.orders[order] = self.big
@@ -190,6 +199,7 @@ class KeyFamily(RuleBasedStateMachine):
         before = (self.applied, self.contracted)
         try:
             getattr(orch, what)(*args)
+            self.rollback_pending = None
         except Refused:
             assert self._position(orch) == before, (what, args, before, self._position(orch))
             return False
@@ -250,6 +260,8 @@ class KeyFamily(RuleBasedStateMachine):
         orch = Orchestrator(playbook(), self.dsn)
         try:
             self.applied, self.contracted = self._position(orch)
+            status = orch.state.phases().get(self.applied)
+            self.rollback_pending = self.applied if status is not None and status.status == "running" else None
         finally:
             orch.close()
 

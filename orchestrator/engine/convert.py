@@ -99,8 +99,10 @@ def prove(conn: psycopg.Connection, m: ColumnMigration, old_type: str, new_type:
                 raise BadInput(f"{m.where}{field}: {_first_line(err)} (in {m.label}: "
                                f"{getattr(m.change, field)!r})") from None
         keys = join(I(c) for c in pk)
-        pct = conn.execute(Q("SELECT least(100, greatest(0.01, 100.0 * {} / nullif(reltuples, 0))) FROM pg_class "
-                             "WHERE oid = to_regclass({})").format(L(SAMPLE_ROWS), L(render(table)))).fetchone()
+        # reltuples is -1 before the first ANALYZE: then no sampling, the first rows of the table instead
+        pct = conn.execute(Q("SELECT CASE WHEN reltuples > 0 THEN least(100, greatest(0.01, 100.0 * {} / reltuples)) "
+                             "END FROM pg_class WHERE oid = to_regclass({})").format(
+            L(SAMPLE_ROWS), L(render(table)))).fetchone()
         sample = Q("TABLESAMPLE SYSTEM ({})").format(L(float(pct[0]))) if pct and pct[0] is not None and \
             pct[0] < 100 else Q("")
         value = I("_ec_value")  # the column may be the key itself: a name of its own in the sample

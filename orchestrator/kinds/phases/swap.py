@@ -241,18 +241,35 @@ class SwapColumns(Phase):
                 AddShadowColumn._build(ctx, ix.shadow_name, [ctx.m.shadow], True)
 
     def reapply_all(self, ctxs: list[Context]) -> None:
-        """The normal sync of the swapped state, in case a rollback that stopped part-way (killed, out of lock
-        budget) left the one that refuses new values without an enum label. Never raises: a failure here must
-        not hide the error that brought us here; `run 5` and the same rollback call it again."""
+        """The swapped state as the app needs it, in case a rollback that stopped part-way (killed, out of lock
+        budget) left the sync that refuses new values without a way back, or the NOT NULL check it put on the
+        old copy (which a value the old type cannot hold, copied as NULL, would break). Never raises: a failure
+        here must not hide the error that brought us here; `run 5` and the same rollback call it again."""
         x = ctxs[0].x
         if x.dry_run:
             return
         for ctx in ctxs:
+            not_swapped = Q("SELECT NOT ({})").format(self.swapped(ctx))
             try:
-                x.atomic(reverse_function(ctx), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                         lock="none (function only)", what="restore the sync")
+                if ctx.facts.not_null:
+                    x.atomic(Q("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(ctx.table, I(self.old_check(ctx))),
+                             skip_if=Q("SELECT NOT ({}) OR NOT ({})").format(
+                                 self.swapped(ctx), ctx.exists_query("constraint", self.old_check(ctx))),
+                             lock="ACCESS EXCLUSIVE (catalog only, milliseconds)",
+                             what="drop the old copy's NOT NULL check")
             except (OrchestratorError, psycopg.Error) as err:
-                log.warning("could not restore the sync", table=ctx.m.label, error=str(err))
+                if ctx.m.rollback.unmapped == "refuse":
+                    # The check stays (a session holds the table): so does the sync that refuses, with its own
+                    # message, the values the check would refuse (their old copy would be NULL), until this
+                    # rollback or `run 5` is run again. Under fallback the old copy is never NULL: no such risk.
+                    log.warning("the rollback stays closed until it is run again", table=ctx.m.label,
+                                error=str(err))
+                    continue
+            try:
+                x.atomic(reverse_function(ctx), skip_if=not_swapped, lock="none (function only)",
+                         what="restore the sync")
+            except (OrchestratorError, psycopg.Error) as err:
+                log.warning("could not restore the swapped state", table=ctx.m.label, error=str(err))
 
     def _unswap_statements(self, ctx: Context) -> list[sql.Composed]:
         t, f = ctx.table, ctx.facts
