@@ -24,7 +24,6 @@ import yaml
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -32,15 +31,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator.engine import playbook as playbooks
-from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.lab import server, shop
 from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot
 from orchestrator.run.runner import Orchestrator
 
 from .helpers import ROOT
+from .model_support import ClonedDatabaseMachine
 
 OLD, NEW = "shop_v1", "shop_v2"
 PHASES = 5
@@ -53,33 +51,18 @@ def playbook(**settings_):
     return playbooks.parse(data)
 
 
-class KeyFamily(RuleBasedStateMachine):
-    template_dsn: str = ""
-    admin_dsn: str = ""
-
+class KeyFamily(ClonedDatabaseMachine):
     @initialize()
     def start(self):
-        self.db = f"k_{secrets.token_hex(5)}"
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(self.db), sql.Identifier(conninfo_to_dict(self.template_dsn)["dbname"])))
-        self.dsn = make_conninfo(self.template_dsn, dbname=self.db)
+        self.clone("k")
         with psycopg.connect(self.dsn) as conn:
             self.original = schema_snapshot(conn)
             self.orders: dict[int, int] = dict(conn.execute("SELECT id, account_id FROM orders").fetchall())
             self.accounts: set[int] = {r[0] for r in conn.execute("SELECT id FROM accounts")}
         self.applied, self.contracted, self.went_through_contract = 0, 0, False
         self.rollback_pending: int | None = None  # a phase whose rollback stopped part-way
-        self.conns: dict[str, psycopg.Connection] = {}
         self.errors: list[str] = []
         self.big = shop.INT_MAX + 1000
-
-    def teardown(self):
-        for conn in getattr(self, "conns", {}).values():
-            conn.close()
-        if getattr(self, "db", None):
-            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db)))
 
     # -- who is live ------------------------------------------------------------------------------------------
     def live(self, version: str) -> bool:
@@ -87,12 +70,6 @@ class KeyFamily(RuleBasedStateMachine):
 
     def swapped(self) -> bool:
         return self.applied == PHASES
-
-    def conn(self, version: str) -> psycopg.Connection:
-        if version not in self.conns or self.conns[version].closed:
-            self.conns[version] = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=0,
-                                                  options=f"-csearch_path={version},public")
-        return self.conns[version]
 
     def seen_as(self, version: str, account: int) -> int | None:
         return account if version == NEW or account <= shop.INT_MAX else None
@@ -194,18 +171,11 @@ class KeyFamily(RuleBasedStateMachine):
         self._app(version, "prepared SELECT *", go)
 
     # -- the DBA ----------------------------------------------------------------------------------------------
-    def _command(self, what, *args, pb=None) -> bool:
-        orch = Orchestrator(pb or playbook(), self.dsn)
-        before = (self.applied, self.contracted)
-        try:
-            getattr(orch, what)(*args)
+    def _command(self, what, *args) -> bool:
+        done = self.dba(playbook(), self._position, what, *args)
+        if done:
             self.rollback_pending = None
-        except Refused:
-            assert self._position(orch) == before, (what, args, before, self._position(orch))
-            return False
-        finally:
-            orch.close()
-        return True
+        return done
 
     @staticmethod
     def _position(orch) -> tuple[int, int]:
@@ -245,18 +215,7 @@ class KeyFamily(RuleBasedStateMachine):
     @precondition(lambda self: self.contracted == 0 and self.applied in (1, 2, 5))
     @rule(table=st.sampled_from(TABLES))
     def command_stopped_part_way(self, table):
-        blocker = psycopg.connect(self.dsn)
-        try:
-            blocker.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
-            orch = Orchestrator(playbook(retries=1, online_lock_timeout_ms=300), self.dsn)
-            try:
-                orch.rollback(self.applied)
-            except OrchestratorError:
-                pass
-            finally:
-                orch.close()
-        finally:
-            blocker.close()
+        self.rollback_stopped_part_way(playbook(retries=1, online_lock_timeout_ms=300), table, self.applied)
         orch = Orchestrator(playbook(), self.dsn)
         try:
             self.applied, self.contracted = self._position(orch)

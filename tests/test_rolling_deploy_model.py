@@ -25,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -33,14 +32,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.lab import chatter, server
 from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot
 from orchestrator.run.runner import Orchestrator
 
 from .helpers import real_playbook, seed_chatter
+from .model_support import ClonedDatabaseMachine
 
 OLD, NEW = "chatter_v1", "chatter_v2"
 MAPPING = {"plain": "simple_chat", "tools": "function_chat", "rag": "rag_chat", "full": "advanced_chat"}
@@ -61,20 +59,14 @@ def row_values(table: str, rid: str, value: str) -> dict:
     return make(rid, value)
 
 
-class RollingDeploy(RuleBasedStateMachine):
+class RollingDeploy(ClonedDatabaseMachine):
     """One database per example, cloned from a seeded template."""
 
-    template_dsn: str = ""
-    admin_dsn: str = ""
     defaults = False  # the schema variant: a default on both columns, a generated column beside them
 
     @initialize()
     def start(self):
-        self.db = f"m_{secrets.token_hex(5)}"
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(self.db), sql.Identifier(conninfo_to_dict(self.template_dsn)["dbname"])))
-        self.dsn = make_conninfo(self.template_dsn, dbname=self.db)
+        self.clone("m")
         with psycopg.connect(self.dsn) as conn:
             self.original = schema_snapshot(conn)
             # canonical value of every row (the new version's vocabulary): what its last writer wrote
@@ -82,15 +74,7 @@ class RollingDeploy(RuleBasedStateMachine):
                 (t, rid): MAPPING[v] for t in TABLES
                 for rid, v in conn.execute(sql.SQL("SELECT id, workflow_type::text FROM {}").format(sql.Identifier(t)))}
         self.applied, self.contracted, self.went_through_contract = 0, 0, False
-        self.conns: dict[str, psycopg.Connection] = {}
         self.errors: list[str] = []
-
-    def teardown(self):
-        for conn in getattr(self, "conns", {}).values():
-            conn.close()
-        if getattr(self, "db", None):
-            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db)))
 
     # -- who is live ------------------------------------------------------------------------------------------
     def old_live(self) -> bool:
@@ -100,12 +84,6 @@ class RollingDeploy(RuleBasedStateMachine):
     def new_live(self) -> bool:
         """From phase 4, when its views appear, on through the contract."""
         return self.applied >= 4
-
-    def conn(self, version: str) -> psycopg.Connection:
-        if version not in self.conns or self.conns[version].closed:
-            self.conns[version] = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=0,
-                                                  options=f"-csearch_path={version},public")
-        return self.conns[version]
 
     def seen_as(self, version: str, canonical: str) -> str:
         if version == NEW:
@@ -198,19 +176,11 @@ class RollingDeploy(RuleBasedStateMachine):
 
     # -- the DBA ----------------------------------------------------------------------------------------------
     def _command(self, what, *args, pb=None):
-        orch = Orchestrator(pb or playbook(), self.dsn)
-        before = (self.applied, self.contracted)
-        try:
-            getattr(orch, what)(*args)
-        except Refused:
-            # refused: nothing changed (the state says so); the model stays where it was
-            assert self._position(orch) == before, (what, args, before, self._position(orch))
-            return False
-        finally:
-            orch.close()
-        return True
+        # refused: nothing changed (the state says so); the model stays where it was
+        return self.dba(pb or playbook(), self._position, what, *args)
 
-    def _position(self, orch) -> tuple[int, int]:
+    @staticmethod
+    def _position(orch) -> tuple[int, int]:
         rows = orch.state.phases()
         applied = sum(1 for r in rows.values() if r.status in ("applied", "contracted"))
         contracted = sum(1 for r in rows.values() if r.status == "contracted")
@@ -261,18 +231,7 @@ class RollingDeploy(RuleBasedStateMachine):
         """An app transaction holds a lock past the command's lock budget: the rollback gives up part-way; the
         blocker goes, and the next rules go on from wherever it stopped (roll_back_last runs it again)."""
         was = self.applied
-        blocker = psycopg.connect(self.dsn)
-        try:
-            blocker.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
-            orch = Orchestrator(playbook(**{"settings.retries": 1}), self.dsn)
-            try:
-                orch.rollback(was)
-            except OrchestratorError:
-                pass
-            finally:
-                orch.close()
-        finally:
-            blocker.close()
+        self.rollback_stopped_part_way(playbook(**{"settings.retries": 1}), table, was)
         self._sync_position()  # whatever the stopped command left, the next rules' writes must go through
         if was in (2, 5):
             self._fallback_applied(completed=self.applied == was - 1, column="workflow_type_new" if was == 2
