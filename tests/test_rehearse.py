@@ -255,9 +255,9 @@ def test_a_reverse_migration_that_misorders_the_labels_is_caught(dsn, monkeypatc
     """The undo of the swap's contract recreates the enum type; with its labels in the wrong order every row
     still maps and parity holds, but the catalog differs from the one before the contract: the cycle fails
     there and goes no further."""
-    from orchestrator.kinds.phases import restore_enum
-    right = restore_enum.labels
-    monkeypatch.setattr(restore_enum, "labels", lambda ctx: list(reversed(right(ctx))))
+    from orchestrator.kinds.phases import old_type
+    right = old_type.labels
+    monkeypatch.setattr(old_type, "labels", lambda ctx: list(reversed(right(ctx))))
     result = rehearse(playbook.load(SMALL), dsn, rows=1000, writers=2, cycles=[1], both_policies=False,
                       dwell_s=0.05)
     assert not result.passed and result.stopped

@@ -30,7 +30,7 @@ log = structlog.get_logger()
 
 def update_statement(ctx: Context, reverse: bool = False) -> tuple[sql.Composed, sql.Composed]:
     """SET list and the 'still needs it' condition of a batch. `reverse`: after the contract, filling the
-    re-added enum column from the varchar one (a reverse migration, phases/restore_enum.py)."""
+    re-added enum column from the varchar one (a reverse migration, phases/restore.py)."""
     if reverse:
         want = ctx.old_value(ctx.col)  # the label, the fallback label, or NULL for a value with none (refused later)
         return Q("{} = {}").format(ctx.retired, want), Q("{} IS DISTINCT FROM {}").format(ctx.retired, want)

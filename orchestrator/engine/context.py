@@ -12,7 +12,7 @@ from orchestrator.engine.catalog import Facts
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.executor import Executor
 from orchestrator.engine.playbook import ColumnMigration, Playbook, _suffixed
-from orchestrator.engine.sqlkit import I, Q, Stmt, case_map, column_type, join, row_of, typed_literal
+from orchestrator.engine.sqlkit import I, Q, Stmt, column_type, join, row_of
 from orchestrator.engine.state import State
 
 TRIGGER_PREFIX = "~ec_"  # our sync triggers; see Context.trigger_name
@@ -76,9 +76,16 @@ class Context:
         return self.facts.not_null if self.changes_type else not self.m.target.nullable
 
     @property
+    def conversion(self) -> convert.Conversion:
+        """How values cross between the two types: what only the kind knows (engine/convert.py)."""
+        if self.changes_type:
+            return convert.Expressions(self.m, self._fact(self.facts.old_type))
+        return convert.LabelMap(self.m, self.enum_type)
+
+    @property
     def old_name(self) -> str:
         """What the old values are, in messages: the enum type, or the column's old type."""
-        return f"{self.facts.old_type}" if self.changes_type else f"enum {self.m.column.enum_type}"
+        return self.conversion.old_name
 
     def _fact(self, value: str | None) -> str:
         if value is None:
@@ -103,25 +110,19 @@ class Context:
         return _suffixed(f"ix_{self.m.table.name}", f"_{column}") if len(
             f"ix_{self.m.table.name}_{column}".encode()) <= 63 else _suffixed(f"ix_{column}", "_ec")
 
-    # Expressions
+    # Expressions: the generic part; what differs by kind is the conversion's
     def forward(self, expr: sql.Composable) -> sql.Composed:
-        """map(old label) -> new value; up(old value) for change_type."""
-        if self.changes_type:
-            return Q("{}({})").format(convert.up(self.m), expr)
-        return case_map(expr, self.m.mapping.items())  # compared as the enum: cheaper than via text
+        """The new value of an old one: map(old label), up(old value)."""
+        return self.conversion.forward(expr)
 
     def backward(self, expr: sql.Composable) -> sql.Composed:
-        """new value -> enum label (NULL when the value has no label); down(new value) for change_type, NULL
-        where down fails."""
-        if self.changes_type:
-            return Q("{}({})").format(convert.back(self.m), expr)
-        return case_map(expr, self.m.reverse.items(), result_type=self.enum_type)
+        """The old value of a new one, NULL when there is none (a value with no enum label, one down fails on)."""
+        return self.conversion.backward(expr)
 
     def no_label(self, *, typed: bool = True) -> sql.Composed:
-        """Rows whose app value has no enum label (NULL needs none when the old column allowed it). typed=False
-        compares as text, for the reverse migration before its CREATE TYPE."""
-        label = self.backward(self.col) if typed or self.changes_type else case_map(self.col, self.m.reverse.items())
-        cond = Q("{} IS NULL").format(label)
+        """Rows whose app value has no old value (NULL needs none when the old column allowed it). typed=False
+        compares as text, for the enum's reverse migration before its CREATE TYPE."""
+        cond = Q("{} IS NULL").format(self.conversion.backward(self.col, typed=typed))
         if not self.facts.not_null:
             cond = Q("{} AND {} IS NOT NULL").format(cond, self.col)
         return cond
@@ -131,17 +132,16 @@ class Context:
         under `rollback.unmapped: fallback` (so the old version reads a label), else NULL. NULL stays NULL: it
         is no value (and taking it for the fallback label would make an old-version INSERT of that label look
         like a copy that agrees already, leaving the new column empty)."""
-        rb = self.m.rollback
-        if rb.unmapped == "fallback":
+        fallback = self.conversion.fallback
+        if fallback is not None:
             return Q("CASE WHEN {} IS NULL THEN NULL ELSE coalesce({}, {}) END").format(
-                expr, self.backward(expr), typed_literal(rb.fallback_label, self.enum_type))
+                expr, self.backward(expr), fallback)
         return self.backward(expr)
 
     def copies_agree(self, col: sql.Composable, shadow: sql.Composable) -> sql.Composed:
         """Before the swap, the two columns of a row agree: the shadow holds map(enum value), or a new value with
         no label that the new version wrote (the enum side then holds the fallback label, or NULL)."""
-        rb = self.m.rollback
-        unlabeled_old = typed_literal(rb.fallback_label, self.enum_type) if rb.unmapped == "fallback" else Q("NULL")
+        unlabeled_old = self.conversion.fallback or Q("NULL")
         return Q("({1} IS NOT DISTINCT FROM {2} OR ({1} IS NOT NULL AND {3} IS NULL AND {0} IS NOT DISTINCT FROM {4}))"
                  ).format(col, shadow, self.forward(col), self.backward(shadow), unlabeled_old)
 
@@ -152,13 +152,6 @@ class Context:
     @property
     def pk_cols(self) -> sql.Composed:
         return join(I(c) for c in self.facts.pk)
-
-    def new_default(self) -> str | None:
-        if self.m.target.default is not None:
-            return self.m.target.default
-        if self.facts.default_label is not None:
-            return self.m.mapping[self.facts.default_label]
-        return None
 
     def exists_query(self, kind: str, name: str) -> sql.Composed:
         """`SELECT true` when an object is present: the guard that makes a re-run skip finished work."""
@@ -216,11 +209,7 @@ def unlabeled_rows(ctxs: list[Context], *, typed: bool = True) -> list[tuple[Con
 def unlabeled_refusal(what: str, ctxs: list[Context], found: list[tuple[Context, int, list]]) -> Refused:
     """One message for every table's unlabeled rows, under rollback.unmapped: refuse."""
     where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
-    if ctxs[0].changes_type:
-        return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that `down` cannot take back to "
-                       f"the old type ({where}); nothing was changed",
-                       hint="change or delete those rows (they hold values only the new type can), then re-run")
-    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values that have no label in enum "
-                   f"{ctxs[0].m.column.enum_type} ({where}); nothing was changed",
-                   hint="change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: "
-                        "fallback in the playbook")
+    conversion = ctxs[0].conversion
+    what_lost = "that have no label in" if isinstance(conversion, convert.LabelMap) else "that cannot go back to"
+    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values {what_lost} {conversion.old_name} "
+                   f"({where}); nothing was changed", hint=conversion.refusal_hint())

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from orchestrator.engine.errors import BadInput
 from orchestrator.engine.playbook import ColumnMigration, _suffixed
-from orchestrator.engine.sqlkit import I, L, Q, join, render
+from orchestrator.engine.sqlkit import I, L, Q, case_map, join, render
 
 SAMPLE_ROWS = 2_000  # rows of the table tried through down(up(x)) before the first phase
 
@@ -141,3 +141,64 @@ def _name_failing_row(conn: psycopg.Connection, m: ColumnMigration, table: sql.I
 def _pk(pk: list[str], key) -> str:
     values = key if isinstance(key, tuple) else (key,)
     return ", ".join(f"{c}={v!r}" for c, v in zip(pk, values))
+
+
+# -- how a column's values cross between the two types: the enum's label map, or change_type's functions -------
+
+
+class Conversion:
+    """What the generic phases ask of a column's conversion. `forward`: the new value of an old one; `backward`:
+    the old value of a new one, NULL where there is none; `fallback`: what the old copy holds instead of NULL
+    (None: NULL); `translations`: old values a stale old-version instance may still write into the new column
+    after the swap, with their new values."""
+
+    old_name: str  # in messages: "enum workflowtype", "integer"
+    fallback: sql.Composable | None = None
+    translations: list[tuple[str, str]] = []
+
+    def forward(self, expr: sql.Composable) -> sql.Composed:
+        raise NotImplementedError
+
+    def backward(self, expr: sql.Composable, *, typed: bool = True) -> sql.Composed:
+        raise NotImplementedError
+
+    def refusal_hint(self) -> str:
+        raise NotImplementedError
+
+
+class LabelMap(Conversion):
+    """kind enum_to_varchar: the playbook's mapping, compared as the enum (cheaper than via text)."""
+
+    def __init__(self, m: ColumnMigration, enum_type: sql.Identifier):
+        self.m, self.enum_type = m, enum_type
+        self.old_name = f"enum {m.column.enum_type}"
+        rb = m.rollback
+        self.fallback = Q("{}::{}").format(L(rb.fallback_label), enum_type) if rb.unmapped == "fallback" else None
+        self.translations = [(k, v) for k, v in m.mapping.items() if k != v]
+
+    def forward(self, expr: sql.Composable) -> sql.Composed:
+        return case_map(expr, self.m.mapping.items())
+
+    def backward(self, expr: sql.Composable, *, typed: bool = True) -> sql.Composed:
+        """typed=False compares as text, for the reverse migration before its CREATE TYPE."""
+        return case_map(expr, self.m.reverse.items(), result_type=self.enum_type if typed else None)
+
+    def refusal_hint(self) -> str:
+        return "change those rows, add them to rollback.reverse_mapping, or set rollback.unmapped: fallback in " \
+               "the playbook"
+
+
+class Expressions(Conversion):
+    """kind change_type: the up/down functions of this module (`back`: down, or NULL where it fails)."""
+
+    def __init__(self, m: ColumnMigration, old_type: str):
+        self.m, self.old_name = m, old_type
+
+    def forward(self, expr: sql.Composable) -> sql.Composed:
+        return Q("{}({})").format(up(self.m), expr)
+
+    def backward(self, expr: sql.Composable, *, typed: bool = True) -> sql.Composed:
+        return Q("{}({})").format(back(self.m), expr)
+
+    def refusal_hint(self) -> str:
+        return "change or delete those rows (they hold values only the new type can), then re-run"

@@ -44,7 +44,7 @@ def reverse_function(ctx: Context, closing: bool = False) -> sql.Composed:
     instance are translated. `closing` (while the swap is rolled back): a write giving the column a value with
     no enum label is refused, so none can appear after the rollback has looked for them."""
     new, retired = Q("NEW.{}").format(ctx.col), Q("NEW.{}").format(ctx.retired)
-    translate = [(k, v) for k, v in ctx.m.mapping.items() if k != v]
+    translate = ctx.conversion.translations
     keep_in_sync = []
     if ctx.pb.settings.translate_old_writes and translate:
         # A stale app instance still writing old labels after the swap gets them translated, not stored raw.
@@ -93,7 +93,7 @@ def out_of_sync(ctx: Context, swapped: bool) -> sql.Composed:
     if not swapped:
         return Q("NOT {}").format(ctx.copies_agree(new, Q("NEW.{}").format(ctx.shadow)))
     cond = Q("NEW.{} IS DISTINCT FROM {}").format(ctx.retired, ctx.old_value(new))
-    translate = [k for k, v in ctx.m.mapping.items() if k != v]
+    translate = [k for k, _ in ctx.conversion.translations]
     if ctx.pb.settings.translate_old_writes and translate:  # a stale write of an old label, to translate
         cond = Q("{} OR {} IN ({})").format(cond, new, Q(", ").join(L(k) for k in translate))
     return cond

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.engine import convert
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.sqlkit import I, Q, extra_type, join, typed_literal
-from orchestrator.kinds.phases import versions
+from orchestrator.kinds.phases import old_type, versions
 from orchestrator.kinds.phases.base import Phase
 
 
@@ -35,7 +34,7 @@ class AddShadowColumn(Phase):
 
     def expand(self, ctx: Context) -> None:
         if ctx.changes_type:  # up, down and back (engine/convert.py): the sync, backfill and parity call them
-            create_converters(ctx)
+            old_type.create_conversions(ctx)
         adds = [Q("ADD COLUMN IF NOT EXISTS {} {}").format(ctx.shadow, ctx.target_type)]
         for c in ctx.m.extra_columns:
             clause = Q("ADD COLUMN IF NOT EXISTS {} {}").format(I(c.name), extra_type(c))
@@ -95,7 +94,7 @@ class AddShadowColumn(Phase):
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(drops)),
                      lock="ACCESS EXCLUSIVE (catalog only)", what="drop columns")
         if ctx.changes_type:
-            ctx.x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)", what="drop conversion functions")
+            old_type.drop_conversions(ctx)
 
     def _refuse_losing_app_values(self, ctx: Context) -> None:
         """Extra columns are the new app's to fill; values other than the default/backfill are its data. So is
@@ -129,16 +128,6 @@ class AddShadowColumn(Phase):
             problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
                          if not ctx.has("valid_index", ix.shadow_name)]
         return problems
-
-
-def create_converters(ctx: Context) -> None:
-    """The conversion functions of a change_type column (CREATE OR REPLACE: a re-run, or the way back after the
-    contract, makes them again)."""
-    facts = ctx.facts
-    if facts.old_type is None or facts.new_type is None:
-        raise RuntimeError(f"{ctx.m.label}: the stored facts lack the column's types")
-    ctx.x.atomic(*convert.create_statements(ctx.m, facts.old_type, facts.new_type), lock="none (functions only)",
-                 what="create conversion functions")
 
 
 def index_names(ctx: Context) -> list[str]:

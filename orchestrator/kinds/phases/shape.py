@@ -35,34 +35,6 @@ def refuse_new_indexes(ctx: Context) -> None:
                            "and run it again so they are copied")
 
 
-def current_default(ctx: Context) -> str | None:
-    """The old column's default now (it may have changed since phase 1): an enum label (a non-label default is
-    refused), or (change_type) the default expression as the catalog prints it."""
-    conn = ctx.x.conn
-    oid = catalog.existing_table_oid(conn, *ctx.table_name)
-    info = catalog.existing_column(conn, oid, ctx.m.column.name)
-    if ctx.changes_type:
-        return info["default"]
-    label, problem = catalog.default_label(info["default"], catalog.enum_labels(conn, info["type_oid"]))
-    if problem and ctx.m.target.default is None:
-        raise Refused(f"cannot swap {ctx.m.label}: {problem}, set after phase 1; nothing was changed",
-                      hint="set a plain enum label as the default again, or set target.default in the playbook")
-    return label
-
-
-def new_default(ctx: Context, label: str | None) -> str | None:
-    if ctx.changes_type:
-        return label
-    if ctx.m.target.default is not None:
-        return ctx.m.target.default
-    return ctx.m.mapping[label] if label is not None else None
-
-
-def old_default_sql(ctx: Context, default: str) -> sql.Composable:
-    """The old column's default as SQL: its enum label, or (change_type) the expression the catalog printed."""
-    return Q(default) if ctx.changes_type else typed_literal(default, ctx.enum_type)
-
-
 def carry_statements(ctx: Context, source: str, target: str, *, comment: bool = True) -> list[sql.Composed]:
     """GRANTs and COMMENT that the column `source` has, given to `target` too (same table)."""
     if ctx.x.dry_run and not ctx.has("column", source):

@@ -11,13 +11,13 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from orchestrator.engine import catalog, convert, parity
+from orchestrator.engine import catalog, parity
 from orchestrator.engine.backfill import progress_key
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import keys, restore_enum, shape, target_check, versions
+from orchestrator.kinds.phases import keys, old_type, restore, shape, target_check, versions
 from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import (
     create_triggers,
@@ -107,7 +107,7 @@ class SwapColumns(Phase):
                           + "; ".join(blockers), hint="drop or move them, then run the swap again")
         refuse_later_triggers(ctx)
         shape.refuse_new_indexes(ctx)
-        shape.current_default(ctx)
+        old_type.current_default(ctx)
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         x = ctxs[0].x
@@ -140,7 +140,7 @@ class SwapColumns(Phase):
     def _default_label(self, ctx: Context) -> str | None:
         if ctx.x.dry_run or ctx.has("column", ctx.m.retired):  # already swapped: what the swap recorded
             return self._swap_time_default(ctx)
-        return shape.current_default(ctx)
+        return old_type.current_default(ctx)
 
     def _swap_time_default(self, ctx: Context) -> str | None:
         recorded = ((ctx.state.details(self.number) if ctx.state is not None and not ctx.x.dry_run else {})
@@ -176,7 +176,7 @@ class SwapColumns(Phase):
         stmts += shape.carry_statements(ctx, ctx.m.column.name, ctx.m.shadow)  # grants, comment
         stmts += [Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.retired),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.shadow, ctx.col)]
-        stmts += shape.set_default(ctx, shape.new_default(ctx, default_label))
+        stmts += shape.set_default(ctx, old_type.new_default(ctx, default_label))
         for ix in f.indexes:
             if ix.constraint is None:  # a key's index went with its constraint: keys.add_key moves it
                 stmts += [Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(ix.retired_name)),
@@ -283,7 +283,7 @@ class SwapColumns(Phase):
             restore.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
         label = self._swap_time_default(ctx)
         if label is not None:
-            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, shape.old_default_sql(ctx, label)))
+            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, old_type.old_default_sql(ctx, label)))
         if ctx.new_not_null:
             restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
         if restore:
@@ -336,12 +336,7 @@ class SwapColumns(Phase):
         # The tables now look like the new version's views (versions._view): its search_path falls through to
         # them with the same columns, so its prepared statements keep their result type.
         versions.remove_views(ctxs, ("new",))
-        if ctxs[0].changes_type:  # the sync is gone: nothing calls the conversions any more
-            for ctx in ctxs:
-                x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)", what="drop conversion functions")
-        elif ctxs[0].pb.settings.drop_enum_type:  # only once no column uses it any more
-            x.atomic(Q("DROP TYPE IF EXISTS {}").format(ctxs[0].enum_type), lock="ACCESS EXCLUSIVE on the type only",
-                     what="drop the enum type")
+        old_type.retire(ctxs)  # only once no column uses it any more
 
         if ctxs[0].state is not None and not x.dry_run:  # a later undo must backfill again, from the start
             x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = ANY(%s)").format(
@@ -349,10 +344,10 @@ class SwapColumns(Phase):
 
     # -- undo of the contract: a reverse migration ------------------------------------------------
     def before_uncontract_all(self, ctxs: list[Context]) -> None:
-        restore_enum.before(ctxs)
+        restore.before(ctxs)
 
     def uncontract_all(self, ctxs: list[Context]) -> dict:
-        return restore_enum.restore(ctxs)
+        return restore.restore(ctxs)
 
     def check(self, ctx: Context) -> list[str]:
         return [] if ctx.has("column", ctx.m.retired) else [f"column {ctx.m.retired!r} missing after the swap"]

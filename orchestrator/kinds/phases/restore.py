@@ -1,38 +1,28 @@
-"""The undo of the swap's contract: the enum column back beside the varchar one, online (a reverse migration).
+"""The undo of the swap's contract: the old column back beside the new one, online (a reverse migration).
 
-The contract dropped the retired enum columns and the type. Putting them back is the forward migration run
-the other way, with the same discipline: the type recreated with its labels in their order (and its owner,
-comment and grants), an enum column added to every table (nullable, no default: catalog only) with the
-column's comment and grants, the sync triggers of the swapped state (the varchar column is the app's, the
-enum copy follows it through the reverse mapping), a batched, resumable backfill, the retired indexes built
-CONCURRENTLY, and a parity scan. It ends where the swap left the tables before its contract, so `rollback 5`
-then swaps back in one short transaction, and `contract 5` drops it all again.
+The contract dropped the retired columns (and the enum type, or the conversion functions). Putting them back
+is the forward migration run the other way, with the same discipline: the old type made again
+(old_type.recreate: the enum with its labels in their order, owner, comment and grants; or the conversion
+functions), the old column added to every table (nullable, no default: catalog only) with the column's
+comment and grants, the sync triggers of the swapped state (the new column is the app's, the old copy follows
+it through the conversion), a batched, resumable backfill, the retired indexes built CONCURRENTLY, and a parity
+scan. It ends where the swap left the tables before its contract, so `rollback 5` then swaps back in one short
+transaction, and `contract 5` drops it all again.
 
 What cannot come back: the column's position in the table (the re-added column is the last one; only a
-table rewrite could move it) and the type's OID (clients look types up by name on connecting).
+table rewrite could move it) and the enum type's OID (clients look types up by name on connecting).
 """
 
 from __future__ import annotations
 
-from psycopg import sql
-
-from orchestrator.engine import catalog, convert, parity
+from orchestrator.engine import catalog, parity
 from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
 from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_rows
 from orchestrator.engine.errors import Refused
-from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import keys, shape, target_check, versions
+from orchestrator.engine.sqlkit import Q
+from orchestrator.kinds.phases import keys, old_type, shape, target_check, versions
 from orchestrator.kinds.phases.dual_write import install_sync
-from orchestrator.kinds.phases.shadow import AddShadowColumn, create_converters
-
-
-def labels(ctx: Context) -> list[str]:
-    """The type's labels in their original order (state recorded before they were kept: the mapping's order)."""
-    return list(ctx.facts.enum.labels) if ctx.facts.enum is not None else list(ctx.m.mapping)
-
-
-def type_exists(ctx: Context) -> sql.Composed:
-    return Q("SELECT to_regtype({}) IS NOT NULL").format(L(ctx.x.render(ctx.enum_type)))
+from orchestrator.kinds.phases.shadow import AddShadowColumn
 
 
 def refuse_unlabeled(ctxs: list[Context]) -> None:
@@ -74,39 +64,17 @@ def before(ctxs: list[Context]) -> None:
     """Refusals that must come before anything changes."""
     refuse_new_dependents(ctxs)
     if ctxs[0].changes_type and not ctxs[0].x.dry_run:  # the check below calls `back`: made now, gone if refused
-        for ctx in ctxs:
-            create_converters(ctx)
+        old_type.recreate(ctxs)
         try:
             refuse_unlabeled(ctxs)
         except Refused:
             for ctx in ctxs:
-                ctx.x.atomic(convert.drop_statement(ctx.m), lock="none (functions only)",
-                             what="drop conversion functions")
+                old_type.drop_conversions(ctx)
             raise
     else:
         refuse_unlabeled(ctxs)
     if not ctxs[0].x.dry_run:
         check_app_triggers(ctxs, reverse=True)  # its batches update every row, as phase 3's did
-
-
-def create_type(ctxs: list[Context]) -> None:
-    """CREATE TYPE with the original labels in their order, owner, comment and grants: one transaction."""
-    ctx = ctxs[0]
-    enum, facts = ctx.enum_type, ctx.facts.enum
-    stmts: list[sql.Composed] = [Q("CREATE TYPE {} AS ENUM ({})").format(enum, Q(", ").join(L(v) for v in labels(ctx)))]
-    if facts is not None:
-        if facts.comment is not None:
-            stmts.append(Q("COMMENT ON TYPE {} IS {}").format(enum, L(facts.comment)))
-        if not ctx.x.dry_run and facts.owner != ctx.x.scalar(Q("SELECT current_user")):
-            stmts.append(Q("ALTER TYPE {} OWNER TO {}").format(enum, I(facts.owner)))
-        if facts.acl is not None:  # None: the default ACL, which the new type has already
-            stmts.append(Q("REVOKE ALL ON TYPE {} FROM PUBLIC").format(enum))
-            for grantee, privilege, grantable in facts.acl:
-                stmts.append(Q("GRANT {} ON TYPE {} TO {}{}").format(
-                    Q(privilege), enum, Q("PUBLIC") if grantee is None else I(grantee),
-                    Q(" WITH GRANT OPTION") if grantable else Q("")))
-    ctx.x.atomic(*stmts, skip_if=type_exists(ctx), lock="none on the tables (a new type)",
-                 what="recreate the enum type")
 
 
 def add_enum_column(ctx: Context) -> None:
@@ -141,11 +109,7 @@ def check_parity(ctx: Context) -> dict:
 
 def restore(ctxs: list[Context]) -> dict:
     """Every step skips what is done, so a re-run after a crash resumes (the backfill at its stored cursor)."""
-    if ctxs[0].changes_type:  # no type to make: the conversion functions instead (contract 5 dropped them)
-        for ctx in ctxs:
-            create_converters(ctx)
-    else:
-        create_type(ctxs)
+    old_type.recreate(ctxs)
     # The new version's views first (contract 5 dropped them): its search_path leads to them again before the
     # tables grow a column it does not know, so its statements keep their result type.
     versions.install_views(ctxs, ("new",), swapped=True)
