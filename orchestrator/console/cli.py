@@ -121,10 +121,11 @@ def _print_app_versions(pb) -> None:
     from orchestrator.kinds.phases import versions
     hints = versions.connection_hints(pb)
     if hints is None:
-        out.print("app versions: none (no app_versions in the playbook). The app must be released in two steps: "
-                  "before phase 5 a release that reads both vocabularies (enum labels and new values) and writes "
-                  "old labels; after phase 5 one that writes the new values. Old instances must be gone before "
-                  "the swap.\n", markup=False, highlight=False, soft_wrap=True)
+        values = "enum labels and new values" if pb.kind == "enum_to_varchar" else "both types"
+        out.print(f"app versions: none (no app_versions in the playbook). The app must be released in two steps: "
+                  f"before phase 5 a release that reads both vocabularies ({values}) and writes "
+                  f"old values; after phase 5 one that writes the new values. Old instances must be gone before "
+                  f"the swap.\n", markup=False, highlight=False, soft_wrap=True)
         return
     out.print("app versions (from phase 2 until contract 2; after it the new version falls through to the tables):",
               markup=False)
@@ -188,7 +189,8 @@ def contract(ctx: typer.Context, phase: Optional[int] = typer.Argument(None, hel
     """
     orch = ctx.obj.orchestrator(dry_run=dry_run)
     if not dry_run and not _nothing_to_do(ctx, "contract", phase):
-        output.confirm(yes, "the contract drops the trigger, the retired column and the enum type; going back "
+        old = "the enum type" if orch.pb.kind == "enum_to_varchar" else "the conversion functions"
+        output.confirm(yes, f"the contract drops the trigger, the retired column and {old}; going back "
                        "afterwards is a reverse migration (orchestrator rollback N, from the last phase). Continue?")
     try:
         results = orch.contract(phase, old_version_gone=old_version_gone)
