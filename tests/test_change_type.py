@@ -293,3 +293,42 @@ def test_the_rehearsal_of_a_change_type_playbook_passes_under_sign_ups(dsn, path
     assert "schema after the way back = the original (column order aside)" in names
     assert ("rollback of the swap refuses an id past the old type, naming it" in names) == (path == KEYS)
     assert report.write(result, tmp_path / "r.html").read_text().count("<tr") > 10
+
+
+def test_odd_names_go_through_and_an_up_that_fails_names_its_row(dsn):
+    """A schema and table with spaces and quotes, a column with a space, views per app version in schemas with
+    spaces: the whole way and back; text -> jsonb with one row that is not JSON is refused naming that row."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "my schema"')
+        conn.execute('CREATE TABLE "my schema"."Odd ""Table""" (id int PRIMARY KEY, "Created At" timestamp, v text)')
+        conn.execute('INSERT INTO "my schema"."Odd ""Table""" SELECT g, timestamp \'2020-01-01\' + g * interval '
+                     '\'1 day\', \'{"a": 1}\' FROM generate_series(1, 300) g')
+        conn.execute('UPDATE "my schema"."Odd ""Table""" SET v = \'not json\' WHERE id = 77')
+        before = schema_snapshot(conn, "my schema")
+    pb = playbook.parse({"name": "odd", "kind": "change_type", "columns": [
+        {"schema": "my schema", "table": 'Odd "Table"', "column": "Created At", "type": "timestamptz",
+         "up": "\"Created At\" AT TIME ZONE 'UTC'", "down": "\"Created At\" AT TIME ZONE 'UTC'"}],
+        "app_versions": {"old": "odd v1", "new": "odd v2"}, "settings": {"old_version_quiet_s": 0}})
+    orch = Orchestrator(pb, dsn)
+    try:
+        for n in range(1, PHASES + 1):
+            orch.run(n)
+        orch.contract(old_version_gone=True)
+        for _ in range(2):  # the undo of each contract step, then each rollback
+            for n in range(PHASES, 0, -1):
+                orch.rollback(n)
+    finally:
+        orch.close()
+    with psycopg.connect(dsn) as conn:
+        after = schema_snapshot(conn, "my schema")
+    assert snapshot_diff(ignoring_column_order(before), ignoring_column_order(after)) == []
+    jsonb = playbook.parse({"name": "odd_json", "kind": "change_type", "columns": [
+        {"schema": "my schema", "table": 'Odd "Table"', "column": "v", "type": "jsonb", "up": "v::jsonb",
+         "down": "v::text"}]})
+    orch = Orchestrator(jsonb, dsn)
+    try:
+        with pytest.raises(BadInput, match=r'columns\[0\]\.up: fails on my schema\.Odd "Table"\.v in the row id=77 '
+                                            r'\(value not json\): invalid input syntax for type json'):
+            orch.run(1)
+    finally:
+        orch.close()
