@@ -210,6 +210,5 @@ def unlabeled_refusal(what: str, ctxs: list[Context], found: list[tuple[Context,
     """One message for every table's unlabeled rows, under rollback.unmapped: refuse."""
     where = "; ".join(f"{ctx.m.label}: {n} rows, e.g. ids {ids}" for ctx, n, ids in found)
     conversion = ctxs[0].conversion
-    what_lost = "that have no label in" if isinstance(conversion, convert.LabelMap) else "that cannot go back to"
-    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values {what_lost} {conversion.old_name} "
+    return Refused(f"{what} would lose {sum(n for _, n, _ in found)} values {conversion.lost} {conversion.old_name} "
                    f"({where}); nothing was changed", hint=conversion.refusal_hint())

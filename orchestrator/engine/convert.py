@@ -153,6 +153,7 @@ class Conversion:
     after the swap, with their new values."""
 
     old_name: str  # in messages: "enum workflowtype", "integer"
+    lost: str  # in a refusal: "values that <lost> <old_name>"
     fallback: sql.Composable | None = None
     translations: list[tuple[str, str]] = []
 
@@ -171,7 +172,7 @@ class LabelMap(Conversion):
 
     def __init__(self, m: ColumnMigration, enum_type: sql.Identifier):
         self.m, self.enum_type = m, enum_type
-        self.old_name = f"enum {m.column.enum_type}"
+        self.old_name, self.lost = f"enum {m.column.enum_type}", "that have no label in"
         rb = m.rollback
         self.fallback = Q("{}::{}").format(L(rb.fallback_label), enum_type) if rb.unmapped == "fallback" else None
         self.translations = [(k, v) for k, v in m.mapping.items() if k != v]
@@ -192,7 +193,7 @@ class Expressions(Conversion):
     """kind change_type: the up/down functions of this module (`back`: down, or NULL where it fails)."""
 
     def __init__(self, m: ColumnMigration, old_type: str):
-        self.m, self.old_name = m, old_type
+        self.m, self.old_name, self.lost = m, old_type, "that cannot go back to"
 
     def forward(self, expr: sql.Composable) -> sql.Composed:
         return Q("{}({})").format(up(self.m), expr)

@@ -278,16 +278,16 @@ class SwapColumns(Phase):
                  Q("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, ctx.col),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.col, ctx.shadow),
                  Q("ALTER TABLE {} RENAME COLUMN {} TO {}").format(t, ctx.retired, ctx.col)]
-        restore = []
+        restored = []
         if f.not_null:
-            restore.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
+            restored.append(Q("ALTER COLUMN {} SET NOT NULL").format(ctx.col))  # uses the valid CHECK: no scan
         label = self._swap_time_default(ctx)
         if label is not None:
-            restore.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, old_type.old_default_sql(ctx, label)))
+            restored.append(Q("ALTER COLUMN {} SET DEFAULT {}").format(ctx.col, old_type.old_default_sql(ctx, label)))
         if ctx.new_not_null:
-            restore.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
-        if restore:
-            stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restore)))
+            restored.append(Q("ALTER COLUMN {} DROP NOT NULL").format(ctx.shadow))
+        if restored:
+            stmts.append(Q("ALTER TABLE {} {}").format(t, Q(", ").join(restored)))
         if f.not_null:  # only after SET NOT NULL, in a statement of its own (see _swap_statements)
             stmts.append(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(t, I(self.old_check(ctx))))
         for ix in f.indexes:
