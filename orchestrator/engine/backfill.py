@@ -114,6 +114,8 @@ def analyze(ctx: Context, reverse: bool = False) -> None:
 
 
 class Backfill:
+    fires_app_triggers = True  # its statements UPDATE the table (settings.app_triggers applies)
+
     def __init__(self, ctx: Context, reverse: bool = False):
         """reverse: the enum column re-added after the contract, filled from the varchar one (phase 5's undo)."""
         self.ctx, self.x, self.state = ctx, ctx.x, ctx.state
@@ -125,6 +127,7 @@ class Backfill:
         self.rerun = "re-run the same rollback" if reverse else "re-run phase 3"
         self.s = ctx.pb.settings
         self.health = health.Throttle(ctx)
+        self.vacuum_table: sql.Composable = ctx.table
         self.replica = replica.LagWatch(self.s, ctx.x)
 
     def statement(self, cond: sql.Composable) -> sql.Composed:
@@ -165,7 +168,7 @@ class Backfill:
             return st
         end, after = st["end_key"], st["cursor"]
         size = st["batch_size"] or self.s.batch_size
-        since_vacuum = 0
+        since_vacuum, every = 0, self.vacuum_every_rows()
         with Progress(self.title, total=st["rows_estimate"] or None, done=st["rows_scanned"]) as progress:
             while end is not None and after != end:
                 self.x.wait_while_paused()
@@ -173,9 +176,10 @@ class Backfill:
                 if self.s.batch_pause_ms:
                     time.sleep(self.s.batch_pause_ms / 1000)
                 after, scanned, size = self._batch(after, end, size)
+                self.after_batch(scanned)
                 progress.advance(scanned)
                 since_vacuum += scanned
-                if self.s.vacuum_every_rows is not None and since_vacuum >= self.s.vacuum_every_rows:
+                if every is not None and since_vacuum >= every:
                     self.vacuum()
                     since_vacuum = 0
                 if self.ctx.hooks is not None:
@@ -185,7 +189,7 @@ class Backfill:
                                             column=self.ctx.m.column.name,
                                             rows_done=progress.done, rows_total=progress.total,
                                             rows_per_s=progress.rate(), eta_s=progress.eta())
-            if self.s.vacuum_every_rows is not None and since_vacuum:
+            if every is not None and since_vacuum:
                 self.vacuum()
             self.x.conn.execute(Q("UPDATE {} SET finished_at = now() WHERE playbook = %s AND target = %s").format(
                 self.state.t("backfills")), (self.state.playbook, self.key))
@@ -208,7 +212,7 @@ class Backfill:
                     # A batch that runs past max_batch_ms holds its row locks too long: cancel, split, retry.
                     limit = min(self.s.statement_timeout_ms, self.s.max_batch_ms)
                     cur.execute(Q("SET LOCAL statement_timeout = {}").format(L(f"{limit}ms")))
-                    if self.s.app_triggers == "skip":
+                    if self.s.app_triggers == "skip" and self.fires_app_triggers:
                         # The app's triggers do not fire for this batch (nor our sync trigger: the batch
                         # writes the shadow itself). Needs superuser or SET on the parameter (preflight).
                         cur.execute(Q("SET LOCAL session_replication_role = replica"))
@@ -238,6 +242,12 @@ class Backfill:
         upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
         return upto, scanned, self._next_size(sizes[0], ms)
 
+    def after_batch(self, scanned: int) -> None:
+        """After each committed batch (a table copy replays its log here)."""
+
+    def vacuum_every_rows(self) -> int | None:
+        return self.s.vacuum_every_rows
+
     def vacuum(self) -> bool:
         """Online VACUUM of the table between batch ranges (settings.vacuum_every_rows): frees the row versions
         the batches left behind, so later batches reuse their space instead of growing the table, and sets
@@ -248,7 +258,7 @@ class Backfill:
         cleanup = self.s.vacuum_index_cleanup
         if cleanup != "auto" or self.x.conn.info.server_version >= 140000:  # AUTO is PostgreSQL 14+
             opts.append(Q("INDEX_CLEANUP {}").format(Q({"auto": "AUTO", "on": "ON", "off": "OFF"}[cleanup])))
-        stmt = Q("VACUUM ({}) {}").format(Q(", ").join(opts), self.ctx.table)
+        stmt = Q("VACUUM ({}) {}").format(Q(", ").join(opts), self.vacuum_table)
         started = time.monotonic()
         cur = self.x.conn.cursor()
         try:

@@ -199,6 +199,9 @@ class Settings(Strict):
     # (TRUNCATE false: no ACCESS EXCLUSIVE) after every `vacuum_every_rows` rows the backfill changed and once
     # at its end, so later batches reuse the space of the row versions earlier ones left behind.
     indexes_after_backfill: bool = False
+    # Phase 3 as an UPDATE of every row in place, or as a copy of the table swapped in by a rename
+    # (kinds/phases/copy.py): the copy writes each row and index once, about what the blocking rewrite writes.
+    backfill_method: Literal["update", "copy"] = "update"
     vacuum_every_rows: int | None = Field(None, ge=1, le=1_000_000_000)
     vacuum_index_cleanup: Literal["auto", "on", "off"] = "auto"
     # Contract step 3 rebuilds each index of the table (REINDEX INDEX CONCURRENTLY, one at a time): the
@@ -218,6 +221,11 @@ class Settings(Strict):
     @classmethod
     def _ident(cls, v: str) -> str:
         return _identifier(v, "settings.state_schema")
+
+    @property
+    def defers_indexes(self) -> bool:
+        """The new columns' indexes are built in phase 3, after the rows (a copy builds them on its table)."""
+        return self.indexes_after_backfill or self.backfill_method == "copy"
 
     @model_validator(mode="after")
     def _bounds(self) -> Settings:

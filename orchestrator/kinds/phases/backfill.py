@@ -12,6 +12,7 @@ from orchestrator.engine.context import Context
 from orchestrator.engine.sqlkit import L, Q
 from orchestrator.engine.state import APPLIED
 from orchestrator.kinds.phases.base import Phase
+from orchestrator.kinds.phases.copy import CopyBatches, TableCopy, copy_key
 from orchestrator.kinds.phases.reindex import rebuild_indexes
 from orchestrator.kinds.phases.shadow import build_indexes, index_names
 
@@ -51,9 +52,15 @@ class BackfillPhase(Phase):
                  "lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
+        if ctxs[0].pb.settings.backfill_method == "copy":
+            for ctx in ctxs:  # every table checked before any is touched
+                TableCopy(ctx).refuse_unsupported()
+            return  # the copy does not UPDATE the table: the app's triggers do not fire
         check_app_triggers(ctxs)  # refuse (naming them) unless settings.app_triggers says fire or skip
 
     def expand(self, ctx: Context) -> dict:
+        if ctx.pb.settings.backfill_method == "copy":
+            return self._copy(ctx)
         engine = Backfill(ctx)
         s = ctx.pb.settings
         if ctx.x.dry_run:
@@ -73,6 +80,25 @@ class BackfillPhase(Phase):
             build_indexes(ctx)
         analyze(ctx)  # again on a re-run: cheap, and the statistics are then fresh
         return {"rows_done": st["rows_done"], "batches": st["batches"], "max_batch_ms": st["max_batch_ms"]}
+
+    @staticmethod
+    def _copy(ctx: Context) -> dict:
+        tc = TableCopy(ctx)
+        if ctx.x.dry_run:
+            tc.plan()
+            analyze(ctx)
+            return {}
+        if not tc.exchanged():
+            tc.prepare()
+            with _wal_compression(ctx):
+                tc.copy_rows()
+                tc.build_indexes()
+            tc.exchange()
+        build_indexes(ctx)  # built on the copy already: each skipped, unless dropped since
+        analyze(ctx)
+        st = ctx.state.backfill(copy_key(ctx)) or {}
+        return {"rows_done": st.get("rows_done", 0), "batches": st.get("batches", 0),
+                "max_batch_ms": st.get("max_batch_ms"), "method": "copy"}
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         tables = {c.m.label: self.expand(c) for c in ctxs}
@@ -98,7 +124,9 @@ class BackfillPhase(Phase):
             rebuild_indexes(ctx, done.get(ctx.m.label, []), record)
 
     def rollback(self, ctx: Context) -> None:
-        if ctx.pb.settings.indexes_after_backfill:  # the indexes this phase built: back to phase 2's state
+        if ctx.pb.settings.backfill_method == "copy":
+            TableCopy(ctx).discard()  # before the exchange: the copy goes; after it, nothing of it is left
+        if ctx.pb.settings.defers_indexes:  # the indexes this phase built: back to phase 2's state
             for name in index_names(ctx):
                 ctx.x.concurrently(Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),
                                    lock="SHARE UPDATE EXCLUSIVE", what=f"drop index {name}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
-from orchestrator.engine.sqlkit import I, Q, extra_type, join, typed_literal
+from orchestrator.engine.sqlkit import I, Q, extra_type, idents, join, typed_literal
 from orchestrator.kinds.phases import old_type, versions
 from orchestrator.kinds.phases.base import Phase
 
@@ -51,8 +51,9 @@ class AddShadowColumn(Phase):
         ctx.x.atomic(Q("ALTER TABLE {} {}").format(ctx.table, join(adds)),
                      skip_if=Q("SELECT ({})").format(Q(") AND (").join(present)),
                      lock="ACCESS EXCLUSIVE (catalog only, no rewrite)", what="add columns")
-        if ctx.pb.settings.indexes_after_backfill:
-            ctx.x.note("-- settings.indexes_after_backfill: the index builds run in phase 3, after its batches")
+        if ctx.pb.settings.defers_indexes:
+            ctx.x.note("-- settings.indexes_after_backfill or backfill_method copy: the index builds run in "
+                       "phase 3, after its rows")
             return
         build_indexes(ctx)
 
@@ -76,7 +77,7 @@ class AddShadowColumn(Phase):
     def _build(ctx: Context, name: str, cols: list[str], unique: bool) -> None:
         ctx.x.concurrently(
             Q("CREATE {}INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
-                Q("UNIQUE ") if unique else Q(""), I(name), ctx.table, join(I(c) for c in cols)),
+                Q("UNIQUE ") if unique else Q(""), I(name), ctx.table, idents(cols)),
             cleanup=Q("DROP INDEX CONCURRENTLY IF EXISTS {}").format(ctx.index(name)),  # a failed build's leftover
             skip_if=ctx.exists_query("valid_index", name),
             lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)", what=f"build index {name}")
@@ -124,7 +125,7 @@ class AddShadowColumn(Phase):
     def check(self, ctx: Context) -> list[str]:
         problems = [f"column {n!r} missing" for n in [ctx.m.shadow, *(c.name for c in ctx.m.extra_columns)]
                     if not ctx.has("column", n)]
-        if not ctx.pb.settings.indexes_after_backfill:  # else phase 3 builds them, and checks them
+        if not ctx.pb.settings.defers_indexes:  # else phase 3 builds them, and checks them
             problems += [f"index {ix.shadow_name!r} missing or invalid" for ix in ctx.facts.indexes
                          if not ctx.has("valid_index", ix.shadow_name)]
         return problems
@@ -136,12 +137,15 @@ def index_names(ctx: Context) -> list[str]:
                                                            for c in ctx.m.extra_columns if c.index]
 
 
+def planned_indexes(ctx: Context) -> list[tuple[str, list[str], bool]]:
+    """(name, columns, unique) of each index the migration adds, in the order of index_names."""
+    out = [(ix.shadow_name, [ctx.m.shadow if c == ctx.m.column.name else c for c in ix.columns], ix.unique)
+           for ix in ctx.facts.indexes]
+    return out + [(ctx.extra_index_name(c.name), [c.name], False) for c in ctx.m.extra_columns if c.index]
+
+
 def build_indexes(ctx: Context) -> None:
     """CREATE INDEX CONCURRENTLY each of index_names (skipped when valid): in phase 1, or in phase 3 after the
     backfill with settings.indexes_after_backfill."""
-    for ix in ctx.facts.indexes:
-        cols = [ctx.m.shadow if c == ctx.m.column.name else c for c in ix.columns]
-        AddShadowColumn._build(ctx, ix.shadow_name, cols, ix.unique)
-    for c in ctx.m.extra_columns:
-        if c.index:
-            AddShadowColumn._build(ctx, ctx.extra_index_name(c.name), [c.name], False)
+    for name, cols, unique in planned_indexes(ctx):
+        AddShadowColumn._build(ctx, name, cols, unique)

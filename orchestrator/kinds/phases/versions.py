@@ -177,6 +177,15 @@ def replace_views(ctx: Context, swapped: bool) -> list[sql.Composed]:
     return [_view(ctx, v, swapped) for v in ("old", "new")]
 
 
+def rebuilt_views(ctx: Context) -> list[sql.Composed]:
+    """The version views that exist now, defined again over whatever the table's name points at now (a table
+    copy swapped in by a rename, phases/copy.py)."""
+    if not enabled(ctx.pb):
+        return []
+    return [_view(ctx, v, swapped=ctx.m.retired in _columns(ctx)) for v in ("old", "new")
+            if db.scalar(ctx.x.conn, "SELECT to_regclass(%s) IS NOT NULL", (ctx.x.render(view_name(ctx, v)),))]
+
+
 def view_name(ctx: Context, version: str) -> sql.Identifier:
     return I(getattr(ctx.pb.app_versions, version), ctx.m.table.name)
 
