@@ -43,6 +43,8 @@ def variants(n: int, compression: str) -> dict[str, dict[str, Any]]:
         "all three": {"indexes_after_backfill": True, "vacuum_every_rows": every, "wal_compression": compression},
         "all three + reindex on contract": {"indexes_after_backfill": True, "vacuum_every_rows": every,
                                             "wal_compression": compression, "reindex_on_contract": True},
+        "copy": {"backfill_method": "copy"},
+        f"copy + wal_compression {compression}": {"backfill_method": "copy", "wal_compression": compression},
     }
 
 
