@@ -131,7 +131,8 @@ def check_rows(dsn: str, before: dict[str, tuple], ledger: dict[str, tuple | Non
 
 def shadow_agrees(dsn: str) -> None:
     bad = query(dsn, "SELECT id, workflow_type::text, workflow_type_new FROM workflow_templates "
-                     "WHERE workflow_type_new IS DISTINCT FROM CASE workflow_type::text WHEN 'plain' THEN 'simple_chat' "
+                     "WHERE workflow_type_new IS DISTINCT FROM CASE workflow_type::text "
+                     "WHEN 'plain' THEN 'simple_chat' "
                      "WHEN 'rag' THEN 'rag_chat' WHEN 'tools' THEN 'function_chat' ELSE 'advanced_chat' END LIMIT 5")
     assert bad == []
 
@@ -212,7 +213,8 @@ def test_catalog_after_a_copy_is_the_in_place_backfills_and_rollback_restores_th
     assert query(dsn, "SELECT last_value > 0 FROM workflow_templates_serial_no_seq") == [(True,)]
     n = query(dsn, "SELECT count(*) FROM workflow_templates")[0][0]
     with psycopg.connect(dsn, autocommit=True) as c:  # the sequence still serves the table, and the trigger fires
-        c.execute("UPDATE workflow_templates SET name = name || '!' WHERE id = (SELECT min(id) FROM workflow_templates)")
+        c.execute("UPDATE workflow_templates SET name = name || '!' "
+                  "WHERE id = (SELECT min(id) FROM workflow_templates)")
     run(pb_copy, dsn, "rollback 3", "rollback 2", "rollback 1")
     assert snapshot_diff(original, snapshot(dsn)) == []
     assert [query(dsn, q) for q in extra] == original_extra

@@ -48,6 +48,11 @@ def reverse_key(m: ColumnMigration) -> str:
     return json.dumps([*json.loads(m.key), "reverse"])
 
 
+def copy_key(m: ColumnMigration) -> str:
+    """A table copy's progress (settings.backfill_method: copy), apart from an in-place backfill's."""
+    return json.dumps([*json.loads(m.key), "copy"])
+
+
 def progress_key(ctx: Context, reverse: bool = False) -> str:
     """The backfill's row in the state table: ColumnMigration.key, or its reverse migration's."""
     return reverse_key(ctx.m) if reverse else ctx.m.key

@@ -11,7 +11,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from orchestrator.engine import catalog, db, parity, preflight
-from orchestrator.engine.backfill import reverse_key
+from orchestrator.engine.backfill import copy_key, reverse_key
 from orchestrator.engine.backfill import summary as backfill_summary
 from orchestrator.engine.catalog import Facts, facts_from_json, facts_to_json
 from orchestrator.engine.context import Context
@@ -355,7 +355,10 @@ class Orchestrator:
                            "error": r.error if r else None})
         progress = self.state.backfills()
         backfills = [{"table": m.label, **(backfill_summary(progress[m.key]) if m.key in progress else {})}
-                     for m in self.pb.migrations]
+                     for m in self.pb.migrations if copy_key(m) not in progress]
+        # A table copy's (settings.backfill_method: copy) in its place.
+        backfills += [{"table": m.label, "method": "copy", **backfill_summary(progress[key])}
+                      for m in self.pb.migrations if (key := copy_key(m)) in progress]
         # The reverse migration's (the undo of contract 5), while it exists.
         backfills += [{"table": m.label, "direction": "reverse", **backfill_summary(progress[key])}
                       for m in self.pb.migrations if (key := reverse_key(m)) in progress]

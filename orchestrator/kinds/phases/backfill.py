@@ -7,12 +7,12 @@ from contextlib import contextmanager
 import psycopg
 import structlog
 
-from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers
+from orchestrator.engine.backfill import Backfill, analyze, check_app_triggers, copy_key
 from orchestrator.engine.context import Context
 from orchestrator.engine.sqlkit import L, Q
 from orchestrator.engine.state import APPLIED
 from orchestrator.kinds.phases.base import Phase
-from orchestrator.kinds.phases.copy import CopyBatches, TableCopy, copy_key
+from orchestrator.kinds.phases.copy import TableCopy
 from orchestrator.kinds.phases.reindex import rebuild_indexes
 from orchestrator.kinds.phases.shadow import build_indexes, index_names
 
@@ -96,7 +96,7 @@ class BackfillPhase(Phase):
             tc.exchange()
         build_indexes(ctx)  # built on the copy already: each skipped, unless dropped since
         analyze(ctx)
-        st = ctx.state.backfill(copy_key(ctx)) or {}
+        st = ctx.state.backfill(copy_key(ctx.m)) or {}
         return {"rows_done": st.get("rows_done", 0), "batches": st.get("batches", 0),
                 "max_batch_ms": st.get("max_batch_ms"), "method": "copy"}
 

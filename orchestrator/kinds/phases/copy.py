@@ -22,15 +22,15 @@ Copied only when the table allows it (`unsupported` names what does not), else r
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import psycopg
 import structlog
 from psycopg import sql
 
-from orchestrator.engine.backfill import Backfill, progress_key
+from orchestrator.engine.backfill import Backfill, copy_key
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import _suffixed
@@ -41,11 +41,6 @@ log = structlog.get_logger()
 
 REPLAY_CHUNK = 10_000  # logged keys copied again per transaction
 VACUUM_EVERY_ROWS = 1_000_000  # the twin's, unless settings.vacuum_every_rows says otherwise
-
-
-def copy_key(ctx: Context) -> str:
-    """The copy's progress row in the state table (apart from an in-place backfill's)."""
-    return json.dumps([*json.loads(progress_key(ctx)), "copy"])
 
 
 @dataclass
@@ -120,7 +115,8 @@ class TableCopy:
              "SELECT c.relkind <> 'r' OR c.relpersistence <> 'p' OR c.relispartition OR c.reloftype <> 0 "
              "FROM pg_class c WHERE c.oid = to_regclass({t})"),
             ("it has inheritance parents or children",
-             "SELECT EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass({t}) OR inhparent = to_regclass({t}))"),
+             "SELECT EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass({t}) "
+             "OR inhparent = to_regclass({t}))"),
             ("it has identity or generated columns",
              "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({t}) AND attnum > 0 "
              "AND NOT attisdropped AND (attidentity <> '' OR attgenerated <> ''))"),
@@ -168,19 +164,35 @@ class TableCopy:
 
     # -- state -------------------------------------------------------------------------------------
     def twin_exists(self) -> bool:
-        return bool(self.x.scalar("SELECT to_regclass(%s) IS NOT NULL", (self.x.render(self.twin),)))
+        return bool(self.x.scalar(Q("SELECT to_regclass(%s) IS NOT NULL"), (self.x.render(self.twin),)))
 
     def exchanged(self) -> bool:
         """The twin took the table's place (its name is gone and the copy had finished)."""
-        st = self.ctx.state.backfill(copy_key(self.ctx)) if self.ctx.state is not None else None
+        st = self.ctx.state.backfill(copy_key(self.ctx.m)) if self.ctx.state is not None else None
         return bool(st and st["finished_at"] is not None and not self.twin_exists())
+
+    def plan(self) -> None:
+        """What `plan` shows for phase 3 by copy."""
+        x, t, twin = self.x, self.x.render(self.ctx.table), self.x.render(self.twin)
+        x.note(f"CREATE TABLE {twin} (LIKE {t} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
+               f"INCLUDING COMMENTS INCLUDING COMPRESSION); its primary key's index; the log "
+               f"{x.render(self.log)} of written keys", lock="ACCESS SHARE on the table")
+        x.note(f"CREATE TRIGGER {self.trigger_name} AFTER INSERT OR UPDATE OR DELETE ON {t} (notes the key) and "
+               f"{self.truncate_trigger_name} AFTER TRUNCATE", lock="SHARE ROW EXCLUSIVE for milliseconds")
+        x.note(f"INSERT INTO {twin} SELECT <columns, the shadow as map(column)> FROM {t} WHERE <key range> "
+               f"ON CONFLICT DO NOTHING  -- per key range, each in its own transaction with the cursor; after each, "
+               f"the rows the log names copied again; VACUUM of the copy every {VACUUM_EVERY_ROWS:,} rows "
+               f"(settings.vacuum_every_rows)", lock="ACCESS SHARE on the table (reads only)")
+        x.note(f"CREATE INDEX ... ON {twin}: each index of the table and the migration's new ones; ANALYZE",
+               lock="SHARE on the copy only")
+        self.exchange()
 
     # -- before the rows -----------------------------------------------------------------------------
     def prepare(self) -> None:
         """The twin (the table's columns, defaults, CHECKs, NOT NULLs, storage, comments; no rows), its key index,
         the log and the trigger that fills it. Each piece skipped when present: a re-run goes on."""
         ctx, x = self.ctx, self.x
-        st = ctx.state.backfill(copy_key(ctx)) if ctx.state is not None and not x.dry_run else None
+        st = ctx.state.backfill(copy_key(ctx.m)) if ctx.state is not None and not x.dry_run else None
         if st is not None and not x.dry_run and not self.twin_exists():
             self.forget()  # progress of a twin that is gone (dropped by hand): start over
         owner, reloptions = (None, None) if x.dry_run else x.query(Q(
@@ -191,8 +203,8 @@ class TableCopy:
         if reloptions:
             create = Q("{} WITH ({})").format(create, join(
                 Q("{} = {}").format(I(o.split("=", 1)[0]), L(o.split("=", 1)[1])) for o in reloptions))
-        stmts: list[sql.Composable] = [create]
-        if owner is not None and owner != x.scalar("SELECT current_user"):
+        stmts: list[sql.Composed] = [create]
+        if owner is not None and owner != x.scalar(Q("SELECT current_user")):
             stmts.append(Q("ALTER TABLE {} OWNER TO {}").format(self.twin, I(owner)))
         if not x.dry_run:
             stmts += [Q("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(self.twin, I(c), L(n))
@@ -204,7 +216,8 @@ class TableCopy:
                   for ix in keys]
         cols = [I(c) for c in self.pk]
         types = self.key_types() if not x.dry_run else [Q("<key type>") for _ in self.pk]
-        stmts.append(Q("CREATE TABLE IF NOT EXISTS {} (_ec_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, {})").format(
+        stmts.append(Q("CREATE TABLE IF NOT EXISTS {} "
+                       "(_ec_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, {})").format(
             self.log, join(Q("{} {}").format(c, t) for c, t in zip(cols, types))))
         stmts += self._log_functions()
         x.atomic(*stmts, lock="ACCESS SHARE on the table (the twin and the log are new)",
@@ -241,7 +254,7 @@ class TableCopy:
     def values(self, source: str = "s") -> sql.Composed:
         """The select list copying a row: every column as it is, the shadow as the backfill would set it."""
         ctx = self.ctx
-        out = []
+        out: list[sql.Composable] = []
         for c in self.columns():
             ref = I(source, c)
             if c == ctx.m.shadow:
@@ -293,7 +306,8 @@ class TableCopy:
                 def attempt() -> int:
                     with self.x.conn.transaction():
                         c = self.x.conn.cursor()
-                        c.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{self.ctx.pb.settings.lock_timeout_ms}ms")))
+                        c.execute(Q("SET LOCAL lock_timeout = {}").format(
+                            L(f"{self.ctx.pb.settings.lock_timeout_ms}ms")))
                         return chunk(c)
                 n = self.x.with_retries(f"copy the rows written to {self.ctx.m.label} again", attempt)
             total += n
@@ -307,7 +321,8 @@ class TableCopy:
         """Each of the table's indexes on the twin, built once over its rows, and the migration's own (under
         their final names: they exist nowhere else yet). Plain CREATE INDEX: only the copy writes the twin,
         so its SHARE lock holds up nothing of the app's."""
-        builds = [(Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name)
+        builds: list[tuple[sql.SQL, sql.Identifier, sql.Composable, str]] = [
+            (Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name)
                   for ix in self.indexes() if not ix.is_key]
         builds += [(Q("UNIQUE ") if unique else Q(""), I(name), Q("({})").format(idents(cols)), name)
                    for name, cols, unique in shadow.planned_indexes(self.ctx)
@@ -372,7 +387,8 @@ class TableCopy:
                       "JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid "
                       "WHERE d.refobjid = to_regclass({t}) AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' "
                       "AND d.deptype = 'a'")
-        grants = q("SELECT NULL::name, p.privilege_type, p.grantee, p.is_grantable FROM pg_class c, aclexplode(c.relacl) p "
+        grants = q("SELECT NULL::name, p.privilege_type, p.grantee, p.is_grantable "
+                   "FROM pg_class c, aclexplode(c.relacl) p "
                    "WHERE c.oid = to_regclass({t}) UNION ALL "
                    "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable FROM pg_attribute a, "
                    "aclexplode(a.attacl) p WHERE a.attrelid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped")
@@ -381,7 +397,7 @@ class TableCopy:
                      "FROM pg_class c WHERE c.oid = to_regclass({t})")[0]
         names = dict(q("SELECT oid, rolname FROM pg_roles"))
         t = ctx.table
-        stmts: list[sql.Composable] = [
+        stmts: list[sql.SQL | sql.Composed] = [
             Q("ALTER TABLE {} RENAME TO {}").format(t, I(self.old_name)),
             Q("ALTER TABLE {} RENAME TO {}").format(self.twin, I(ctx.m.table.name)),
             *versions.rebuilt_views(ctx),
@@ -423,8 +439,8 @@ class TableCopy:
         if kind != "d":
             stmts.append(Q("ALTER TABLE {} REPLICA IDENTITY {}").format(t, Q("USING INDEX {}").format(I(index))
                          if kind == "i" else Q({"f": "FULL", "n": "NOTHING"}[kind])))
-        for s in stmts:
-            x.logged(s, lambda s=s: cur.execute(s))
+        for stmt in stmts:
+            x.logged(stmt, partial(cur.execute, stmt))
         return [name for name, _, _ in fks]
 
     # -- the way back (before the exchange) ------------------------------------------------------------
@@ -445,7 +461,7 @@ class TableCopy:
     def forget(self) -> None:
         if self.ctx.state is not None and not self.x.dry_run:
             self.x.conn.execute(Q("DELETE FROM {} WHERE playbook = %s AND target = %s").format(
-                self.ctx.state.t("backfills")), (self.ctx.state.playbook, copy_key(self.ctx)))
+                self.ctx.state.t("backfills")), (self.ctx.state.playbook, copy_key(self.ctx.m)))
 
 
 class CopyBatches(Backfill):
@@ -456,7 +472,7 @@ class CopyBatches(Backfill):
     def __init__(self, ctx: Context, copy: TableCopy):
         super().__init__(ctx)
         self.copy = copy
-        self.key = copy_key(ctx)
+        self.key = copy_key(ctx.m)
         self.title = f"copy {ctx.m.label}"
         self.vacuum_table = copy.twin
 
