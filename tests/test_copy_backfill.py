@@ -297,3 +297,24 @@ def test_copy_with_odd_names(dsn):
     run(pb, dsn, "rollback 3", "rollback 2", "rollback 1")
     assert snapshot_diff(original, snapshot(dsn, schema)) == []
     run(pb, dsn, 1, 2, 3, 4, 5, 6, "contract")
+
+
+def test_the_swap_waits_for_a_repeatable_read_snapshot_that_would_miss_rows(dsn):
+    """A REPEATABLE READ transaction that began before the swap and reads the table after it would see the twin
+    without the rows copied after its snapshot: the swap waits for it to end, and refuses if it will not."""
+    seed_chatter(dsn, 2000, 100)
+    pb = real_playbook(**{**COPY, "settings.throttle_max_wait_s": 1})
+    run(pb, dsn, 1, 2)
+    n = query(dsn, "SELECT count(*) FROM workflow_templates")[0][0]
+    reader = psycopg.connect(dsn)
+    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.execute("SELECT count(*) FROM users").fetchone()  # its snapshot; the table not touched yet
+    try:
+        with pytest.raises(OrchestratorError, match="snapshot older than the swap.*pid"):
+            run(pb, dsn, 3)
+        assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_copy%'") != [(0,)]
+        assert reader.execute("SELECT count(*) FROM workflow_templates").fetchone() == (n,)
+    finally:
+        reader.close()
+    run(pb, dsn, 3)  # the reader gone, the same command finishes
+    shadow_agrees(dsn)

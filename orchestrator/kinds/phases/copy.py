@@ -28,6 +28,7 @@ from functools import partial
 
 import psycopg
 import structlog
+from psycopg import errors as pgerr
 from psycopg import sql
 
 from orchestrator.engine.backfill import Backfill, copy_key
@@ -40,7 +41,12 @@ from orchestrator.kinds.phases import shadow, versions
 log = structlog.get_logger()
 
 REPLAY_CHUNK = 10_000  # logged keys copied again per transaction
-VACUUM_EVERY_ROWS = 1_000_000  # the twin's, unless settings.vacuum_every_rows says otherwise
+VACUUM_EVERY_ROWS = 1_000_000
+# Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
+OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
+                     WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
+                       AND backend_xmin IS NOT NULL
+                       AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")  # the twin's, unless settings.vacuum_every_rows says otherwise
 
 
 @dataclass
@@ -343,6 +349,7 @@ class TableCopy:
                    lock="ACCESS EXCLUSIVE for milliseconds")
             return
         self.replay()  # most of the log outside the lock
+        self.wait_for_old_snapshots()
         plans = self.indexes()
         views = versions.existing_views([ctx])
         started = time.monotonic()
@@ -352,6 +359,8 @@ class TableCopy:
                 cur = x.conn.cursor()
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
                 cur.execute(Q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(join([*views, ctx.table, self.twin])))
+                if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
+                    raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 self.replay(everything=True, cur=cur)
                 fks = self._exchange(cur, plans)
                 return fks
@@ -364,6 +373,23 @@ class TableCopy:
         x.atomic(Q("DROP TABLE IF EXISTS {}").format(self.log),
                  Q("DROP FUNCTION IF EXISTS {}(), {}()").format(self.log_fn, self.truncate_fn),
                  lock="none (our own log)", what="drop the copy's log")
+
+    def wait_for_old_snapshots(self) -> None:
+        """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE; seen as idle in transaction with
+        a backend_xmin) and reads the table after the swap would see the twin as of that snapshot: without the
+        rows copied since. The blocking rewrite has the same flaw (its table looks empty to them); here the swap
+        waits for them to end, up to settings.throttle_max_wait_s, then refuses, naming them."""
+        waited, limit = 0.0, self.ctx.pb.settings.throttle_max_wait_s
+        while old := self.x.query(OLD_SNAPSHOTS):
+            if waited >= limit:
+                shown = "; ".join(f"pid {pid} ({age})" for pid, age in old)
+                raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: transactions holding a snapshot older "
+                              f"than the swap would read it without its last rows: {shown}; nothing was changed "
+                              f"(the copy is kept)", hint="end those transactions, then re-run phase 3")
+            if waited == 0:
+                log.info("the copy's swap waits for transactions holding old snapshots", pids=[p for p, _ in old])
+            time.sleep(0.2)
+            waited += 0.2
 
     def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan]) -> list[str]:
         """The statements of the exchange, read from the catalog under its lock. Returns the foreign keys to
