@@ -27,7 +27,7 @@ depends_on = None
 GENERATED_BY = 'orchestrator revisions generate'
 PLAYBOOK = 'playbooks/workflow_type_enum_to_varchar.yaml'
 PLAYBOOK_NAME = 'workflow_type_enum_to_varchar'
-FINGERPRINT = 'a8c5f90011bfae9e'
+FINGERPRINT = '75e7f1a8b5b1462c'
 ACTION = 'expand'
 PHASE = 1
 
