@@ -221,7 +221,7 @@ def test_catalog_after_a_copy_is_the_in_place_backfills_and_rollback_restores_th
     assert query(dsn, "SELECT count(*) FROM workflow_templates") == [(n,)]
 
 
-@pytest.mark.parametrize("where", ["batches", "indexes", "exchange"])
+@pytest.mark.parametrize("where", ["batches", "indexes", "exchange", "after the swap"])
 def test_a_copy_stopped_part_way_goes_on_when_run_again_or_rolls_back(dsn, monkeypatch, where):
     seed_chatter(dsn, 3000, 200)
     pb = real_playbook(**COPY)
@@ -230,7 +230,7 @@ def test_a_copy_stopped_part_way_goes_on_when_run_again_or_rolls_back(dsn, monke
     before = rows(dsn)
     calls = {"n": 0}
     target = {"batches": (copy_mod.CopyBatches, "after_batch"), "indexes": (copy_mod.TableCopy, "build_indexes"),
-              "exchange": (copy_mod.TableCopy, "_exchange")}[where]
+              "exchange": (copy_mod.TableCopy, "_exchange"), "after the swap": (copy_mod.TableCopy, "drop_old")}[where]
     original = getattr(*target)
 
     def stop(self, *a, **kw):
@@ -249,6 +249,9 @@ def test_a_copy_stopped_part_way_goes_on_when_run_again_or_rolls_back(dsn, monke
         run(pb, dsn, "rollback 3")
         assert snapshot_diff(after_2, snapshot(dsn)) == []
     run(pb, dsn, 3)
+    assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_old%' "
+                      "OR relname LIKE '\\_ec\\_copy%' OR relname LIKE 'copy\\_log%'") == [(0,)]
+    assert query(dsn, "SELECT count(*) FROM pg_constraint WHERE NOT convalidated") == [(0,)]
     now = rows(dsn)
     assert now[min(before)][0] == "between"
     assert {k: v for k, v in now.items() if k != min(before)} == {k: v for k, v in before.items() if k != min(before)}

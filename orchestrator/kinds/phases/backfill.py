@@ -94,6 +94,8 @@ class BackfillPhase(Phase):
                 tc.copy_rows()
                 tc.build_indexes()
             tc.exchange()
+        else:
+            tc.finish_exchange()  # a run stopped after the swap: what follows it
         build_indexes(ctx)  # built on the copy already: each skipped, unless dropped since
         analyze(ctx)
         st = ctx.state.backfill(copy_key(ctx.m)) or {}

@@ -41,12 +41,12 @@ from orchestrator.kinds.phases import shadow, versions
 log = structlog.get_logger()
 
 REPLAY_CHUNK = 10_000  # logged keys copied again per transaction
-VACUUM_EVERY_ROWS = 1_000_000
+VACUUM_EVERY_ROWS = 1_000_000  # the twin's, unless settings.vacuum_every_rows says otherwise
 # Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
 OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
                      WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
                        AND backend_xmin IS NOT NULL
-                       AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")  # the twin's, unless settings.vacuum_every_rows says otherwise
+                       AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")
 
 
 @dataclass
@@ -345,7 +345,7 @@ class TableCopy:
         if x.dry_run:
             x.note(f"-- in one transaction: LOCK the views and {x.render(ctx.table)}; copy the logged rows again; "
                    f"RENAME {x.render(ctx.table)} away and {x.render(self.twin)} in its place; views, sequences, "
-                   f"indexes, keys, foreign keys (NOT VALID), triggers, comments, grants; DROP the old table",
+                   f"indexes, keys, foreign keys (NOT VALID), triggers, comments, grants; then DROP the replaced table",
                    lock="ACCESS EXCLUSIVE for milliseconds")
             return
         self.replay()  # most of the log outside the lock
@@ -354,7 +354,7 @@ class TableCopy:
         views = versions.existing_views([ctx])
         started = time.monotonic()
 
-        def attempt() -> list[str]:
+        def attempt() -> None:
             with x.conn.transaction():
                 cur = x.conn.cursor()
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
@@ -362,17 +362,31 @@ class TableCopy:
                 if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 self.replay(everything=True, cur=cur)
-                fks = self._exchange(cur, plans)
-                return fks
+                self._exchange(cur, plans)
 
-        fks = x.with_retries(f"swap the copy of {ctx.m.label} in", attempt)
+        x.with_retries(f"swap the copy of {ctx.m.label} in", attempt)
         log.info("copy swapped in", table=ctx.m.label, seconds=round(time.monotonic() - started, 3))
-        for name in fks:
+        self.finish_exchange()
+
+    def finish_exchange(self) -> None:
+        """After the swap's commit, each step skipped when done: the replaced table dropped, the foreign keys
+        re-added NOT VALID validated (a copy refuses a table with NOT VALID ones of its own), the log dropped."""
+        ctx, x = self.ctx, self.x
+        self.drop_old()
+        for (name,) in x.query(Q("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass({}) "
+                                 "AND contype = 'f' AND NOT convalidated ORDER BY conname").format(
+                                     L(x.render(ctx.table)))):
             x.online(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(name)),
                      lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)", what=f"validate {name}")
         x.atomic(Q("DROP TABLE IF EXISTS {}").format(self.log),
                  Q("DROP FUNCTION IF EXISTS {}(), {}()").format(self.log_fn, self.truncate_fn),
                  lock="none (our own log)", what="drop the copy's log")
+
+    def drop_old(self) -> None:
+        """The table the copy replaced, under its new name: no statement reaches it any more."""
+        self.x.atomic(Q("DROP TABLE IF EXISTS {}").format(I(self.ctx.m.table.schema_, self.old_name)),
+                      lock="ACCESS EXCLUSIVE on the replaced table only (nothing uses it)",
+                      what=f"drop the table the copy of {self.ctx.m.label} replaced")
 
     def wait_for_old_snapshots(self) -> None:
         """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE; seen as idle in transaction with
@@ -391,9 +405,8 @@ class TableCopy:
             time.sleep(0.2)
             waited += 0.2
 
-    def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan]) -> list[str]:
-        """The statements of the exchange, read from the catalog under its lock. Returns the foreign keys to
-        validate once it has committed."""
+    def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan]) -> None:
+        """The statements of the swap, read from the catalog under its lock."""
         ctx, x = self.ctx, self.x
         table = L(x.render(ctx.table))
 
@@ -429,7 +442,10 @@ class TableCopy:
             *versions.rebuilt_views(ctx),
             *(Q("ALTER SEQUENCE {} OWNED BY {}").format(Q(seq), I(ctx.m.table.schema_, ctx.m.table.name, col))
               for seq, col in sequences),
-            Q("DROP TABLE {}").format(I(ctx.m.table.schema_, self.old_name)),
+            # The old table is dropped after the commit (unlinking its files would hold the lock): its indexes
+            # give their names up now.
+            *(Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.name), I(f"_ec_old_{self.tag}_{i}"))
+              for i, ix in enumerate(plans)),
         ]
         for ix in plans:
             if ix.constraint and ix.contype in ("p", "u"):
@@ -467,7 +483,6 @@ class TableCopy:
                          if kind == "i" else Q({"f": "FULL", "n": "NOTHING"}[kind])))
         for stmt in stmts:
             x.logged(stmt, partial(cur.execute, stmt))
-        return [name for name, _, _ in fks]
 
     # -- the way back (before the exchange) ------------------------------------------------------------
     def discard(self) -> None:
@@ -479,6 +494,7 @@ class TableCopy:
                      ctx.exists_query("trigger", self.trigger_name),
                      ctx.exists_query("trigger", self.truncate_trigger_name)),
                  lock="ACCESS EXCLUSIVE for milliseconds (DROP TRIGGER)", what=f"stop noting writes to {ctx.m.label}")
+        self.drop_old()  # a run stopped right after the swap left it
         x.atomic(Q("DROP TABLE IF EXISTS {}").format(self.twin), Q("DROP TABLE IF EXISTS {}").format(self.log),
                  Q("DROP FUNCTION IF EXISTS {}(), {}()").format(self.log_fn, self.truncate_fn),
                  lock="ACCESS EXCLUSIVE on the copy only", what=f"drop the copy of {ctx.m.label}")
