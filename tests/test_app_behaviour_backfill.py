@@ -35,7 +35,13 @@ SHADOW = "workflow_type_new"
 BUILD = re.compile(r"CREATE (?:UNIQUE )?INDEX CONCURRENTLY IF NOT EXISTS (\S+)")
 
 
+# What this module proves is about the in-place backfill (its UPDATEs fire the app's triggers, its index builds
+# are CONCURRENTLY ones): the reference playbook's copy is tested in tests/test_copy_backfill.py.
+IN_PLACE = {"settings.backfill_method": "update"}
+
+
 def playbook_file(path, **overrides):
+    overrides = {**IN_PLACE, **overrides}
     data = copy.deepcopy(reference_dict())
     for key, value in overrides.items():
         node = data
@@ -47,7 +53,7 @@ def playbook_file(path, **overrides):
 
 
 def run(dsn: str, *phases: int, **overrides) -> None:
-    orch = Orchestrator(real_playbook(**overrides), dsn)
+    orch = Orchestrator(real_playbook(**{**IN_PLACE, **overrides}), dsn)
     try:
         for n in phases:
             orch.run(n)

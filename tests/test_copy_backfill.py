@@ -321,3 +321,44 @@ def test_the_swap_waits_for_a_repeatable_read_snapshot_that_would_miss_rows(dsn)
         reader.close()
     run(pb, dsn, 3)  # the reader gone, the same command finishes
     shadow_agrees(dsn)
+
+
+def test_a_role_that_is_no_superuser_copies_once_it_may_reference_the_parent_tables(dsn, pg_server):
+    """The copy re-adds the table's foreign keys on its twin: REFERENCES on `users` is named up front (before
+    phase 1) when missing; granted it, the table's owner copies it, and the app's UPDATE trigger never fires."""
+    role = f"copier_{random.randrange(10**8)}"
+    seed_chatter(dsn, 800, 100)
+    with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+        c.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN").format(psycopg.sql.Identifier(role)))
+    r_ = psycopg.sql.Identifier(role)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for stmt in ("ALTER TABLE workflow_templates OWNER TO {}", "ALTER TABLE template_specs OWNER TO {}",
+                         "ALTER TYPE workflowtype OWNER TO {}", "GRANT CREATE ON SCHEMA public TO {}",
+                         "GRANT SELECT ON users TO {}"):
+                c.execute(psycopg.sql.SQL(stmt).format(r_))
+            c.execute(psycopg.sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                psycopg.sql.Identifier(c.info.dbname), r_))
+            c.execute("CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$BEGIN NEW.updated_at = now(); RETURN NEW; END$$")
+            c.execute("UPDATE workflow_templates SET updated_at = '2020-01-01'")
+            c.execute("CREATE TRIGGER stamp BEFORE UPDATE ON workflow_templates FOR EACH ROW EXECUTE FUNCTION stamp()")
+        role_dsn = psycopg.conninfo.make_conninfo(dsn, user=role)
+        pb = real_playbook(**COPY)
+        with pytest.raises(OrchestratorError, match="REFERENCES on table users"):
+            run(pb, role_dsn, 1)
+        assert query(dsn, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'workflow_type_new'") \
+            == [(0,)]
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("GRANT REFERENCES ON users TO {}").format(r_))
+        run(pb, role_dsn, 1, 2, 3)
+        shadow_agrees(dsn)
+        assert query(dsn, "SELECT count(*) FROM workflow_templates WHERE updated_at <> '2020-01-01'") == [(0,)]
+        assert query(dsn, "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'workflow_templates'::regclass"
+                     ) == [(role,)]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r_))
+            c.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(r_))
+        with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(r_))

@@ -29,8 +29,11 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
         missing += _enum_privileges(conn, pb)
     missing += _state_schema(conn, pb.settings.state_schema)
 
-    if pb.settings.app_triggers == "skip":
+    if pb.settings.app_triggers == "skip" and pb.settings.backfill_method == "update":
         missing += _replication_role(conn)
+    if pb.settings.backfill_method == "copy":
+        for schema, name in pb.tables:
+            missing += _copy_privileges(conn, schema, name)
     if pb.app_versions is not None:
         absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not db.scalar(
             conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,))]
@@ -90,6 +93,17 @@ def _table_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[
             missing.append("USAGE on language plpgsql (for the trigger functions)")
 
     return missing
+
+
+def _copy_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
+    """Phase 3 by copy re-adds the table's foreign keys on its copy: REFERENCES on each table they point at."""
+    rows = conn.execute("""SELECT DISTINCT f.confrelid::regclass::text FROM pg_constraint f
+                           JOIN pg_class c ON c.oid = f.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = %s AND c.relname = %s AND f.contype = 'f'
+                             AND NOT has_table_privilege(f.confrelid, 'REFERENCES') ORDER BY 1""",
+                        (schema, name)).fetchall()
+    return [f"REFERENCES on table {t} (settings.backfill_method: copy re-adds the foreign keys of "
+            f"{schema}.{name} on its copy)" for (t,) in rows]
 
 
 def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:

@@ -45,7 +45,7 @@ VACUUM_EVERY_ROWS = 1_000_000  # the twin's, unless settings.vacuum_every_rows s
 # Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
 OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
                      WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
-                       AND backend_xmin IS NOT NULL
+                       AND datname = current_database() AND backend_xmin IS NOT NULL
                        AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")
 
 
@@ -153,6 +153,23 @@ class TableCopy:
              "WHERE x.indrelid = to_regclass({t}) AND (i.reltablespace <> 0 OR NOT x.indisvalid))"),
         ]
         found = [why for why, q in checks if self.x.scalar(Q(q).format(t=table), (ours,) if "%s" in q else None)]
+        # The swap re-creates the table under the migrating role: it must be able to own it, create it in its
+        # schema and re-add its foreign keys (REFERENCES on each table they point at).
+        rights = self.x.query(Q("""
+            SELECT NOT pg_has_role(c.relowner, 'MEMBER'), NOT has_schema_privilege(c.relnamespace, 'CREATE'),
+                   (SELECT array_agg(DISTINCT f.confrelid::regclass::text ORDER BY f.confrelid::regclass::text)
+                      FROM pg_constraint f WHERE f.conrelid = c.oid AND f.contype = 'f'
+                       AND NOT has_table_privilege(f.confrelid, 'REFERENCES'))
+              FROM pg_class c WHERE c.oid = to_regclass({t})""").format(t=table))
+        if rights:
+            not_owner, no_create, no_references = rights[0]
+            if not_owner:
+                found.append("the migrating role is not a member of the table's owner")
+            if no_create:
+                found.append("the migrating role may not CREATE in the table's schema")
+            if no_references:
+                found.append(f"the migrating role lacks REFERENCES on {', '.join(no_references)} (the copy "
+                             f"re-adds the foreign keys)")
         if not self.pk:
             found.append("it has no primary key")
         same = [m for m in self.ctx.pb.migrations if (m.table.schema_, m.table.name) == self.ctx.table_name]
