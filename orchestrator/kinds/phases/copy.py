@@ -41,7 +41,7 @@ from orchestrator.kinds.phases import shadow, versions
 log = structlog.get_logger()
 
 REPLAY_CHUNK = 10_000  # logged keys copied again per transaction
-VACUUM_EVERY_ROWS = 1_000_000  # the twin's, unless settings.vacuum_every_rows says otherwise
+VACUUM_EVERY_ROWS = 100_000  # the twin's, unless settings.vacuum_every_rows says otherwise
 # Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
 OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
                      WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
