@@ -187,11 +187,14 @@ def test_catalog_after_a_copy_is_the_in_place_backfills_and_rollback_restores_th
         c.execute("CREATE TRIGGER touch BEFORE UPDATE ON workflow_templates FOR EACH ROW EXECUTE FUNCTION touch()")
         c.execute("ALTER TABLE workflow_templates ENABLE ALWAYS TRIGGER touch")
         c.execute("COMMENT ON TRIGGER touch ON workflow_templates IS 'stamps'")
-        c.execute("ALTER TABLE workflow_templates SET (fillfactor = 90)")
+        c.execute("ALTER TABLE workflow_templates SET (fillfactor = 90, toast.autovacuum_vacuum_scale_factor = 0.3)")
+        c.execute("ALTER TABLE template_specs SET (autovacuum_enabled = false)")
         c.execute("ALTER TABLE workflow_templates REPLICA IDENTITY USING INDEX workflow_templates_pkey")
         c.execute("ALTER TABLE workflow_templates ALTER COLUMN name SET STATISTICS 500")
     original = snapshot(dsn)
-    extra = ("SELECT relname, reloptions, relreplident FROM pg_class WHERE oid = 'public.workflow_templates'::regclass",
+    extra = ("SELECT c.relname, c.reloptions, c.relreplident, t.reloptions FROM pg_class c "
+             "JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid IN ('public.workflow_templates'::regclass, "
+             "'public.template_specs'::regclass) ORDER BY 1",
              "SELECT attname, attstattarget FROM pg_attribute WHERE attrelid = 'workflow_templates'::regclass "
              "AND attname = 'name'",
              "SELECT obj_description('workflow_templates'::regclass, 'pg_class'), "

@@ -223,9 +223,13 @@ class TableCopy:
             L(x.render(ctx.table))))[0]
         create = Q("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
                    "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION)").format(self.twin, ctx.table)
-        if reloptions:
-            create = Q("{} WITH ({})").format(create, join(
-                Q("{} = {}").format(I(o.split("=", 1)[0]), L(o.split("=", 1)[1])) for o in reloptions))
+        # No autovacuum on the twin while it is filled: we VACUUM it ourselves, and a worker on it would hold
+        # the swap's lock (it yields only after deadlock_timeout, past every lock_timeout attempt). The swap
+        # gives the table its own storage parameters back.
+        options = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in reloptions or []}
+        options.update({"autovacuum_enabled": "false", "toast.autovacuum_enabled": "false"})
+        create = Q("{} WITH ({})").format(create, join(
+            Q("{} = {}").format(Q(".").join(I(part) for part in k.split(".")), L(v)) for k, v in options.items()))
         stmts: list[sql.Composed] = [create]
         if owner is not None and owner != x.scalar(Q("SELECT current_user")):
             stmts.append(Q("ALTER TABLE {} OWNER TO {}").format(self.twin, I(owner)))
@@ -494,6 +498,14 @@ class TableCopy:
             what = Q(privilege) if column is None else Q("{} ({})").format(Q(privilege), I(column))
             stmts.append(Q("GRANT {} ON TABLE {} TO {}{}").format(
                 what, t, who, Q(" WITH GRANT OPTION") if grantable else Q("")))
+        options = q("SELECT c.reloptions, t.reloptions FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid "
+                    "WHERE c.oid = to_regclass({t})")[0]
+        mine = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in options[0] or []}
+        mine.update({f"toast.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in options[1] or []})
+        stmts.append(Q("ALTER TABLE {} RESET (autovacuum_enabled, toast.autovacuum_enabled)").format(t))
+        if mine:
+            stmts.append(Q("ALTER TABLE {} SET ({})").format(t, join(
+                Q("{} = {}").format(Q(".").join(I(part) for part in k.split(".")), L(v)) for k, v in mine.items())))
         kind, index = identity
         if kind != "d":
             stmts.append(Q("ALTER TABLE {} REPLICA IDENTITY {}").format(t, Q("USING INDEX {}").format(I(index))
