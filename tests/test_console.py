@@ -48,7 +48,8 @@ def test_plan_shows_every_phase_sql_locks_and_lint(dsn):
     for n, name in enumerate(["add_shadow_column", "dual_write", "backfill", "verify", "swap", "seed_rows"], 1):
         assert f"Phase {n}: {name}" in text
     assert 'ADD COLUMN IF NOT EXISTS "workflow_type_new" varchar(50)' in text
-    assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_workflow_templates_workflow_type_ecnew"' in text
+    # the reference playbook copies phase 3 (backfill_method: copy): the new column's index is built on the copy
+    assert 'CREATE INDEX IF NOT EXISTS "ix_workflow_templates_workflow_type_ecnew" ON "public"."_ec_copy_' in text
     assert 'RENAME COLUMN "workflow_type_new" TO "workflow_type"' in text
     assert 'ALTER TABLE "public"."template_specs" ADD COLUMN IF NOT EXISTS "workflow_type_new"' in text
     # the version views first, in the order an app statement through a view takes its locks (view, then table)

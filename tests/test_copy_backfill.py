@@ -167,7 +167,7 @@ def test_copy_under_writers_of_every_shape_loses_nothing_and_the_app_sees_no_err
     check_rows(dsn, before, writers.ledger)
     shadow_agrees(dsn)
     assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_copy%' OR relname LIKE '\\_ec\\_old%'"
-                      " OR relname LIKE 'copy\\_log%'") == [(0,)]
+                      " OR relname LIKE '\\_ec\\_copy\\_log%'") == [(0,)]
     run(pb, dsn, 4, 5, 6)  # parity holds, and the rest of the way is as after an in-place backfill
 
 
@@ -253,7 +253,7 @@ def test_a_copy_stopped_part_way_goes_on_when_run_again_or_rolls_back(dsn, monke
         assert snapshot_diff(after_2, snapshot(dsn)) == []
     run(pb, dsn, 3)
     assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_old%' "
-                      "OR relname LIKE '\\_ec\\_copy%' OR relname LIKE 'copy\\_log%'") == [(0,)]
+                      "OR relname LIKE '\\_ec\\_copy%' OR relname LIKE '\\_ec\\_copy\\_log%'") == [(0,)]
     assert query(dsn, "SELECT count(*) FROM pg_constraint WHERE NOT convalidated") == [(0,)]
     now = rows(dsn)
     assert now[min(before)][0] == "between"

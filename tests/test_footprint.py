@@ -14,13 +14,21 @@ from orchestrator.engine import executor
 from orchestrator.lab import server
 from orchestrator.run.runner import Orchestrator
 
-from .helpers import query, real_playbook, reference_dict, seed_chatter, write_playbook
+from . import helpers
+from .helpers import query, reference_dict, seed_chatter, write_playbook
 from .test_reliability_support import orch_cli
 
 NEW_INDEXES = {"workflow_templates": {"ix_workflow_templates_workflow_type_ecnew", "ix_workflow_templates_is_dynamic",
                                       "ix_workflow_templates_execution_pattern"},
                "template_specs": {"ix_template_specs_workflow_type_ecnew"}}
 DEFER = {"settings.indexes_after_backfill": True}
+
+
+def real_playbook(**overrides):
+    """The reference playbook with its phase 3 in place: the settings tested here are the in-place backfill's
+    (the reference playbook's copy: tests/test_copy_backfill.py)."""
+    return helpers.real_playbook(**{"settings.backfill_method": "update", **overrides})
+
 REINDEX = {"settings.reindex_on_contract": True}
 
 

@@ -52,6 +52,8 @@ ACCEPTED = {
                             "replaced it, or target.check when the swap is rolled back; or a key or foreign key the "
                             "same swap transaction adds again on the new column", _ours_or_moved),
     "ban-drop-function": ("drops only the orchestrator's own trigger functions", _ours),
+    "ban-drop-table": ("drops only its own tables (_ec_*): phase 3's copy when rolled back before its swap, the "
+                       "table the copy replaced once nothing reads it, the copy's log", _ours),
     "ban-drop-default": ("the swap moves the default to the new column (mapped value); the retired enum column "
                          "must not invent values", None),
     "ban-drop-not-null": ("the retired enum column must accept rows whose new value has no label during the "

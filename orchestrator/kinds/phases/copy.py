@@ -69,18 +69,19 @@ class TableCopy:
         self.old_name = _suffixed(f"_ec_old_{table}", f"_{self.tag}")
         self.twin = I(schema, self.twin_name)
         state = ctx.pb.settings.state_schema
-        self.log = I(state, f"copy_log_{self.tag}")
-        self.log_fn = I(state, f"copy_log_{self.tag}")
-        self.truncate_fn = I(state, f"copy_truncate_{self.tag}")
+        self.log = I(state, f"_ec_copy_log_{self.tag}")
+        self.log_fn = I(state, f"_ec_copy_log_{self.tag}")
+        self.truncate_fn = I(state, f"_ec_copy_truncate_{self.tag}")
         self.trigger_name = ctx.trigger_name("_copy")
         self.truncate_trigger_name = ctx.trigger_name("_copy_t")
         self.pk = list(ctx.facts.pk)
 
     # -- what the table is made of -------------------------------------------------------------------
     def columns(self) -> list[str]:
+        """The columns a copy writes: all but generated ones (the twin computes those itself)."""
         return [r[0] for r in self.x.query(Q(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped "
-            "ORDER BY attnum").format(L(self.x.render(self.ctx.table))))]
+            "AND attgenerated = '' ORDER BY attnum").format(L(self.x.render(self.ctx.table))))]
 
     def key_types(self) -> list[sql.SQL]:
         rows = dict(self.x.query(Q(
@@ -123,9 +124,9 @@ class TableCopy:
             ("it has inheritance parents or children",
              "SELECT EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass({t}) "
              "OR inhparent = to_regclass({t}))"),
-            ("it has identity or generated columns",
+            ("it has identity columns",
              "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass({t}) AND attnum > 0 "
-             "AND NOT attisdropped AND (attidentity <> '' OR attgenerated <> ''))"),
+             "AND NOT attisdropped AND attidentity <> '')"),
             ("it has row-level security or policies",
              "SELECT c.relrowsecurity OR EXISTS (SELECT FROM pg_policy WHERE polrelid = c.oid) "
              "FROM pg_class c WHERE c.oid = to_regclass({t})"),
@@ -198,7 +199,7 @@ class TableCopy:
         """What `plan` shows for phase 3 by copy."""
         x, t, twin = self.x, self.x.render(self.ctx.table), self.x.render(self.twin)
         x.note(f"CREATE TABLE {twin} (LIKE {t} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE "
-               f"INCLUDING COMMENTS INCLUDING COMPRESSION); its primary key's index; the log "
+               f"INCLUDING GENERATED INCLUDING COMMENTS INCLUDING COMPRESSION); its primary key's index; the log "
                f"{x.render(self.log)} of written keys", lock="ACCESS SHARE on the table")
         x.note(f"CREATE TRIGGER {self.trigger_name} AFTER INSERT OR UPDATE OR DELETE ON {t} (notes the key) and "
                f"{self.truncate_trigger_name} AFTER TRUNCATE", lock="SHARE ROW EXCLUSIVE for milliseconds")
@@ -206,8 +207,11 @@ class TableCopy:
                f"ON CONFLICT DO NOTHING  -- per key range, each in its own transaction with the cursor; after each, "
                f"the rows the log names copied again; VACUUM of the copy every {VACUUM_EVERY_ROWS:,} rows "
                f"(settings.vacuum_every_rows)", lock="ACCESS SHARE on the table (reads only)")
-        x.note(f"CREATE INDEX ... ON {twin}: each index of the table and the migration's new ones; ANALYZE",
+        x.note(f"CREATE INDEX ... ON {twin}: each index of the table, under a temporary name; ANALYZE",
                lock="SHARE on the copy only")
+        for name, cols, unique in shadow.planned_indexes(self.ctx):  # the migration's own, under their names
+            x.note(x.render(Q("CREATE {}INDEX IF NOT EXISTS {} ON {} ({})").format(
+                Q("UNIQUE ") if unique else Q(""), I(name), self.twin, idents(cols))), lock="SHARE on the copy only")
         self.exchange()
 
     # -- before the rows -----------------------------------------------------------------------------
@@ -221,8 +225,8 @@ class TableCopy:
         owner, reloptions = (None, None) if x.dry_run else x.query(Q(
             "SELECT pg_get_userbyid(relowner), reloptions FROM pg_class WHERE oid = to_regclass({})").format(
             L(x.render(ctx.table))))[0]
-        create = Q("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
-                   "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION)").format(self.twin, ctx.table)
+        create = Q("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING "
+                   "GENERATED INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION)").format(self.twin, ctx.table)
         # No autovacuum on the twin while it is filled: we VACUUM it ourselves, and a worker on it would hold
         # the swap's lock (it yields only after deadlock_timeout, past every lock_timeout attempt). The swap
         # gives the table its own storage parameters back.
