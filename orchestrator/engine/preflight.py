@@ -102,8 +102,16 @@ def _copy_privileges(conn: psycopg.Connection, schema: str, name: str) -> list[s
                            WHERE n.nspname = %s AND c.relname = %s AND f.contype = 'f'
                              AND NOT has_table_privilege(f.confrelid, 'REFERENCES') ORDER BY 1""",
                         (schema, name)).fetchall()
+    children = conn.execute("""SELECT DISTINCT f.conrelid::regclass::text FROM pg_constraint f
+                               JOIN pg_class c ON c.oid = f.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                               JOIN pg_class r ON r.oid = f.conrelid
+                               WHERE n.nspname = %s AND c.relname = %s AND f.contype = 'f'
+                                 AND f.conrelid <> f.confrelid AND NOT pg_has_role(r.relowner, 'USAGE') ORDER BY 1""",
+                            (schema, name)).fetchall()
     return [f"REFERENCES on table {t} (settings.backfill_method: copy re-adds the foreign keys of "
-            f"{schema}.{name} on its copy)" for (t,) in rows]
+            f"{schema}.{name} on its copy)" for (t,) in rows] + [
+        f"ownership of table {t} (settings.backfill_method: copy re-adds its foreign keys to {schema}.{name})"
+        for (t,) in children]
 
 
 def _state_schema(conn: psycopg.Connection, schema: str) -> list[str]:

@@ -145,9 +145,9 @@ class TableCopy:
             ("it has an exclusion, deferrable or NOT VALID constraint",
              "SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({t}) "
              "AND (contype = 'x' OR (condeferrable AND contype IN ('p', 'u')) OR NOT convalidated))"),
-            ("other tables' foreign keys reference it",
-             "SELECT EXISTS (SELECT FROM pg_constraint WHERE confrelid = to_regclass({t}) "
-             "AND conrelid <> to_regclass({t}) AND contype = 'f')"),
+            ("another table's foreign key to it is NOT VALID",
+             "SELECT EXISTS (SELECT FROM pg_constraint WHERE confrelid = to_regclass({t}) AND contype = 'f' "
+             "AND NOT convalidated)"),
             ("it or one of its indexes has its own tablespace, or an index is invalid",
              "SELECT EXISTS (SELECT FROM pg_class c WHERE c.oid = to_regclass({t}) AND c.reltablespace <> 0) "
              "OR EXISTS (SELECT FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
@@ -160,10 +160,16 @@ class TableCopy:
             SELECT NOT pg_has_role(c.relowner, 'MEMBER'), NOT has_schema_privilege(c.relnamespace, 'CREATE'),
                    (SELECT array_agg(DISTINCT f.confrelid::regclass::text ORDER BY f.confrelid::regclass::text)
                       FROM pg_constraint f WHERE f.conrelid = c.oid AND f.contype = 'f'
-                       AND NOT has_table_privilege(f.confrelid, 'REFERENCES'))
+                       AND NOT has_table_privilege(f.confrelid, 'REFERENCES')),
+                   (SELECT array_agg(DISTINCT f.conrelid::regclass::text ORDER BY f.conrelid::regclass::text)
+                      FROM pg_constraint f JOIN pg_class r ON r.oid = f.conrelid
+                     WHERE f.confrelid = c.oid AND f.contype = 'f' AND NOT pg_has_role(r.relowner, 'MEMBER'))
               FROM pg_class c WHERE c.oid = to_regclass({t})""").format(t=table))
         if rights:
-            not_owner, no_create, no_references = rights[0]
+            not_owner, no_create, no_references, children = rights[0]
+            if children:
+                found.append(f"the migrating role does not own {', '.join(children)}, whose foreign keys to it the "
+                             f"swap re-adds")
             if not_owner:
                 found.append("the migrating role is not a member of the table's owner")
             if no_create:
@@ -377,13 +383,26 @@ class TableCopy:
         self.wait_for_old_snapshots()
         plans = self.indexes()
         views = versions.existing_views([ctx])
+        # Tables whose foreign keys the swap re-adds (regclass text: the catalog's own quoting). The tables the
+        # table's keys point at are locked first, as an app's write takes them (the parent row, then this one):
+        # re-adding a foreign key takes SHARE ROW EXCLUSIVE on its parent, which, taken after this table,
+        # would wait behind app transactions that wait behind us, every attempt.
+        related = x.query(Q(
+            "SELECT DISTINCT conrelid::regclass::text, confrelid::regclass::text, conrelid = to_regclass({0}) "
+            "FROM pg_constraint WHERE to_regclass({0}) IN (conrelid, confrelid) AND conrelid <> confrelid "
+            "AND contype = 'f' ORDER BY 1, 2").format(L(x.render(ctx.table))))
+        children = sorted({child for child, _, outgoing in related if not outgoing})
+        parents = sorted({parent for _, parent, outgoing in related if outgoing} - set(children))
         started = time.monotonic()
 
         def attempt() -> None:
             with x.conn.transaction():
                 cur = x.conn.cursor()
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
-                cur.execute(Q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(join([*views, ctx.table, self.twin])))
+                if parents:
+                    cur.execute(Q("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(join(Q(p) for p in parents)))
+                cur.execute(Q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                    join([*views, ctx.table, self.twin, *(Q(c) for c in children)])))
                 if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 self.replay(everything=True, cur=cur)
@@ -398,10 +417,10 @@ class TableCopy:
         re-added NOT VALID validated (a copy refuses a table with NOT VALID ones of its own), the log dropped."""
         ctx, x = self.ctx, self.x
         self.drop_old()
-        for (name,) in x.query(Q("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass({}) "
-                                 "AND contype = 'f' AND NOT convalidated ORDER BY conname").format(
-                                     L(x.render(ctx.table)))):
-            x.online(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(name)),
+        for table, name in x.query(Q("SELECT conrelid::regclass::text, conname FROM pg_constraint "
+                                     "WHERE to_regclass({}) IN (conrelid, confrelid) AND contype = 'f' "
+                                     "AND NOT convalidated ORDER BY 1, 2").format(L(x.render(ctx.table)))):
+            x.online(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(Q(table), I(name)),
                      lock="SHARE UPDATE EXCLUSIVE (reads and writes go on)", what=f"validate {name}")
         x.atomic(Q("DROP TABLE IF EXISTS {}").format(self.log),
                  Q("DROP FUNCTION IF EXISTS {}(), {}()").format(self.log_fn, self.truncate_fn),
@@ -442,6 +461,9 @@ class TableCopy:
                      "ORDER BY tgname", [self.trigger_name, self.truncate_trigger_name])
         fks = q("SELECT conname, pg_get_constraintdef(oid), obj_description(oid, 'pg_constraint') FROM pg_constraint "
                 "WHERE conrelid = to_regclass({t}) AND contype = 'f' ORDER BY conname")
+        incoming = q("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), "
+                     "obj_description(oid, 'pg_constraint') FROM pg_constraint WHERE confrelid = to_regclass({t}) "
+                     "AND conrelid <> confrelid AND contype = 'f' ORDER BY 1, 2")
         key_comments = dict(q("SELECT conname, obj_description(oid, 'pg_constraint') FROM pg_constraint "
                               "WHERE conrelid = to_regclass({t}) AND contype IN ('p', 'u')"))
         index_comments = dict(q("SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_index x "
@@ -462,6 +484,8 @@ class TableCopy:
         names = dict(q("SELECT oid, rolname FROM pg_roles"))
         t = ctx.table
         stmts: list[sql.SQL | sql.Composed] = [
+            # Other tables' foreign keys follow the table's OID: dropped here, added again on the copy below.
+            *(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(Q(child), I(name)) for child, name, _, _ in incoming),
             Q("ALTER TABLE {} RENAME TO {}").format(t, I(self.old_name)),
             Q("ALTER TABLE {} RENAME TO {}").format(self.twin, I(ctx.m.table.name)),
             *versions.rebuilt_views(ctx),
@@ -484,10 +508,10 @@ class TableCopy:
                 stmts.append(Q("ALTER INDEX {} RENAME TO {}").format(ctx.index(ix.temp), I(ix.name)))
             if index_comments.get(ix.name):
                 stmts.append(Q("COMMENT ON INDEX {} IS {}").format(ctx.index(ix.name), L(index_comments[ix.name])))
-        for name, definition, note in fks:
-            stmts.append(Q("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(t, I(name), Q(definition)))
+        for owner, name, definition, note in [(t, *fk) for fk in fks] + [(Q(c), *rest) for c, *rest in incoming]:
+            stmts.append(Q("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(owner, I(name), Q(definition)))
             if note:
-                stmts.append(Q("COMMENT ON CONSTRAINT {} ON {} IS {}").format(I(name), t, L(note)))
+                stmts.append(Q("COMMENT ON CONSTRAINT {} ON {} IS {}").format(I(name), owner, L(note)))
         for name, definition, enabled, note in triggers:
             stmts.append(Q(definition))
             if enabled != "O":
