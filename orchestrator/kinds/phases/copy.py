@@ -387,12 +387,17 @@ class TableCopy:
         # table's keys point at are locked first, as an app's write takes them (the parent row, then this one):
         # re-adding a foreign key takes SHARE ROW EXCLUSIVE on its parent, which, taken after this table,
         # would wait behind app transactions that wait behind us, every attempt.
+        # (LOCK TABLE needs UPDATE, DELETE or TRUNCATE on it, which ADD FOREIGN KEY does not: a parent the role
+        # may only reference is left to the statement's own lock.)
         related = x.query(Q(
-            "SELECT DISTINCT conrelid::regclass::text, confrelid::regclass::text, conrelid = to_regclass({0}) "
+            "SELECT DISTINCT conrelid::regclass::text, confrelid::regclass::text, conrelid = to_regclass({0}), "
+            "has_table_privilege(confrelid, 'UPDATE') OR has_table_privilege(confrelid, 'DELETE') "
+            "OR has_table_privilege(confrelid, 'TRUNCATE') "
             "FROM pg_constraint WHERE to_regclass({0}) IN (conrelid, confrelid) AND conrelid <> confrelid "
             "AND contype = 'f' ORDER BY 1, 2").format(L(x.render(ctx.table))))
-        children = sorted({child for child, _, outgoing in related if not outgoing})
-        parents = sorted({parent for _, parent, outgoing in related if outgoing} - set(children))
+        children = sorted({child for child, _, outgoing, _ in related if not outgoing})
+        parents = sorted({parent for _, parent, outgoing, lockable in related if outgoing and lockable}
+                         - set(children))
         started = time.monotonic()
 
         def attempt() -> None:
