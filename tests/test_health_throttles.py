@@ -65,6 +65,26 @@ def wait_for_throttle(f: fleet_mod.Fleet, kind: str, timeout: float = 30) -> dic
     raise AssertionError(f"no {kind} throttle shown in status within {timeout}s: {t}")
 
 
+
+def test_a_slow_app_statement_holds_the_backfill_until_it_ends(dsn, tmp_path):
+    """max_app_statement_ms: what the app sees. An app statement running past it (one that began recently: not a
+    report slow by nature) holds the next batch; when it ends, the backfill goes on by itself."""
+    path, pb, f = setup(dsn, tmp_path, {"max_app_statement_ms": 300})
+    slow = threading.Thread(target=lambda: psycopg.connect(dsn, autocommit=True).execute("SELECT pg_sleep(4)"),
+                            daemon=True)
+    slow.start()
+    time.sleep(0.5)  # past the limit
+    bf = Backfill(pb, dsn)
+    bf.start()
+    t = wait_for_throttle(f, "app_latency")
+    held = next(h for h in t["throttles"] if h["kind"] == "app_latency")
+    assert "an app statement has run" in held["reason"] and "max_app_statement_ms 300" in held["reason"]
+    assert bf.is_alive()
+    slow.join(10)
+    bf.join(60)
+    assert bf.error is None and bf.result == "applied"
+
+
 def test_app_lock_waiters_hold_the_backfill_and_status_says_so(dsn, tmp_path):
     path, pb, f = setup(dsn, tmp_path, {"max_lock_waiters": 0})
     holder = psycopg.connect(dsn, autocommit=True)

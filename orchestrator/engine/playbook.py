@@ -179,6 +179,7 @@ class Settings(Strict):
     max_wal_mb_per_s: float | None = Field(None, gt=0, le=1_000_000)
     throttle_on_autovacuum: bool = False
     max_lock_waiters: int | None = Field(None, ge=0, le=100_000)
+    max_app_statement_ms: int | None = Field(None, ge=1, le=3_600_000)  # an app statement running this long
     lock_timeout_ms: int = Field(50, ge=1, le=60_000)
     statement_timeout_ms: int = Field(30_000, ge=1, le=86_400_000)
     # Online steps take only locks the app never queues behind (CREATE/DROP INDEX CONCURRENTLY, VALIDATE
