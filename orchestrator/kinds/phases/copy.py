@@ -323,9 +323,9 @@ class TableCopy:
                  "RETURNING {2}) "
                  "SELECT DISTINCT {2} FROM d").format(self.log, L(REPLAY_CHUNK), join(I(c) for c in self.pk))
         twin_key = Q("({})").format(join(I("w", c) for c in self.pk))
-        same = join(Q("{} = {}").format(I("s", c), I("w", c)) for c in self.pk)
+        same = Q(" AND ").join([Q("{} = {}").format(I("s", c), I("w", c)) for c in self.pk])
         gone = Q("DELETE FROM {} AS w WHERE {} IN ({}) AND NOT EXISTS (SELECT FROM {} AS s WHERE {})").format(
-            self.twin, twin_key, unnest, self.ctx.table, Q(" AND ").join([same]))
+            self.twin, twin_key, unnest, self.ctx.table, same)
         total = 0
 
         def chunk(c: psycopg.Cursor) -> int:
