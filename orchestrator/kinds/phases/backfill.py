@@ -37,6 +37,19 @@ def _wal_compression(ctx: Context):
             ctx.x.conn.execute(Q("RESET wal_compression"))
 
 
+@contextmanager
+def _one_core(ctx: Context):
+    """The copy's index builds and foreign-key validations would take parallel workers too: a core each,
+    measured as app statements waiting for CPU on a small server. One process, the app keeps the rest."""
+    conn = ctx.x.conn
+    conn.execute(Q("SET max_parallel_maintenance_workers = 0; SET max_parallel_workers_per_gather = 0"))
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(Q("RESET max_parallel_maintenance_workers; RESET max_parallel_workers_per_gather"))
+
+
 class BackfillPhase(Phase):
     name = "backfill"
     title = "backfill the shadow column in batches"
@@ -88,14 +101,15 @@ class BackfillPhase(Phase):
             tc.plan()
             analyze(ctx)
             return {}
-        if not tc.exchanged():
-            tc.prepare()
-            with _wal_compression(ctx):
-                tc.copy_rows()
-                tc.build_indexes()
-            tc.exchange()
-        else:
-            tc.finish_exchange()  # a run stopped after the swap: what follows it
+        with _one_core(ctx):
+            if not tc.exchanged():
+                tc.prepare()
+                with _wal_compression(ctx):
+                    tc.copy_rows()
+                    tc.build_indexes()
+                tc.exchange()
+            else:
+                tc.finish_exchange()  # a run stopped after the swap: what follows it
         build_indexes(ctx)  # built on the copy already: each skipped, unless dropped since
         analyze(ctx)
         st = ctx.state.backfill(copy_key(ctx.m)) or {}

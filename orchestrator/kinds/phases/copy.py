@@ -49,6 +49,37 @@ OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activit
                        AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")
 
 
+# What the swap reads under its lock, each (query over the table {t}, its number of columns); one round trip.
+CAPTURE: dict[str, tuple[str, int]] = {
+    "triggers": ("SELECT tgname AS c0, pg_get_triggerdef(oid) AS c1, tgenabled::text AS c2, "
+                 "obj_description(oid, 'pg_trigger') AS c3 FROM pg_trigger WHERE tgrelid = to_regclass({t}) "
+                 "AND NOT tgisinternal AND NOT tgname = ANY (%s) ORDER BY tgname", 4),
+    "fks": ("SELECT conname AS c0, pg_get_constraintdef(oid) AS c1, obj_description(oid, 'pg_constraint') AS c2 "
+            "FROM pg_constraint WHERE conrelid = to_regclass({t}) AND contype = 'f' ORDER BY conname", 3),
+    "incoming": ("SELECT conrelid::regclass::text AS c0, conname AS c1, pg_get_constraintdef(oid) AS c2, "
+                 "obj_description(oid, 'pg_constraint') AS c3 FROM pg_constraint WHERE confrelid = to_regclass({t}) "
+                 "AND conrelid <> confrelid AND contype = 'f' ORDER BY 1, 2", 4),
+    "key_comments": ("SELECT conname AS c0, obj_description(oid, 'pg_constraint') AS c1 FROM pg_constraint "
+                     "WHERE conrelid = to_regclass({t}) AND contype IN ('p', 'u')", 2),
+    "index_comments": ("SELECT c.relname AS c0, obj_description(c.oid, 'pg_class') AS c1 FROM pg_index x "
+                       "JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid = to_regclass({t})", 2),
+    "sequences": ("SELECT s.oid::regclass::text AS c0, a.attname AS c1 FROM pg_depend d "
+                  "JOIN pg_class s ON s.oid = d.objid JOIN pg_attribute a ON a.attrelid = d.refobjid "
+                  "AND a.attnum = d.refobjsubid WHERE d.refobjid = to_regclass({t}) "
+                  "AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype = 'a'", 2),
+    "grants": ("SELECT NULL::name AS c0, p.privilege_type AS c1, p.grantee AS c2, p.is_grantable AS c3 "
+               "FROM pg_class c, aclexplode(c.relacl) p WHERE c.oid = to_regclass({t}) UNION ALL "
+               "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable FROM pg_attribute a, "
+               "aclexplode(a.attacl) p WHERE a.attrelid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped",
+               4),
+    "table": ("SELECT obj_description(c.oid, 'pg_class') AS c0, c.relreplident::text AS c1, "
+              "(SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid "
+              "AND x.indisreplident) AS c2, c.reloptions AS c3, t.reloptions AS c4 FROM pg_class c "
+              "LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = to_regclass({t})", 5),
+    "roles": ("SELECT oid AS c0, rolname AS c1 FROM pg_roles", 2),
+}
+
+
 @dataclass
 class IndexPlan:
     name: str  # the table's index
@@ -383,6 +414,7 @@ class TableCopy:
         self.wait_for_old_snapshots()
         plans = self.indexes()
         views = versions.existing_views([ctx])
+        rebuilt = versions.rebuilt_views(ctx)  # over the columns the copy has too: built before the lock
         # Tables whose foreign keys the swap re-adds (regclass text: the catalog's own quoting). The tables the
         # table's keys point at are locked first, as an app's write takes them (the parent row, then this one):
         # re-adding a foreign key takes SHARE ROW EXCLUSIVE on its parent, which, taken after this table,
@@ -400,7 +432,10 @@ class TableCopy:
                          - set(children))
         started = time.monotonic()
 
+        held: list[float] = []
+
         def attempt() -> None:
+            held[:] = [time.monotonic()]
             with x.conn.transaction():
                 cur = x.conn.cursor()
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
@@ -410,11 +445,14 @@ class TableCopy:
                     join([*views, ctx.table, self.twin, *(Q(c) for c in children)])))
                 if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
+                held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.replay(everything=True, cur=cur)
-                self._exchange(cur, plans)
+                self._exchange(cur, plans, rebuilt)
+            held.append(time.monotonic())
 
         x.with_retries(f"swap the copy of {ctx.m.label} in", attempt)
-        log.info("copy swapped in", table=ctx.m.label, seconds=round(time.monotonic() - started, 3))
+        log.info("copy swapped in", table=ctx.m.label, seconds=round(time.monotonic() - started, 3),
+                 locks_held_ms=round((held[2] - held[1]) * 1000, 1))
         self.finish_exchange()
 
     def finish_exchange(self) -> None:
@@ -454,46 +492,29 @@ class TableCopy:
             time.sleep(0.2)
             waited += 0.2
 
-    def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan]) -> None:
-        """The statements of the swap, read from the catalog under its lock."""
+    def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan], views: list[sql.Composed]) -> None:
+        """The statements of the swap, read from the catalog under its lock in one query and sent in one round
+        trip (each round trip holds the lock longer, the more so on a busy server)."""
         ctx, x = self.ctx, self.x
-        table = L(x.render(ctx.table))
-
-        def q(text: str, *params) -> list[tuple]:
-            return cur.execute(Q(text).format(t=table), params or None).fetchall()
-        triggers = q("SELECT tgname, pg_get_triggerdef(oid), tgenabled::text, obj_description(oid, 'pg_trigger') "
-                     "FROM pg_trigger WHERE tgrelid = to_regclass({t}) AND NOT tgisinternal AND NOT tgname = ANY (%s) "
-                     "ORDER BY tgname", [self.trigger_name, self.truncate_trigger_name])
-        fks = q("SELECT conname, pg_get_constraintdef(oid), obj_description(oid, 'pg_constraint') FROM pg_constraint "
-                "WHERE conrelid = to_regclass({t}) AND contype = 'f' ORDER BY conname")
-        incoming = q("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), "
-                     "obj_description(oid, 'pg_constraint') FROM pg_constraint WHERE confrelid = to_regclass({t}) "
-                     "AND conrelid <> confrelid AND contype = 'f' ORDER BY 1, 2")
-        key_comments = dict(q("SELECT conname, obj_description(oid, 'pg_constraint') FROM pg_constraint "
-                              "WHERE conrelid = to_regclass({t}) AND contype IN ('p', 'u')"))
-        index_comments = dict(q("SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_index x "
-                                "JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid = to_regclass({t})"))
-        comment = q("SELECT obj_description(to_regclass({t}), 'pg_class')")[0][0]
-        sequences = q("SELECT s.oid::regclass::text, a.attname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid "
-                      "JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid "
-                      "WHERE d.refobjid = to_regclass({t}) AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' "
-                      "AND d.deptype = 'a'")
-        grants = q("SELECT NULL::name, p.privilege_type, p.grantee, p.is_grantable "
-                   "FROM pg_class c, aclexplode(c.relacl) p "
-                   "WHERE c.oid = to_regclass({t}) UNION ALL "
-                   "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable FROM pg_attribute a, "
-                   "aclexplode(a.attacl) p WHERE a.attrelid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped")
-        identity = q("SELECT c.relreplident::text, (SELECT i.relname FROM pg_index x JOIN pg_class i "
-                     "ON i.oid = x.indexrelid WHERE x.indrelid = c.oid AND x.indisreplident) "
-                     "FROM pg_class c WHERE c.oid = to_regclass({t})")[0]
-        names = dict(q("SELECT oid, rolname FROM pg_roles"))
+        parts = [Q("(SELECT coalesce(json_agg(json_build_array({})), '[]') FROM ({}) s)").format(
+            join(I("s", f"c{i}") for i in range(n)), Q(text).format(t=L(x.render(ctx.table))))
+            for text, n in CAPTURE.values()]
+        row = cur.execute(Q("SELECT {}").format(join(parts)), ([self.trigger_name, self.truncate_trigger_name],)
+                          ).fetchone()
+        assert row is not None  # a SELECT of scalar subqueries returns one row
+        found = dict(zip(CAPTURE, row))
+        triggers, fks, incoming, sequences, grants = (found[k] for k in (
+            "triggers", "fks", "incoming", "sequences", "grants"))
+        key_comments, index_comments = dict(found["key_comments"]), dict(found["index_comments"])
+        (comment, replident, replindex, main_options, toast_options), = found["table"]
+        names = dict(found["roles"])
         t = ctx.table
         stmts: list[sql.SQL | sql.Composed] = [
             # Other tables' foreign keys follow the table's OID: dropped here, added again on the copy below.
             *(Q("ALTER TABLE {} DROP CONSTRAINT {}").format(Q(child), I(name)) for child, name, _, _ in incoming),
             Q("ALTER TABLE {} RENAME TO {}").format(t, I(self.old_name)),
             Q("ALTER TABLE {} RENAME TO {}").format(self.twin, I(ctx.m.table.name)),
-            *versions.rebuilt_views(ctx),
+            *views,
             *(Q("ALTER SEQUENCE {} OWNED BY {}").format(Q(seq), I(ctx.m.table.schema_, ctx.m.table.name, col))
               for seq, col in sequences),
             # The old table is dropped after the commit (unlinking its files would hold the lock): its indexes
@@ -531,20 +552,17 @@ class TableCopy:
             what = Q(privilege) if column is None else Q("{} ({})").format(Q(privilege), I(column))
             stmts.append(Q("GRANT {} ON TABLE {} TO {}{}").format(
                 what, t, who, Q(" WITH GRANT OPTION") if grantable else Q("")))
-        options = q("SELECT c.reloptions, t.reloptions FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid "
-                    "WHERE c.oid = to_regclass({t})")[0]
-        mine = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in options[0] or []}
-        mine.update({f"toast.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in options[1] or []})
+        mine = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in main_options or []}
+        mine.update({f"toast.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in toast_options or []})
         stmts.append(Q("ALTER TABLE {} RESET (autovacuum_enabled, toast.autovacuum_enabled)").format(t))
         if mine:
             stmts.append(Q("ALTER TABLE {} SET ({})").format(t, join(
                 Q("{} = {}").format(Q(".").join(I(part) for part in k.split(".")), L(v)) for k, v in mine.items())))
-        kind, index = identity
-        if kind != "d":
-            stmts.append(Q("ALTER TABLE {} REPLICA IDENTITY {}").format(t, Q("USING INDEX {}").format(I(index))
-                         if kind == "i" else Q({"f": "FULL", "n": "NOTHING"}[kind])))
-        for stmt in stmts:
-            x.logged(stmt, partial(cur.execute, stmt))
+        if replident != "d":
+            stmts.append(Q("ALTER TABLE {} REPLICA IDENTITY {}").format(t, Q("USING INDEX {}").format(I(replindex))
+                         if replident == "i" else Q({"f": "FULL", "n": "NOTHING"}[replident])))
+        swap = Q(";\n").join(stmts)
+        x.logged(swap, partial(cur.execute, swap))
 
     # -- the way back (before the exchange) ------------------------------------------------------------
     def discard(self) -> None:
