@@ -435,6 +435,7 @@ class TableCopy:
         held: list[float] = []
 
         def attempt() -> None:
+            self.replay()  # right before the lock: what is left for it to copy again is what came since
             held[:] = [time.monotonic()]
             with x.conn.transaction():
                 cur = x.conn.cursor()
@@ -447,12 +448,14 @@ class TableCopy:
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.replay(everything=True, cur=cur)
+                held.append(time.monotonic())
                 self._exchange(cur, plans, rebuilt)
             held.append(time.monotonic())
 
         x.with_retries(f"swap the copy of {ctx.m.label} in", attempt)
         log.info("copy swapped in", table=ctx.m.label, seconds=round(time.monotonic() - started, 3),
-                 locks_held_ms=round((held[2] - held[1]) * 1000, 1))
+                 locks_held_ms=round((held[3] - held[1]) * 1000, 1),
+                 of_which_replay_ms=round((held[2] - held[1]) * 1000, 1))
         self.finish_exchange()
 
     def finish_exchange(self) -> None:
