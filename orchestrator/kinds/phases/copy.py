@@ -41,6 +41,7 @@ from orchestrator.kinds.phases import shadow, versions
 log = structlog.get_logger()
 
 REPLAY_CHUNK = 10_000  # logged keys copied again per transaction
+LOCKED_REPLAY_KEYS = 200  # at most about this many left for the swap to copy again under its lock
 VACUUM_EVERY_ROWS = 100_000  # the twin's, unless settings.vacuum_every_rows says otherwise
 # Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
 OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
@@ -344,9 +345,11 @@ class TableCopy:
             return Q("{} DO UPDATE SET {}").format(stmt, join(Q("{0} = EXCLUDED.{0}").format(I(c)) for c in rest))
         return Q("{} DO NOTHING").format(stmt)
 
-    def replay(self, *, everything: bool = False, cur: psycopg.Cursor | None = None) -> int:
-        """Copy again the rows the app wrote since they were noted, a chunk per transaction (or, in the
-        exchange, all of them in its transaction, `cur`). Returns how many keys it took from the log."""
+    def replay(self, *, everything: bool = False, cur: psycopg.Cursor | None = None, down_to: int = REPLAY_CHUNK,
+               rounds: int = 1_000) -> int:
+        """Copy again the rows the app wrote since they were noted, a chunk per transaction, until a chunk finds
+        fewer than `down_to` keys (or, in the exchange, all of them in its transaction, `cur`). Returns how many
+        keys it took from the log."""
         types = self.key_types()
         unnest = Q("SELECT * FROM unnest({})").format(join(Q("%s::{}[]").format(t) for t in types))
         key = Q("({})").format(join(I("s", c) for c in self.pk))
@@ -379,7 +382,8 @@ class TableCopy:
                         return chunk(c)
                 n = self.x.with_retries(f"copy the rows written to {self.ctx.m.label} again", attempt)
             total += n
-            if n < REPLAY_CHUNK and not (everything and n):
+            rounds -= 1
+            if (n < down_to or rounds <= 0) and not (everything and n):
                 return total
 
     def copy_rows(self) -> dict:
@@ -435,7 +439,9 @@ class TableCopy:
         held: list[float] = []
 
         def attempt() -> None:
-            self.replay()  # right before the lock: what is left for it to copy again is what came since
+            # Right before the lock, down to a few keys: the lock's own replay copies what came since, and it
+            # holds the app meanwhile (measured: 7.4 s at 10M rows when it was left up to a chunk of 10,000).
+            self.replay(down_to=LOCKED_REPLAY_KEYS, rounds=100)
             held[:] = [time.monotonic()]
             with x.conn.transaction():
                 cur = x.conn.cursor()
