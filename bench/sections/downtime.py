@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 
 from bench.common import Bench, now_rel, per_step, step_of, window
+from bench.waits import WaitSampler
 
 
 def section_downtime(bench: Bench) -> dict:
@@ -51,14 +52,20 @@ def section_downtime(bench: Bench) -> dict:
     dsn = bench.clone(bench.n, "ours")
     traffic = bench.traffic(dsn)
     time.sleep(a.warmup)
-    steps = bench.run_all(dsn, traffic)
+    sampler = WaitSampler(dsn, clock=lambda: now_rel(traffic)).start()
+    try:
+        steps = bench.run_all(dsn, traffic)
+    finally:
+        sampler.stop()
     time.sleep(a.cooldown)
     rep = traffic.stop()
     t0, t1 = steps[0]["start"], steps[-1]["end"]
     during = window(rep, t0, t1)
     during["max_step"] = step_of(steps, during["max_at_s"])
     out["ours"] = {"migration_s": round(t1 - t0, 2), "baseline": window(rep, 1.0, t0), "during": during,
-                   "steps": per_step(rep, steps)}
+                   "steps": per_step(rep, steps), "app_waits": sampler.summary()}
+    for w in out["ours"]["app_waits"]["longest"]:
+        w["step"] = step_of(steps, w["t"])
     bench.drop(dsn)
     out["ratio_longest_stall"] = round(out["naive"]["during"]["max"] / max(during["max"], 1e-3), 1)
     return out
