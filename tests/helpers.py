@@ -115,3 +115,18 @@ def write_playbook(pb_dict: dict, path: Path) -> Path:
 def query(dsn: str, stmt, params=None) -> list[tuple]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(stmt, params).fetchall()
+
+
+def run_steps(pb, dsn: str, *steps) -> None:
+    """Run the playbook's steps in order on one orchestrator: a phase number, "rollback N" or "contract"."""
+    o = Orchestrator(pb, dsn)
+    try:
+        for s in steps:
+            if s == "contract":
+                o.contract()
+            elif isinstance(s, str) and s.startswith("rollback"):
+                o.rollback(int(s.split()[1]))
+            else:
+                o.run(s)
+    finally:
+        o.close()

@@ -19,9 +19,9 @@ from orchestrator.engine.errors import OrchestratorError
 from orchestrator.kinds.phases import copy as copy_mod
 from orchestrator.lab import server
 from orchestrator.lab.snapshot import snapshot_diff
-from orchestrator.run.runner import Orchestrator
 
 from .helpers import query, real_playbook, seed_chatter, snapshot
+from .helpers import run_steps as run
 
 COPY = {"settings.backfill_method": "copy", "settings.batch_size": 500, "settings.min_batch_size": 100,
         "settings.max_batch_size": 1000}
@@ -135,20 +135,6 @@ def shadow_agrees(dsn: str) -> None:
                      "WHEN 'plain' THEN 'simple_chat' "
                      "WHEN 'rag' THEN 'rag_chat' WHEN 'tools' THEN 'function_chat' ELSE 'advanced_chat' END LIMIT 5")
     assert bad == []
-
-
-def run(pb, dsn, *steps) -> None:
-    o = Orchestrator(pb, dsn)
-    try:
-        for s in steps:
-            if s == "contract":
-                o.contract()
-            elif isinstance(s, str):
-                o.rollback(int(s.split()[1]))
-            else:
-                o.run(s)
-    finally:
-        o.close()
 
 
 def test_copy_under_writers_of_every_shape_loses_nothing_and_the_app_sees_no_error(dsn):
@@ -410,3 +396,148 @@ def test_writes_between_batches_behind_and_ahead_of_the_cursor_with_a_composite_
                  (k["n"],)) == [(0,)]
     assert query(dsn, "SELECT count(*) FROM pairs") == [(3000 - 2 * k["n"] + k["n"],)]
     run(pb, dsn, 4, 5)  # parity holds over it
+
+
+# DDL a DBA (or another deploy) runs on the table while it is copied: what the twin was made from is no longer the
+# table. Each: the statement, what the refusal must name, a probe of the change that must survive. (Indexes are
+# read from the table when built on the copy: test_indexes_created_or_dropped_before_a_rerun_are_carried.)
+DDL = {
+    "default changed": ("ALTER TABLE workflow_templates ALTER COLUMN usage_count SET DEFAULT 7",
+                        "column 'usage_count' is now 'integer NOT NULL DEFAULT 7'",
+                        "SELECT column_default FROM information_schema.columns WHERE table_name = 'workflow_templates' "
+                        "AND column_name = 'usage_count'"),
+    "NOT NULL dropped": ("ALTER TABLE workflow_templates ALTER COLUMN rating_count DROP NOT NULL",
+                         "column 'rating_count' is now 'integer'",
+                         "SELECT is_nullable FROM information_schema.columns WHERE table_name = 'workflow_templates' "
+                         "AND column_name = 'rating_count'"),
+    "CHECK added": ("ALTER TABLE workflow_templates ADD CONSTRAINT check_late CHECK (version < 1000000)",
+                    "check 'check_late' .* is new on the table",
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'check_late'"),
+    "column added": ("ALTER TABLE workflow_templates ADD COLUMN late_note text DEFAULT 'x'",
+                     "column 'late_note' .*text DEFAULT 'x'.* is new on the table",
+                     "SELECT count(*) FILTER (WHERE late_note = 'x') FROM workflow_templates"),
+    "column comment": ("COMMENT ON COLUMN workflow_templates.name IS 'shown'", "column 'name' is now .*COMMENT",
+                       "SELECT col_description(attrelid, attnum) FROM pg_attribute "
+                       "WHERE attrelid = 'workflow_templates'::regclass AND attname = 'name'"),
+    "statistics target": ("ALTER TABLE workflow_templates ALTER COLUMN name SET STATISTICS 321",
+                          "column 'name' is now .*STATISTICS 321",
+                          "SELECT attstattarget FROM pg_attribute WHERE attrelid = 'workflow_templates'::regclass "
+                          "AND attname = 'name'"),
+    "view created": ("CREATE VIEW late_report AS SELECT id, name FROM workflow_templates",
+                     "views other than the app version views",
+                     "SELECT count(*) FROM late_report"),
+}
+
+
+@pytest.mark.parametrize("change", list(DDL))
+def test_ddl_on_the_table_during_the_copy_is_refused_by_name_at_the_swap_and_never_undone(dsn, monkeypatch, change):
+    statement, named, probe = DDL[change]
+    seed_chatter(dsn, 800, 100)
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+    original = copy_mod.TableCopy.exchange
+
+    def stopped(self):
+        raise RuntimeError("stopped before the swap")
+
+    monkeypatch.setattr(copy_mod.TableCopy, "exchange", stopped)
+    with pytest.raises(OrchestratorError, match="stopped before the swap"):
+        run(pb, dsn, 3)
+    monkeypatch.setattr(copy_mod.TableCopy, "exchange", original)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(statement)
+    after_ddl, probed = snapshot(dsn), query(dsn, probe)
+    refused = f"(cannot swap the copy of|cannot copy) workflow_templates.*: .*{named}"
+    with pytest.raises(OrchestratorError, match=refused):
+        run(pb, dsn, 3)
+    assert snapshot_diff(after_ddl, snapshot(dsn)) == []  # the table as the DDL left it; the copy is kept
+    assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_copy\\_workflow%'") == [(1,)]
+    if change == "view created":  # the copy cannot carry it: the way out is an in-place backfill
+        run(pb, dsn, "rollback 3")
+        run(real_playbook(**{**COPY, "settings.backfill_method": "update"}), dsn, 3)
+    else:
+        run(pb, dsn, "rollback 3", 3)  # the hint's way: a new copy, made from the table as it is now
+    assert query(dsn, probe) == probed
+    shadow_agrees(dsn)
+    run(pb, dsn, 4, 5)
+
+
+def test_an_index_created_between_the_swaps_reading_of_the_indexes_and_its_lock_is_refused(dsn, monkeypatch):
+    """The race the early check cannot see: the definition is compared again under the swap's lock."""
+    seed_chatter(dsn, 600, 100)
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+    original = copy_mod.versions.rebuilt_views  # called after the indexes are read, before the lock
+
+    def with_ddl(ctx):
+        if ctx.m.table.name == "workflow_templates":
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("CREATE INDEX IF NOT EXISTS ix_race ON workflow_templates (config_hash, name)")
+        return original(ctx)
+
+    monkeypatch.setattr(copy_mod.versions, "rebuilt_views", with_ddl)
+    with pytest.raises(OrchestratorError, match="index 'ix_race' .* is new on the table"):
+        run(pb, dsn, 3)
+    monkeypatch.setattr(copy_mod.versions, "rebuilt_views", original)
+    assert query(dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_race' "
+                      "AND tablename = 'workflow_templates'") == [(1,)]
+    run(pb, dsn, "rollback 3", 3)
+    assert query(dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_race' "
+                      "AND tablename = 'workflow_templates'") == [(1,)]
+    shadow_agrees(dsn)
+
+
+def test_ddl_during_the_batches_is_refused_when_the_copy_is_run_again(dsn, monkeypatch):
+    """A copy stopped in its batches and run again after a change to the table refuses before copying more."""
+    seed_chatter(dsn, 3000, 100)
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+    original, calls = copy_mod.CopyBatches.after_batch, {"n": 0}
+
+    def stop(self, scanned):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return original(self, scanned)
+
+    monkeypatch.setattr(copy_mod.CopyBatches, "after_batch", stop)
+    with pytest.raises(OrchestratorError):
+        run(pb, dsn, 3)
+    monkeypatch.setattr(copy_mod.CopyBatches, "after_batch", original)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE workflow_templates ALTER COLUMN is_public SET DEFAULT true")
+    cursor = query(dsn, "SELECT rows_done FROM _orchestrator.backfills WHERE target LIKE '%copy\"]'")
+    with pytest.raises(OrchestratorError, match="column 'is_public' is now 'boolean NOT NULL DEFAULT true'"):
+        run(pb, dsn, 3)
+    assert query(dsn, "SELECT rows_done FROM _orchestrator.backfills WHERE target LIKE '%copy\"]'") == cursor
+    run(pb, dsn, "rollback 3", 3)
+    assert query(dsn, "SELECT column_default FROM information_schema.columns WHERE table_schema = 'public' "
+                      "AND table_name = 'workflow_templates' AND column_name = 'is_public'") == [("true",)]
+
+
+def test_indexes_created_or_dropped_before_a_rerun_are_carried(dsn, monkeypatch):
+    """Indexes are built on the copy from the table's as they are at that run: a copy stopped before its swap and
+    run again after an index was created and another dropped builds the one and drops the other on the copy."""
+    seed_chatter(dsn, 800, 100)
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+    original = copy_mod.TableCopy.exchange
+
+    def stopped(self):
+        raise RuntimeError("stopped before the swap")
+
+    monkeypatch.setattr(copy_mod.TableCopy, "exchange", stopped)
+    with pytest.raises(OrchestratorError, match="stopped before the swap"):
+        run(pb, dsn, 3)
+    monkeypatch.setattr(copy_mod.TableCopy, "exchange", original)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE INDEX ix_late ON workflow_templates (owner_id, name)")
+        c.execute("DROP INDEX ix_workflow_templates_is_public")
+    indexes = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'workflow_templates' ORDER BY 1"
+    before = query(dsn, indexes)
+    run(pb, dsn, 3)
+    after = query(dsn, indexes)
+    assert set(before) <= set(after)  # and the migration's own, built on the copy
+    assert "ix_workflow_templates_is_public" not in dict(after)
+    assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_%'") == [(0,)]
+    shadow_agrees(dsn)

@@ -16,6 +16,7 @@ from orchestrator.run.runner import Orchestrator
 
 from . import helpers
 from .helpers import query, reference_dict, seed_chatter, write_playbook
+from .helpers import run_steps as run
 from .test_reliability_support import orch_cli
 
 NEW_INDEXES = {"workflow_templates": {"ix_workflow_templates_workflow_type_ecnew", "ix_workflow_templates_is_dynamic",
@@ -50,20 +51,6 @@ def ours_present(dsn: str) -> set[str]:
 def index_defs(dsn: str) -> list[tuple]:
     return query(dsn, "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
                       "ORDER BY 1, 2")
-
-
-def run(pb, dsn, *steps) -> None:
-    o = Orchestrator(pb, dsn)
-    try:
-        for s in steps:
-            if s == "contract":
-                o.contract()
-            elif isinstance(s, str) and s.startswith("rollback"):
-                o.rollback(int(s.split()[1]))
-            else:
-                o.run(s)
-    finally:
-        o.close()
 
 
 def test_plan_shows_the_index_builds_in_phase_3_with_indexes_after_backfill(dsn):

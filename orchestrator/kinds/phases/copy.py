@@ -80,6 +80,48 @@ CAPTURE: dict[str, tuple[str, int]] = {
     "roles": ("SELECT oid AS c0, rolname AS c1 FROM pg_roles", 2),
 }
 
+# What the twin copied from the table when it was made (its columns with their types, defaults, NOT NULL,
+# storage, statistics and comments; its CHECKs; its owner) and the indexes each has: the swap compares the two
+# under its lock, so DDL run on the table while it was copied is never silently undone. Rows: kind, name, text,
+# the index's key constraint (kind, name), order. {r}: the relation, as text.
+SHAPE = """
+SELECT 'owner', '', pg_get_userbyid(relowner), NULL, NULL, 0 FROM pg_class WHERE oid = to_regclass({r})
+UNION ALL
+SELECT 'column', a.attname, concat_ws(' ', format_type(a.atttypid, a.atttypmod),
+       CASE WHEN a.attcollation <> t.typcollation THEN 'COLLATE ' || a.attcollation::regcollation::text END,
+       CASE WHEN a.attnotnull THEN 'NOT NULL' END,
+       CASE WHEN a.attidentity <> '' THEN 'GENERATED AS IDENTITY' END,
+       CASE WHEN a.attgenerated <> '' THEN 'GENERATED ALWAYS AS ' || pg_get_expr(d.adbin, d.adrelid)
+            WHEN d.adbin IS NOT NULL THEN 'DEFAULT ' || pg_get_expr(d.adbin, d.adrelid) END,
+       CASE WHEN a.attstorage <> t.typstorage THEN 'STORAGE ' || a.attstorage::text END,
+       CASE WHEN a.attcompression <> '' THEN 'COMPRESSION ' || a.attcompression::text END,
+       CASE WHEN coalesce(a.attstattarget::int, -1) >= 0 THEN 'STATISTICS ' || a.attstattarget::text END,
+       'COMMENT ' || quote_literal(col_description(a.attrelid, a.attnum))), NULL, NULL, a.attnum
+  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE a.attrelid = to_regclass({r}) AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'check', conname, concat_ws(' ', pg_get_constraintdef(oid),
+       'COMMENT ' || quote_literal(obj_description(oid, 'pg_constraint'))), NULL, NULL, 0
+  FROM pg_constraint WHERE conrelid = to_regclass({r}) AND contype = 'c'
+UNION ALL
+SELECT 'index', i.relname, CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END
+       || CASE WHEN starts_with(i.def, i.qualified) THEN substr(i.def, length(i.qualified) + 1)
+               WHEN starts_with(i.def, i.plain) THEN substr(i.def, length(i.plain) + 1) ELSE i.def END,
+       con.contype::text, con.conname, 0
+  FROM pg_index x
+  JOIN LATERAL (SELECT ic.relname, pg_get_indexdef(x.indexrelid) AS def,
+                       format('CREATE %sINDEX %s ON %s', CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END,
+                              quote_ident(ic.relname), quote_ident(n.nspname) || '.' || quote_ident(t.relname))
+                           AS qualified,
+                       format('CREATE %sINDEX %s ON %s', CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END,
+                              quote_ident(ic.relname), quote_ident(t.relname)) AS plain
+                  FROM pg_class ic, pg_class t, pg_namespace n
+                 WHERE ic.oid = x.indexrelid AND t.oid = x.indrelid AND n.oid = t.relnamespace) i ON true
+  LEFT JOIN pg_constraint con ON con.conindid = x.indexrelid AND con.conrelid = x.indrelid
+       AND con.contype IN ('p', 'u', 'x')
+ WHERE x.indrelid = to_regclass({r})"""
+
 
 @dataclass
 class IndexPlan:
@@ -107,19 +149,79 @@ class TableCopy:
         self.trigger_name = ctx.trigger_name("_copy")
         self.truncate_trigger_name = ctx.trigger_name("_copy_t")
         self.pk = list(ctx.facts.pk)
+        self._columns: list[str] | None = None
+        self._key_types: list[sql.SQL] | None = None
 
     # -- what the table is made of -------------------------------------------------------------------
     def columns(self) -> list[str]:
-        """The columns a copy writes: all but generated ones (the twin computes those itself)."""
-        return [r[0] for r in self.x.query(Q(
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped "
-            "AND attgenerated = '' ORDER BY attnum").format(L(self.x.render(self.ctx.table))))]
+        """The columns a copy writes: the twin's, all but generated ones (it computes those itself). Read once
+        per run: the swap refuses if the table's differ by then (check_definition)."""
+        if self._columns is None:
+            self._columns = [r[0] for r in self.x.query(Q(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 "
+                "AND NOT attisdropped AND attgenerated = '' ORDER BY attnum").format(L(self.x.render(self.twin))))]
+        return self._columns
 
     def key_types(self) -> list[sql.SQL]:
-        rows = dict(self.x.query(Q(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass({}) "
-            "AND attname = ANY (%s)").format(L(self.x.render(self.ctx.table))), (self.pk,)))
-        return [Q(rows[c]) for c in self.pk]  # format_type(): the catalog's text, never the playbook's
+        """The primary key's column types (the log's too), read once per run."""
+        if self._key_types is None:
+            rows = dict(self.x.query(Q(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = to_regclass({}) AND attname = ANY (%s)").format(L(self.x.render(self.ctx.table))),
+                (self.pk,)))
+            self._key_types = [Q(rows[c]) for c in self.pk]  # format_type(): the catalog's text, not the playbook's
+        return self._key_types
+
+    def check_definition(self, plans: list[IndexPlan], cur: psycopg.Cursor | None = None,
+                         indexes: bool = True) -> None:
+        """Refuse, naming each difference, when the table's definition is no longer the one its twin was made
+        from (DDL run on it while it was copied): the swap would silently undo it. Before the index builds,
+        `indexes=False` (they are read from the table when built)."""
+        query = Q("SELECT s.* FROM ({} UNION ALL {}) AS s ORDER BY 1, 2, 7").format(*(
+            Q("SELECT {}::text AS side, * FROM ({}) AS d").format(L(side), Q(SHAPE).format(r=L(self.x.render(rel))))
+            for side, rel in (("table", self.ctx.table), ("copy", self.twin))))
+        rows = cur.execute(query).fetchall() if cur is not None else self.x.query(query)
+        if not indexes:
+            rows = [r for r in rows if r[1] != "index"]
+        if changes := self.definition_changes(rows, plans):
+            raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: the table was changed while it was "
+                          f"copied, and the swap would undo it: {'; '.join(changes)}; nothing was changed (the "
+                          f"table is as it is; the copy is kept)",
+                          hint="orchestrator rollback 3, then run phase 3 again: the copy is made anew from the "
+                               "table as it is now")
+
+    def definition_changes(self, rows: list[tuple], plans: list[IndexPlan]) -> list[str]:
+        by_temp = {ix.temp: ix for ix in plans}
+        own = {name for name, _, _ in shadow.planned_indexes(self.ctx)}  # built on the twin only, under their names
+        found: dict[str, dict[tuple[str, str], str]] = {"table": {}, "copy": {}}
+        order: dict[str, list[str]] = {"table": [], "copy": []}
+        for side, kind, name, text, contype, conname, _ in rows:
+            if kind == "index" and side == "copy":
+                if name in by_temp:
+                    ix = by_temp[name]
+                    name, contype, conname = ix.name, ix.contype, ix.constraint
+                elif name in own:
+                    continue
+                else:
+                    name = f"built on the copy as {name}"
+            if kind == "index" and contype in ("p", "u"):
+                text = f"{text} ({'PRIMARY KEY' if contype == 'p' else 'UNIQUE'} {conname})"
+            found[side][(kind, name)] = text
+            if kind == "column":
+                order[side].append(name)
+        table, twin = found["table"], found["copy"]
+        changes = []
+        for key in sorted(set(table) | set(twin)):
+            what = f"{key[0]} {key[1]!r}" if key[1] else key[0]
+            if key not in twin:
+                changes.append(f"{what} ({table[key]}) is new on the table")
+            elif key not in table:
+                changes.append(f"{what} ({twin[key]}) is gone from the table")
+            elif table[key] != twin[key]:
+                changes.append(f"{what} is now {table[key]!r} (was {twin[key]!r})")
+        if not changes and order["table"] != order["copy"]:
+            changes.append(f"the columns are now in the order {', '.join(order['table'])}")
+        return changes
 
     def indexes(self) -> list[IndexPlan]:
         rows = self.x.query(Q("""
@@ -135,14 +237,19 @@ class TableCopy:
                    AND con.contype IN ('p', 'u', 'x')
              WHERE x.indrelid = to_regclass({}) ORDER BY ic.relname""").format(L(self.x.render(self.ctx.table))))
         plans = []
-        for i, (name, definition, qualified, plain, unique, conname, contype, primary) in enumerate(rows):
+        for name, definition, qualified, plain, unique, conname, contype, primary in rows:
             prefix = qualified if definition.startswith(qualified) else plain
             if not definition.startswith(prefix):
                 raise Refused(f"cannot copy {self.ctx.m.label}: index {name!r} has a definition this tool does not "
                               f"parse ({definition})", hint="set settings.backfill_method: update")
-            plans.append(IndexPlan(name, f"_ec_{self.tag}_{i}", Q(definition[len(prefix):]), unique, conname,
+            plans.append(IndexPlan(name, self.temp_index(name), Q(definition[len(prefix):]), unique, conname,
                                    contype, bool(primary)))
         return plans
+
+    def temp_index(self, name: str) -> str:
+        """The name of an index's copy on the twin, from the index's name: an index created or dropped on the
+        table while it is copied changes no other index's."""
+        return f"_ec_{self.tag}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
 
     def unsupported(self) -> list[str]:
         """What this table has that a copy would not carry over: empty when it can be copied."""
@@ -303,6 +410,8 @@ class TableCopy:
                                                           ctx.exists_query("trigger", self.truncate_trigger_name)),
                  lock="SHARE ROW EXCLUSIVE (CREATE TRIGGER; waits out writes in flight, milliseconds)",
                  what=f"note the writes to {ctx.m.label} while it is copied")
+        if not x.dry_run:  # a re-run: the table may have been changed since its twin was made
+            self.check_definition([], indexes=False)
 
     def _log_functions(self) -> list[sql.Composed]:
         """SECURITY DEFINER with a fixed search_path: the app's roles write the log without rights on our schema."""
@@ -393,9 +502,17 @@ class TableCopy:
         """Each of the table's indexes on the twin, built once over its rows, and the migration's own (under
         their final names: they exist nowhere else yet). Plain CREATE INDEX: only the copy writes the twin,
         so its SHARE lock holds up nothing of the app's."""
+        plans = self.indexes()
+        # An index dropped from the table since an earlier run built it on the twin (a re-run reads them again).
+        for (stale,) in self.x.query(Q(
+                "SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+                "WHERE x.indrelid = to_regclass({}) AND starts_with(c.relname, %s) AND NOT c.relname = ANY (%s)"
+                ).format(L(self.x.render(self.twin))), (f"_ec_{self.tag}_", [ix.temp for ix in plans])):
+            self.x.atomic(Q("DROP INDEX IF EXISTS {}").format(I(self.ctx.m.table.schema_, stale)),
+                          lock="ACCESS EXCLUSIVE on the copy only",
+                          what=f"drop {stale}, gone from the table, on the copy")
         builds: list[tuple[sql.SQL, sql.Identifier, sql.Composable, str]] = [
-            (Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name)
-                  for ix in self.indexes() if not ix.is_key]
+            (Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name) for ix in plans if not ix.is_key]
         builds += [(Q("UNIQUE ") if unique else Q(""), I(name), Q("({})").format(idents(cols)), name)
                    for name, cols, unique in shadow.planned_indexes(self.ctx)
                    if not self.ctx.has("valid_index", name)]
@@ -414,9 +531,13 @@ class TableCopy:
                    f"indexes, keys, foreign keys (NOT VALID), triggers, comments, grants; then DROP the replaced table",
                    lock="ACCESS EXCLUSIVE for milliseconds")
             return
-        self.replay()  # most of the log outside the lock
-        self.wait_for_old_snapshots()
+        if reasons := self.unsupported():  # what a copy cannot carry, added to the table since it was made
+            raise Refused(f"cannot swap the copy of {ctx.m.label} in: {'; '.join(reasons)}; nothing was changed "
+                          f"(the copy is kept)", hint="undo that and re-run phase 3, or orchestrator rollback 3 and "
+                                                      "set settings.backfill_method: update")
         plans = self.indexes()
+        self.check_definition(plans)  # early, and outside the lock; again under it
+        self.replay()  # most of the log outside the lock
         views = versions.existing_views([ctx])
         rebuilt = versions.rebuilt_views(ctx)  # over the columns the copy has too: built before the lock
         # Tables whose foreign keys the swap re-adds (regclass text: the catalog's own quoting). The tables the
@@ -441,6 +562,7 @@ class TableCopy:
         def attempt() -> None:
             # Right before the lock, down to a few keys: the lock's own replay copies what came since, and it
             # holds the app meanwhile (measured: 7.4 s at 10M rows when it was left up to a chunk of 10,000).
+            self.wait_for_old_snapshots()
             self.replay(down_to=LOCKED_REPLAY_KEYS, rounds=100)
             held[:] = [time.monotonic()]
             with x.conn.transaction():
@@ -453,6 +575,7 @@ class TableCopy:
                 if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 held.append(time.monotonic())  # the locks are ours from here to the commit
+                self.check_definition(plans, cur)
                 self.replay(everything=True, cur=cur)
                 held.append(time.monotonic())
                 self._exchange(cur, plans, rebuilt)
