@@ -448,8 +448,9 @@ def test_ddl_on_the_table_during_the_copy_is_refused_by_name_at_the_swap_and_nev
         c.execute(statement)
     after_ddl, probed = snapshot(dsn), query(dsn, probe)
     refused = f"(cannot swap the copy of|cannot copy) workflow_templates.*: .*{named}"
-    with pytest.raises(OrchestratorError, match=refused):
+    with pytest.raises(OrchestratorError, match=refused) as err:
         run(pb, dsn, 3)
+    assert "rollback 3" in err.value.hint
     assert snapshot_diff(after_ddl, snapshot(dsn)) == []  # the table as the DDL left it; the copy is kept
     assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_copy\\_workflow%'") == [(1,)]
     if change == "view created":  # the copy cannot carry it: the way out is an in-place backfill
@@ -476,12 +477,13 @@ def test_an_index_created_between_the_swaps_reading_of_the_indexes_and_its_lock_
         return original(ctx)
 
     monkeypatch.setattr(copy_mod.versions, "rebuilt_views", with_ddl)
-    with pytest.raises(OrchestratorError, match="index 'ix_race' .* is new on the table"):
+    with pytest.raises(OrchestratorError, match="index 'ix_race' .* is new on the table") as refused:
         run(pb, dsn, 3)
+    assert "run phase 3 again: the copy's indexes are built again" in refused.value.hint
     monkeypatch.setattr(copy_mod.versions, "rebuilt_views", original)
     assert query(dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_race' "
                       "AND tablename = 'workflow_templates'") == [(1,)]
-    run(pb, dsn, "rollback 3", 3)
+    run(pb, dsn, 3)  # the hint's way: no new copy needed, the index is built on this one
     assert query(dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_race' "
                       "AND tablename = 'workflow_templates'") == [(1,)]
     shadow_agrees(dsn)

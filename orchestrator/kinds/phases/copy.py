@@ -101,11 +101,14 @@ class TableCopy:
             rows = [r for r in rows if r[1] != "index"]
         own = {name for name, _, _ in shadow.planned_indexes(self.ctx)}
         if changes := definition_changes(rows, plans, own):
+            # Indexes are read from the table whenever they are built on the copy: a re-run carries them.
+            again = ("run phase 3 again: the copy's indexes are built again from the table's"
+                     if all(kind == "index" for kind, _ in changes) else
+                     "orchestrator rollback 3, then run phase 3 again: the copy is made anew from the table as it is "
+                     "now")
             raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: the table was changed while it was "
-                          f"copied, and the swap would undo it: {'; '.join(changes)}; nothing was changed (the "
-                          f"table is as it is; the copy is kept)",
-                          hint="orchestrator rollback 3, then run phase 3 again: the copy is made anew from the "
-                               "table as it is now")
+                          f"copied, and the swap would undo it: {'; '.join(words for _, words in changes)}; nothing "
+                          f"was changed (the table is as it is; the copy is kept)", hint=again)
 
     def indexes(self) -> list[IndexPlan]:
         rows = self.x.query(Q("""
@@ -212,8 +215,10 @@ class TableCopy:
             return
         reasons = self.unsupported()
         if reasons:
+            begun = self.twin_exists()  # a copy begun before the table changed: it goes first
             raise Refused(f"cannot copy {self.ctx.m.label}: {'; '.join(reasons)}; nothing was changed",
-                          hint="set settings.backfill_method: update (an in-place backfill), then re-run phase 3")
+                          hint=("orchestrator rollback 3 (drops the copy begun), then " if begun else "")
+                          + "set settings.backfill_method: update (an in-place backfill), then re-run phase 3")
 
     # -- state -------------------------------------------------------------------------------------
     def twin_exists(self) -> bool:

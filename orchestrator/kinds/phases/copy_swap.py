@@ -122,7 +122,7 @@ def shape_query(table: str, twin: str) -> sql.Composed:
         for side, rel in (("table", table), ("copy", twin))))
 
 
-def definition_changes(rows: list[tuple], plans: list[IndexPlan], own: set[str]) -> list[str]:
+def definition_changes(rows: list[tuple], plans: list[IndexPlan], own: set[str]) -> list[tuple[str, str]]:
     """What differs between the table and its twin in the rows of shape_query, in words; `own`: the
     migration's indexes, built on the twin only, under their final names."""
     by_temp = {ix.temp: ix for ix in plans}
@@ -143,17 +143,17 @@ def definition_changes(rows: list[tuple], plans: list[IndexPlan], own: set[str])
         if kind == "column":
             order[side].append(name)
     table, twin = found["table"], found["copy"]
-    changes = []
+    changes: list[tuple[str, str]] = []  # (kind, in words)
     for key in sorted(set(table) | set(twin)):
         what = f"{key[0]} {key[1]!r}" if key[1] else key[0]
         if key not in twin:
-            changes.append(f"{what} ({table[key]}) is new on the table")
+            changes.append((key[0], f"{what} ({table[key]}) is new on the table"))
         elif key not in table:
-            changes.append(f"{what} ({twin[key]}) is gone from the table")
+            changes.append((key[0], f"{what} ({twin[key]}) is gone from the table"))
         elif table[key] != twin[key]:
-            changes.append(f"{what} is now {table[key]!r} (was {twin[key]!r})")
+            changes.append((key[0], f"{what} is now {table[key]!r} (was {twin[key]!r})"))
     if not changes and order["table"] != order["copy"]:
-        changes.append(f"the columns are now in the order {', '.join(order['table'])}")
+        changes.append(("column", f"the columns are now in the order {', '.join(order['table'])}"))
     return changes
 
 
