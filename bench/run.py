@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child-timeout", type=float, default=3600)
     p.add_argument("--footprint-variants", help="footprint: only the variants whose name contains one of these "
                                                 "(comma-separated; default: all)")
+    p.add_argument("--replica-variants", help="replica: only the runs whose name contains one of these "
+                                              "(comma-separated; default: all)")
     p.add_argument("--replica-lag-bytes", type=int, default=16 * 1024 * 1024,
                    help="replica: max_replica_lag_bytes of the throttled run (default 16 MiB)")
     p.add_argument("--keep", action="store_true", help="keep the databases (only useful with --dsn)")

@@ -125,6 +125,8 @@ def section_replica(bench: Bench) -> dict:
                      f"+ vacuum every {every:,} rows",
                      {"max_replica_lag_bytes": a.replica_lag_bytes, "indexes_after_backfill": True,
                       "vacuum_every_rows": every})]
+            wanted = [w.strip() for w in (a.replica_variants or "").split(",") if w.strip()]
+            runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
             for i, (name, settings) in enumerate(runs):
                 bench.console.log(f"replica: {name} …")
                 dsn = prepare(bench, f"rep_{i}")
