@@ -35,7 +35,7 @@ class WaitSampler:
 
     _QUERY = sql.SQL("""
         SELECT application_name,
-               extract(epoch FROM clock_timestamp() - query_start) * 1000,
+               (extract(epoch FROM clock_timestamp() - query_start) * 1000)::float8,
                coalesce(wait_event_type || ':' || wait_event, 'CPU'),
                left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
           FROM pg_stat_activity

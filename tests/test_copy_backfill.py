@@ -519,7 +519,7 @@ def test_ddl_during_the_batches_is_refused_when_the_copy_is_run_again(dsn, monke
 
 def test_indexes_created_or_dropped_before_a_rerun_are_carried(dsn, monkeypatch):
     """Indexes are built on the copy from the table's as they are at that run: a copy stopped before its swap and
-    run again after an index was created and another dropped builds the one and drops the other on the copy."""
+    run again after an index was created, another dropped and the primary key's renamed carries each."""
     seed_chatter(dsn, 800, 100)
     pb = real_playbook(**COPY)
     run(pb, dsn, 1, 2)
@@ -535,11 +535,14 @@ def test_indexes_created_or_dropped_before_a_rerun_are_carried(dsn, monkeypatch)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("CREATE INDEX ix_late ON workflow_templates (owner_id, name)")
         c.execute("DROP INDEX ix_workflow_templates_is_public")
+        c.execute("ALTER INDEX workflow_templates_pkey RENAME TO wt_key")  # the key the copy's upserts use
     indexes = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'workflow_templates' ORDER BY 1"
     before = query(dsn, indexes)
     run(pb, dsn, 3)
     after = query(dsn, indexes)
     assert set(before) <= set(after)  # and the migration's own, built on the copy
     assert "ix_workflow_templates_is_public" not in dict(after)
+    assert query(dsn, "SELECT conname FROM pg_constraint WHERE conrelid = 'workflow_templates'::regclass "
+                      "AND contype = 'p'") == [("wt_key",)]
     assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_%'") == [(0,)]
     shadow_agrees(dsn)

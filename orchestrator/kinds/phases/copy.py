@@ -401,7 +401,7 @@ class TableCopy:
                           lock="ACCESS EXCLUSIVE on the copy only",
                           what=f"drop {stale}, gone from the table, on the copy")
         builds: list[tuple[sql.SQL, sql.Identifier, sql.Composable, str]] = [
-            (Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name) for ix in plans if not ix.is_key]
+            (Q("UNIQUE ") if ix.unique else Q(""), I(ix.temp), ix.tail, ix.name) for ix in plans]
         builds += [(Q("UNIQUE ") if unique else Q(""), I(name), Q("({})").format(idents(cols)), name)
                    for name, cols, unique in shadow.planned_indexes(self.ctx)
                    if not self.ctx.has("valid_index", name)]
