@@ -66,6 +66,9 @@ def section_downtime(bench: Bench) -> dict:
                    "steps": per_step(rep, steps), "app_waits": sampler.summary()}
     for w in out["ours"]["app_waits"]["longest"]:
         w["step"] = step_of(steps, w["t"])
+    # Every statement over 150 ms, to match with the wait samples (a stall the server never saw is the client's).
+    out["ours"]["slow"] = [{"t": round(x.t, 3), "kind": x.kind, "ms": round(x.latency_ms, 1),
+                            "step": step_of(steps, x.t)} for x in rep.samples if x.latency_ms > 150]
     bench.drop(dsn)
     out["ratio_longest_stall"] = round(out["naive"]["during"]["max"] / max(during["max"], 1e-3), 1)
     return out
