@@ -15,6 +15,7 @@ import psycopg
 import psycopg.conninfo
 import pytest
 
+from orchestrator.engine import playbook
 from orchestrator.engine.errors import OrchestratorError
 from orchestrator.kinds.phases import copy as copy_mod
 from orchestrator.lab import server
@@ -398,6 +399,23 @@ def test_writes_between_batches_behind_and_ahead_of_the_cursor_with_a_composite_
     run(pb, dsn, 4, 5)  # parity holds over it
 
 
+def copied_up_to_the_swap(dsn: str, monkeypatch) -> playbook.Playbook:
+    """Chatter's tables after phases 1-2 and a phase 3 stopped right before its swap: the copy made, its rows and
+    indexes in. Returns the playbook."""
+    seed_chatter(dsn, 800, 100)
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+
+    def stopped(self):
+        raise RuntimeError("stopped before the swap")
+
+    with monkeypatch.context() as m:
+        m.setattr(copy_mod.TableCopy, "exchange", stopped)
+        with pytest.raises(OrchestratorError, match="stopped before the swap"):
+            run(pb, dsn, 3)
+    return pb
+
+
 # DDL a DBA (or another deploy) runs on the table while it is copied: what the twin was made from is no longer the
 # table. Each: the statement, what the refusal must name, a probe of the change that must survive. (Indexes are
 # read from the table when built on the copy: test_indexes_created_or_dropped_before_a_rerun_are_carried.)
@@ -432,18 +450,7 @@ DDL = {
 @pytest.mark.parametrize("change", list(DDL))
 def test_ddl_on_the_table_during_the_copy_is_refused_by_name_at_the_swap_and_never_undone(dsn, monkeypatch, change):
     statement, named, probe = DDL[change]
-    seed_chatter(dsn, 800, 100)
-    pb = real_playbook(**COPY)
-    run(pb, dsn, 1, 2)
-    original = copy_mod.TableCopy.exchange
-
-    def stopped(self):
-        raise RuntimeError("stopped before the swap")
-
-    monkeypatch.setattr(copy_mod.TableCopy, "exchange", stopped)
-    with pytest.raises(OrchestratorError, match="stopped before the swap"):
-        run(pb, dsn, 3)
-    monkeypatch.setattr(copy_mod.TableCopy, "exchange", original)
+    pb = copied_up_to_the_swap(dsn, monkeypatch)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(statement)
     after_ddl, probed = snapshot(dsn), query(dsn, probe)
@@ -520,18 +527,7 @@ def test_ddl_during_the_batches_is_refused_when_the_copy_is_run_again(dsn, monke
 def test_indexes_created_or_dropped_before_a_rerun_are_carried(dsn, monkeypatch):
     """Indexes are built on the copy from the table's as they are at that run: a copy stopped before its swap and
     run again after an index was created, another dropped and the primary key's renamed carries each."""
-    seed_chatter(dsn, 800, 100)
-    pb = real_playbook(**COPY)
-    run(pb, dsn, 1, 2)
-    original = copy_mod.TableCopy.exchange
-
-    def stopped(self):
-        raise RuntimeError("stopped before the swap")
-
-    monkeypatch.setattr(copy_mod.TableCopy, "exchange", stopped)
-    with pytest.raises(OrchestratorError, match="stopped before the swap"):
-        run(pb, dsn, 3)
-    monkeypatch.setattr(copy_mod.TableCopy, "exchange", original)
+    pb = copied_up_to_the_swap(dsn, monkeypatch)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("CREATE INDEX ix_late ON workflow_templates (owner_id, name)")
         c.execute("DROP INDEX ix_workflow_templates_is_public")
