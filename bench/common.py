@@ -65,6 +65,12 @@ def window(report: TrafficReport, start: float, end: float) -> dict:
     return out
 
 
+def picked(name: str, wanted: str | None) -> bool:
+    """Whether a run's name contains one of the comma-separated parts of a --*-variants option (all if none)."""
+    parts = [w.strip() for w in (wanted or "").split(",") if w.strip()]
+    return not parts or any(w in name for w in parts)
+
+
 def step_of(steps: list[dict], t: float | None) -> str | None:
     if t is None:
         return None

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.common import Bench
+from bench.common import Bench, picked
 from orchestrator.engine import playbook
 from orchestrator.engine.backfill import Backfill
 from orchestrator.run.runner import Orchestrator
@@ -253,8 +253,7 @@ def section_footprint(bench: Bench) -> dict:
         out["naive_compressed"] = run_naive(bench, dsn, compression)
         bench.drop(dsn)
         for i, (name, settings) in enumerate(variants(bench.n, compression).items()):
-            wanted = [w.strip() for w in (bench.args.footprint_variants or "").split(",") if w.strip()]
-            if wanted and not any(w in name for w in wanted):
+            if not picked(name, bench.args.footprint_variants):
                 continue
             bench.console.log(f"footprint: {name} …")
             dsn = prepare(bench, f"fp_{i}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import Bench
+from bench.common import Bench, picked
 from bench.sections.footprint import MB, full_page_writes, playbook_with, prepare, run_naive, run_ours
 from orchestrator.engine.backfill import Backfill
 from orchestrator.lab import server
@@ -125,8 +125,7 @@ def section_replica(bench: Bench) -> dict:
                      f"+ vacuum every {every:,} rows",
                      {"max_replica_lag_bytes": a.replica_lag_bytes, "indexes_after_backfill": True,
                       "vacuum_every_rows": every})]
-            wanted = [w.strip() for w in (a.replica_variants or "").split(",") if w.strip()]
-            runs = [r for r in runs if not wanted or any(w in r[0] for w in wanted)]
+            runs = [r for r in runs if picked(r[0], a.replica_variants)]
             for i, (name, settings) in enumerate(runs):
                 bench.console.log(f"replica: {name} …")
                 dsn = prepare(bench, f"rep_{i}")
