@@ -83,7 +83,7 @@ def check(dsn: str, model: dict[int, tuple[str, str]]) -> None:
 
 
 def examples() -> int:
-    return int(os.environ.get("COPY_MODEL_EXAMPLES", 12))
+    return int(os.environ.get("COPY_MODEL_EXAMPLES", 25))
 
 
 def test_copy_model(dsn, monkeypatch):
@@ -133,5 +133,5 @@ def test_copy_model(dsn, monkeypatch):
 
 @pytest.mark.slow
 def test_copy_model_long(dsn, monkeypatch):
-    monkeypatch.setenv("COPY_MODEL_EXAMPLES", os.environ.get("COPY_MODEL_EXAMPLES_LONG", "80"))
+    monkeypatch.setenv("COPY_MODEL_EXAMPLES", os.environ.get("COPY_MODEL_EXAMPLES_LONG", "300"))
     test_copy_model(dsn, monkeypatch)
