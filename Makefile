@@ -72,15 +72,21 @@ revisions: venv
 revisions-check: venv
 	@$(ORCH) revisions check
 
+# Tests run on PYTEST_WORKERS processes (pytest-xdist), each with its own server per major; PYTEST_WORKERS=0
+# runs them in this process. worksteal: an idle worker takes queued tests from a busy one (the long ones vary).
+PYTEST_WORKERS ?= 4
+PYTEST = $(VENV)/bin/pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
+
 test: venv
-	$(VENV)/bin/pytest -q -m 'not slow'
+	$(PYTEST) -m 'not slow'
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# No exit-code exception: a marker that selects nothing (pytest's 5) fails the target.
 test-slow: venv
-	$(VENV)/bin/pytest -q -m slow || [ $$? -eq 5 ]  # 5: none selected yet
+	$(PYTEST) -m slow
 
 # Rollback rehearsal under simulated app traffic: scratch embedded PostgreSQL unless DATABASE_URL is set.
 REHEARSE_ROWS    ?= 200000

@@ -1,8 +1,12 @@
 """Real servers, no mocks: each kind we can start on this machine is started and used."""
 
+import os
+import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -102,3 +106,27 @@ def test_provide_external_is_not_stopped(pg_server):
 
 def test_docker_available_answers_quickly():
     assert isinstance(server.docker_available(), bool)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="creates an OS user: root only")
+def test_os_user_waits_for_another_useradd():
+    """pytest-xdist workers start their servers together: while one worker's useradd holds the lock on
+    /etc/passwd, another's fails with "cannot lock /etc/passwd; try again later". It must try again, not fail."""
+    name = f"orch_t{os.getpid() % 100000}"
+    holder = subprocess.Popen(["sleep", "30"])  # a live process "holding" the lock, as shadow-utils records it
+    lock = Path("/etc/passwd.lock")
+    assert not lock.exists(), "another useradd is running"
+    lock.write_text(str(holder.pid))
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", f"from orchestrator.lab import server; print(server._pg_os_user({name!r}))"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # the worker's first attempts meet the lock
+        lock.unlink()
+        out, err = worker.communicate(timeout=60)
+        assert (worker.returncode, out.strip()) == (0, name), err
+        pwd.getpwnam(name)
+    finally:
+        lock.unlink(missing_ok=True)
+        holder.kill()
+        subprocess.run(["userdel", name], capture_output=True)

