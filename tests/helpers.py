@@ -22,6 +22,17 @@ REFERENCE = ROOT / "playbooks" / "workflow_type_enum_to_varchar.yaml"  # Chatter
 SIMPLE = ROOT / "tests" / "playbooks" / "simple_table.yaml"  # the one-table fixture, for odd shapes
 
 
+# The long model sweeps of `make test-slow` run as shards of one sweep, so that pytest-xdist spreads them over
+# its workers (one 40-example sweep took 12 min on one worker while the others idled). Each shard draws its own
+# random examples: SHARDS shards of ceil(n / SHARDS) examples explore as many as one sweep of n.
+SLOW_SHARDS = 4
+
+
+def shard_of(total: int, shards: int = SLOW_SHARDS) -> int:
+    """Examples per shard, for a sweep of `total` examples split in `shards`."""
+    return -(-total // shards)
+
+
 def reference_dict() -> dict:
     """The reference playbook: both columns of Chatter's enum type."""
     return yaml.safe_load(REFERENCE.read_text())

@@ -37,7 +37,7 @@ from orchestrator.lab import server, shop
 from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot
 from orchestrator.run.runner import Orchestrator
 
-from .helpers import ROOT
+from .helpers import ROOT, SLOW_SHARDS, shard_of
 from .model_support import ClonedDatabaseMachine
 
 OLD, NEW = "shop_v1", "shop_v2"
@@ -279,6 +279,7 @@ def test_key_family_model(pg_server, template):
 
 
 @pytest.mark.slow
-def test_key_family_model_long(pg_server, template):
-    _run(pg_server, template, int(os.environ.get("KEY_MODEL_EXAMPLES", 40)),
+@pytest.mark.parametrize("shard", range(SLOW_SHARDS))
+def test_key_family_model_long(pg_server, template, shard):
+    _run(pg_server, template, shard_of(int(os.environ.get("KEY_MODEL_EXAMPLES", 40))),
          int(os.environ.get("KEY_MODEL_STEPS", 80)))

@@ -20,7 +20,7 @@ from orchestrator.engine import playbook
 from orchestrator.engine.errors import OrchestratorError
 from orchestrator.kinds.phases import copy as copy_mod
 
-from .helpers import query
+from .helpers import SLOW_SHARDS, query, shard_of
 from .helpers import run_steps as run
 
 ROWS, BATCH = 300, 40
@@ -132,6 +132,7 @@ def test_copy_model(dsn, monkeypatch):
 
 
 @pytest.mark.slow
-def test_copy_model_long(dsn, monkeypatch):
-    monkeypatch.setenv("COPY_MODEL_EXAMPLES", os.environ.get("COPY_MODEL_EXAMPLES_LONG", "300"))
+@pytest.mark.parametrize("shard", range(SLOW_SHARDS))
+def test_copy_model_long(dsn, monkeypatch, shard):
+    monkeypatch.setenv("COPY_MODEL_EXAMPLES", str(shard_of(int(os.environ.get("COPY_MODEL_EXAMPLES_LONG", "300")))))
     test_copy_model(dsn, monkeypatch)

@@ -37,7 +37,7 @@ from orchestrator.lab import chatter, server
 from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot
 from orchestrator.run.runner import Orchestrator
 
-from .helpers import real_playbook, seed_chatter
+from .helpers import SLOW_SHARDS, real_playbook, seed_chatter, shard_of
 from .model_support import ClonedDatabaseMachine
 
 OLD, NEW = "chatter_v1", "chatter_v2"
@@ -317,6 +317,7 @@ def test_rolling_deploy_model(pg_server, template):
 
 
 @pytest.mark.slow
-def test_rolling_deploy_model_long(pg_server, template):
-    _run(pg_server, template, int(os.environ.get("ROLLING_DEPLOY_EXAMPLES", 40)),
+@pytest.mark.parametrize("shard", range(SLOW_SHARDS))
+def test_rolling_deploy_model_long(pg_server, template, shard):
+    _run(pg_server, template, shard_of(int(os.environ.get("ROLLING_DEPLOY_EXAMPLES", 40))),
          int(os.environ.get("ROLLING_DEPLOY_STEPS", 80)))
