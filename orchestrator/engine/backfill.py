@@ -20,7 +20,7 @@ from psycopg import sql
 from orchestrator.engine import health, replica
 from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Failure, Refused
-from orchestrator.engine.keyset import Keyset
+from orchestrator.engine.keyset import BlockRanges, Keyset
 from orchestrator.engine.playbook import ColumnMigration
 from orchestrator.engine.progress import Progress
 from orchestrator.engine.sqlkit import I, L, Q, join, placeholders
@@ -124,7 +124,8 @@ class Backfill:
     def __init__(self, ctx: Context, reverse: bool = False):
         """reverse: the enum column re-added after the contract, filled from the varchar one (phase 5's undo)."""
         self.ctx, self.x, self.state = ctx, ctx.x, ctx.state
-        self.keys = Keyset(ctx.table, ctx.facts.pk)
+        self.keys: Keyset | BlockRanges = (BlockRanges(ctx.table, ctx.x.render) if ctx.by_position
+                                           else Keyset(ctx.table, ctx.facts.pk))
         self.sets, self.needs = update_statement(ctx, reverse)
         self.key = progress_key(ctx, reverse)
         self.title = f"{'reverse backfill' if reverse else 'backfill'} {ctx.m.label}"
@@ -139,6 +140,12 @@ class Backfill:
         return Q("UPDATE {} SET {} WHERE {} AND {}").format(self.ctx.table, self.sets, cond, self.needs)
 
     def plan(self) -> None:
+        if isinstance(self.keys, BlockRanges):
+            self.x.note(self.x.render(self.statement(Q("ctid >= '(<from>,0)'::tid AND ctid < '(<to>,0)'::tid")))
+                        + "  -- no primary key: repeated per range of heap blocks (TID range scans, about "
+                          "batch_size rows each), each in its own transaction with the cursor update",
+                        lock="ROW EXCLUSIVE; row locks on one batch only")
+            return
         cond, _ = self.keys.range_condition(["<after>"], ["<upto>"])
         self.x.note(self.x.render(self.statement(cond)) + "  -- repeated per key range, each in its own "
                     "transaction with the cursor update", lock="ROW EXCLUSIVE; row locks on one batch only")
@@ -223,7 +230,9 @@ class Backfill:
                         cur.execute(Q("SET LOCAL session_replication_role = replica"))
                     cur.execute(self.statement(cond), params)
                     changed = cur.rowcount
-                    scanned = sizes[0] if row else changed  # a full range holds exactly `size` keys
+                    # A full key range holds exactly `size` keys; a block range about `size` rows, the last fewer.
+                    full = row is not None and (isinstance(self.keys, Keyset) or upto != end)
+                    scanned = sizes[0] if full else changed
                     ms = (time.monotonic() - started) * 1000
                     cur.execute(Q("""UPDATE {} SET cursor = %s, rows_done = rows_done + %s,
                                         rows_scanned = rows_scanned + %s, batches = batches + 1,
@@ -285,7 +294,8 @@ class Backfill:
     def _log_batch(self, after, upto, changed: int | None, started: float, outcome: str) -> None:
         if self.x.on_statement is not None:
             rows = "" if changed is None else f": {changed} rows"
-            self.x.on_statement(f"backfill batch keys {_key(after)} .. {_key(upto)}{rows}",
+            unit = "blocks" if isinstance(self.keys, BlockRanges) else "keys"
+            self.x.on_statement(f"backfill batch {unit} {_key(after)} .. {_key(upto)}{rows}",
                                 time.monotonic() - started, outcome)
 
     def _next_size(self, size: int, ms: float) -> int:
@@ -307,9 +317,12 @@ class Backfill:
                         self.x.conn.execute(Q("SET LOCAL session_replication_role = replica"))
                     self.x.conn.execute(self.statement(one), list(key))
             except psycopg.Error as row_err:
-                return Failure(f"backfill stopped: the row with primary key {_key(key)} cannot be migrated: "
+                named = f"at ctid {key[0]}" if isinstance(self.keys, BlockRanges) else f"with primary key {_key(key)}"
+                return Failure(f"backfill stopped: the row {named} cannot be migrated: "
                                f"{' '.join(str(row_err).split())}", hint=f"fix that row, then {self.rerun}")
-        return Failure(f"backfill stopped on bad data between keys {_key(after)} and {_key(upto)}: {reason}",
+        between = (f"blocks {_key(after)} and {_key(upto)}" if isinstance(self.keys, BlockRanges)
+                   else f"keys {_key(after)} and {_key(upto)}")
+        return Failure(f"backfill stopped on bad data between {between}: {reason}",
                        hint=f"fix the data, then {self.rerun}")
 
     # -- operator and server throttles -------------------------------------------------------------

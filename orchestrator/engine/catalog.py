@@ -441,6 +441,27 @@ def inspect(conn: psycopg.Connection, pb: Playbook) -> list[Facts]:
     return [f for f, _, _ in found]
 
 
+def _refuse_unbatchable(conn: psycopg.Connection, oid: int, field_: str, where: str) -> None:
+    """A table without a primary key is batched by heap block ranges (engine/keyset.py BlockRanges): that needs
+    TID range scans, and UPDATEs the server allows on it."""
+    if conn.info.server_version < 140000:
+        raise BadInput(f"{field_}: {where} has no primary key, and batching by physical position needs "
+                       f"PostgreSQL 14+ (TID range scans); add a primary key, or upgrade the server")
+    # Published for UPDATE with no replica identity, the server refuses every UPDATE of the table (the backfill's
+    # first batch would fail); the app evidently never updates it.
+    published = db.scalar(conn, """
+        SELECT string_agg(p.pubname, ', ' ORDER BY p.pubname) FROM pg_publication p
+        JOIN pg_class c ON c.oid = %s JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE p.pubupdate AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                  SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+          AND EXISTS (SELECT FROM pg_publication_tables t WHERE t.pubname = p.pubname
+                      AND t.schemaname = n.nspname AND t.tablename = c.relname)""", (oid,))
+    if published:
+        raise BadInput(f"{field_}: {where} has no primary key nor replica identity and is published for UPDATE "
+                       f"({published}), so the server refuses the backfill's UPDATEs; set REPLICA IDENTITY FULL "
+                       f"(or USING INDEX) on it first")
+
+
 def _table(conn: psycopg.Connection, m: ColumnMigration) -> tuple[int, list[str], dict]:
     """(table oid, primary key, column info) of a column to migrate, or BadInput naming what is wrong."""
     schema, table, col = m.table.schema_, m.table.name, m.column.name
@@ -457,7 +478,7 @@ def _table(conn: psycopg.Connection, m: ColumnMigration) -> tuple[int, list[str]
                        "migrate online; nothing was changed")
     pk = primary_key(conn, oid)
     if not pk:
-        raise BadInput(f"{f('table.name')}: {where} has no primary key; batches need one")
+        _refuse_unbatchable(conn, oid, f('table.name'), where)
     info = column(conn, oid, col)
     if info is None:
         raise BadInput(f"{f('column.name')}: {where} has no column {col!r}")

@@ -146,12 +146,29 @@ class Context:
                  ).format(col, shadow, self.forward(col), self.backward(shadow), unlabeled_old)
 
     @property
+    def by_position(self) -> bool:
+        """No primary key (a history, log or audit table): rows are batched by physical position, heap block
+        ranges read by TID range scans (PostgreSQL 14+), and named by ctid."""
+        return not self.facts.pk
+
+    @property
+    def row_key(self) -> list[str]:
+        """What names a row: the primary key, or ctid (where it is now; an update moves it) without one."""
+        return list(self.facts.pk) or ["ctid"]
+
+    @property
+    def backfill_method(self) -> str:
+        """settings.backfill_method for this table: a table without a primary key is backfilled in place
+        whatever the setting, since the copy replays its log by key (plan says so)."""
+        return "update" if self.by_position else self.pb.settings.backfill_method
+
+    @property
     def pk_row(self) -> sql.Composed:
-        return row_of(self.facts.pk)
+        return row_of(self.row_key)
 
     @property
     def pk_cols(self) -> sql.Composed:
-        return join(I(c) for c in self.facts.pk)
+        return join(I(c) for c in self.row_key)
 
     def exists_query(self, kind: str, name: str) -> sql.Composed:
         """`SELECT true` when an object is present: the guard that makes a re-run skip finished work."""

@@ -98,6 +98,7 @@ def prove(conn: psycopg.Connection, m: ColumnMigration, old_type: str, new_type:
             except psycopg.Error as err:
                 raise BadInput(f"{m.where}{field}: {_first_line(err)} (in {m.label}: "
                                f"{getattr(m.change, field)!r})") from None
+        pk = pk or ["ctid"]  # a table without a primary key: its rows named by where they are
         keys = join(I(c) for c in pk)
         # reltuples is -1 before the first ANALYZE: then no sampling, the first rows of the table instead
         pct = conn.execute(Q("SELECT CASE WHEN reltuples > 0 THEN least(100, greatest(0.01, 100.0 * {} / reltuples)) "
@@ -106,7 +107,7 @@ def prove(conn: psycopg.Connection, m: ColumnMigration, old_type: str, new_type:
         sample = Q("TABLESAMPLE SYSTEM ({})").format(L(float(pct[0]))) if pct and pct[0] is not None and \
             pct[0] < 100 else Q("")
         value = I("_ec_value")  # the column may be the key itself: a name of its own in the sample
-        sampled = Q("SELECT ctid, {}, {} AS {} FROM {} {} WHERE {} IS NOT NULL LIMIT {}").format(
+        sampled = Q("SELECT ctid AS _ec_tid, {}, {} AS {} FROM {} {} WHERE {} IS NOT NULL LIMIT {}").format(
             keys, col, value, table, sample, col, L(SAMPLE_ROWS))
         try:
             with conn.transaction():

@@ -70,7 +70,7 @@ def plan_note(ctx: Context, swapped: bool) -> str:
         return (ctx.x.render(count_statement(ctx, bad, unmapped, BLOCK_RANGE))
                 + "  -- per range of heap blocks (verify_chunk_rows rows), each its own statement, on up to "
                   "verify_parallelism connections at once (the side ones read-only)")
-    cond, _ = Keyset(ctx.table, ctx.facts.pk).range_condition(["<after>"], ["<upto>"])
+    cond, _ = Keyset(ctx.table, ctx.row_key).range_condition(["<after>"], ["<upto>"])
     return (ctx.x.render(count_statement(ctx, bad, unmapped, cond))
             + "  -- per key range (verify_chunk_rows rows), each its own statement")
 
@@ -102,7 +102,7 @@ def _by_blocks(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
     that bypasses the triggers and lands in free space of a block already read is missed, as by the serial walk
     behind its cursor; rows past the end are read by both (see _Ranges).
     """
-    keys = Keyset(ctx.table, ctx.facts.pk)
+    keys = Keyset(ctx.table, ctx.row_key)
     bad, unmapped = conditions(ctx, swapped)
     rel = sql.Literal(ctx.x.render(ctx.table))
     size = Q("SELECT pg_relation_size({0}::regclass) / current_setting('block_size')::int").format(rel)
@@ -234,7 +234,7 @@ def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composed, step: i
 
 def _by_keys(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
     """Primary-key ranges, for servers without TID range scans."""
-    keys = Keyset(ctx.table, ctx.facts.pk)
+    keys = Keyset(ctx.table, ctx.row_key)
     bad, unmapped = conditions(ctx, swapped)
     end = ctx.x.query(keys.last_key_query())
     result = ParityResult()

@@ -29,11 +29,14 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
         missing += _enum_privileges(conn, pb)
     missing += _state_schema(conn, pb.settings.state_schema)
 
-    if pb.settings.app_triggers == "skip" and pb.settings.backfill_method == "update":
+    # With backfill_method copy a table without a primary key is still updated in place (kinds/phases/backfill.py).
+    keyless = [t for t in pb.tables if not _has_primary_key(conn, *t)]
+    if pb.settings.app_triggers == "skip" and (pb.settings.backfill_method == "update" or keyless):
         missing += _replication_role(conn)
     if pb.settings.backfill_method == "copy":
         for schema, name in pb.tables:
-            missing += _copy_privileges(conn, schema, name)
+            if (schema, name) not in keyless:
+                missing += _copy_privileges(conn, schema, name)
     if pb.app_versions is not None:
         absent = [v for v in (pb.app_versions.old, pb.app_versions.new) if not db.scalar(
             conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (v,))]
@@ -41,6 +44,15 @@ def missing_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:
             missing.append(f"CREATE on database {conn.info.dbname} (for the app version schemas "
                            f"{', '.join(absent)})")
     return list(dict.fromkeys(missing))  # tables sharing a schema need its CREATE once
+
+
+def _has_primary_key(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    """True also for a table that does not exist (the playbook's inspection names that)."""
+    return bool(db.scalar(conn, """SELECT NOT EXISTS (
+                                       SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                   WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'r' AND NOT EXISTS (
+                                       SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))""",
+                          (schema, name)))
 
 
 def _enum_privileges(conn: psycopg.Connection, pb: Playbook) -> list[str]:

@@ -50,6 +50,17 @@ def _one_core(ctx: Context):
             conn.execute(Q("RESET max_parallel_maintenance_workers; RESET max_parallel_workers_per_gather"))
 
 
+def method_reason(ctx: Context) -> str:
+    """Which backfill a table gets, and why, for plan."""
+    if ctx.backfill_method == "copy":
+        return "copied into a new table (settings.backfill_method: copy)"
+    if not ctx.by_position:
+        return "updated in place, per primary-key range (settings.backfill_method: update)"
+    why = ("no primary key, by which the copy replays its log" if ctx.pb.settings.backfill_method == "copy"
+           else "no primary key")
+    return f"updated in place, per range of heap blocks ({why})"
+
+
 class BackfillPhase(Phase):
     name = "backfill"
     title = "backfill the shadow column in batches"
@@ -65,17 +76,24 @@ class BackfillPhase(Phase):
                  "lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
-        if ctxs[0].pb.settings.backfill_method == "copy":
-            for ctx in ctxs:  # every table checked before any is touched
+        for ctx in ctxs:  # every table checked before any is touched
+            if ctx.backfill_method == "copy":
                 TableCopy(ctx).refuse_unsupported()
-            return  # the copy does not UPDATE the table: the app's triggers do not fire
-        check_app_triggers(ctxs)  # refuse (naming them) unless settings.app_triggers says fire or skip
+        # The copy does not UPDATE the table: the app's triggers do not fire. An in-place backfill's do: refuse
+        # (naming them) unless settings.app_triggers says fire or skip.
+        in_place = [ctx for ctx in ctxs if ctx.backfill_method == "update"]
+        if in_place:
+            check_app_triggers(in_place)
 
     def expand(self, ctx: Context) -> dict:
-        if ctx.pb.settings.backfill_method == "copy":
+        if ctx.x.dry_run:
+            ctx.x.note(f"-- {ctx.m.label}: {method_reason(ctx)}")
+        if ctx.backfill_method == "copy":
             return self._copy(ctx)
         engine = Backfill(ctx)
         s = ctx.pb.settings
+        if ctx.by_position and ctx.pb.settings.backfill_method == "copy":
+            log.info("backfill in place: no primary key to replay the copy's log by", table=ctx.m.label)
         if ctx.x.dry_run:
             engine.plan()
             if s.vacuum_every_rows is not None:
@@ -140,7 +158,7 @@ class BackfillPhase(Phase):
             rebuild_indexes(ctx, done.get(ctx.m.label, []), record)
 
     def rollback(self, ctx: Context) -> None:
-        if ctx.pb.settings.backfill_method == "copy":
+        if ctx.backfill_method == "copy":
             TableCopy(ctx).discard()  # before the exchange: the copy goes; after it, nothing of it is left
         if ctx.pb.settings.defers_indexes:  # the indexes this phase built: back to phase 2's state
             for name in index_names(ctx):
