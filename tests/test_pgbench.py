@@ -5,6 +5,7 @@ consistent; after the contract an aid past 2^31 inserts."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 from orchestrator.engine import executor, playbook
 from orchestrator.engine.errors import BadInput
 from orchestrator.lab import server
-from orchestrator.lab.snapshot import schema_snapshot, snapshot_diff
+from orchestrator.lab.snapshot import ignoring_column_order, schema_snapshot, snapshot_diff
 from orchestrator.run.runner import Orchestrator
 
 from .helpers import ROOT, cli, query
@@ -39,8 +40,10 @@ class Pgbench:
     """pgbench -M prepared in back-to-back runs of a few seconds each, until stopped: every run's summary
     (transactions, failed transactions) is kept, and a run that aborts counts as failed."""
 
-    def __init__(self, dsn: str, clients: int = 2):
+    def __init__(self, dsn: str, clients: int = 2, search_path: str | None = None):
         self.dsn, self.clients, self.binary = dsn, clients, pgbench_binary()
+        # an app version: its connections' search_path puts its version views first
+        self.env = {**os.environ, "PGOPTIONS": f"-c search_path={search_path}"} if search_path else None
         self.transactions = self.failed = 0
         self.outputs: list[str] = []
         self._stop = threading.Event()
@@ -53,7 +56,7 @@ class Pgbench:
     def _loop(self) -> None:
         while not self._stop.is_set():
             r = subprocess.run([self.binary, "-n", "-M", "prepared", "-c", str(self.clients), "-T", "2",
-                                self.dsn], capture_output=True, text=True)
+                                self.dsn], capture_output=True, text=True, env=self.env)
             done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
             failed = re.search(r"number of failed transactions: (\d+)", r.stdout)
             self.transactions += int(done.group(1)) if done else 0
@@ -116,21 +119,28 @@ def test_pgbench_runs_through_every_phase_with_no_failure(dsn, method):
     assert query(dsn, "SELECT count(*) FROM pgbench_history WHERE aid = %s", (INT_MAX + 5,)) == [(1,)]
 
 
-def test_rolled_back_from_the_swap_the_catalog_is_as_before(dsn):
+@pytest.mark.parametrize("after_contract", [False, True], ids=["from-the-swap", "after-the-contract"])
+def test_rolled_back_the_catalog_and_history_are_as_before(dsn, after_contract):
+    """Every rollback, and the way back after the contract (its reverse backfill of the keyless history table
+    by block ranges too): the catalog as it was, every history row with its aid."""
     init_pgbench(dsn)
     with psycopg.connect(dsn) as conn:
-        before = schema_snapshot(conn)
+        before = ignoring_column_order(schema_snapshot(conn))
     history = query(dsn, "SELECT tid, bid, aid, delta, mtime FROM pgbench_history ORDER BY 1, 2, 3, 4, 5")
     orch = orchestrator(dsn, "update")
     try:
         for n in range(1, 6):
             assert orch.run(n) == "applied"
+        if after_contract:
+            orch.contract(old_version_gone=True)
+            for n in range(5, 0, -1):
+                assert orch.rollback(n) == "contract undone"
         for n in range(5, 0, -1):
             assert orch.rollback(n) == "rolled back"
     finally:
         orch.close()
     with psycopg.connect(dsn) as conn:
-        assert snapshot_diff(before, schema_snapshot(conn)) == []
+        assert snapshot_diff(before, ignoring_column_order(schema_snapshot(conn))) == []
     assert query(dsn, "SELECT tid, bid, aid, delta, mtime FROM pgbench_history ORDER BY 1, 2, 3, 4, 5") == history
 
 
@@ -192,3 +202,33 @@ def test_a_keyless_backfill_killed_part_way_resumes_where_it_stopped_and_verifie
         app.stop()
     assert (app.failed, app.outputs[:2]) == (0, [])
     assert query(dsn, "SELECT count(*) FROM pgbench_history WHERE aid_new IS DISTINCT FROM aid") == [(0,)]
+
+
+def test_a_column_pgbench_reads_back_widens_through_the_version_views(dsn):
+    """abalance becomes bigint while pgbench (-M prepared) reads it back: the old version through its views sees
+    integer all along, the new version (after the swap) bigint; neither fails, the balances add up."""
+    init_pgbench(dsn)
+    data = yaml.safe_load(PLAYBOOK.read_text())
+    data["name"] = "pgbench_abalance_to_bigint"
+    data["columns"] = [{"table": "pgbench_accounts", "column": "abalance", "type": "bigint",
+                        "up": "abalance::bigint", "down": "abalance::integer"}]
+    data["app_versions"] = {"old": "pgb_v1", "new": "pgb_v2"}
+    orch = Orchestrator(playbook.parse(data), dsn)
+    old = Pgbench(dsn, search_path="pgb_v1,public").start()
+    new = None
+    try:
+        for n in range(1, 6):
+            assert orch.run(n) == "applied"
+        new = Pgbench(dsn, search_path="pgb_v2,public").start()
+        old.stop()
+        assert orch.contract(old_version_gone=True) == ["contracted"] * 5
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
+        orch.close()
+    assert (old.failed, old.outputs[:2]) == (0, []) and new is not None and (new.failed, new.outputs[:2]) == (0, [])
+    assert old.transactions > 0 and new.transactions > 0
+    a, t, b, delta = balances(dsn)
+    assert a == t == b == delta
+    assert column_type(dsn, "pgbench_accounts", "abalance") == "bigint"
