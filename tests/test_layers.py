@@ -1,7 +1,7 @@
 """The package's layers, read from its imports: what may import what, and no import circle.
 
 Every import counts, at module level, inside functions and under TYPE_CHECKING alike: a circle hidden in a
-function is still a circle a reader has to untangle. The README's "Architecture" section states these rules.
+function is still a circle a reader has to untangle. docs/architecture.md states these rules.
 """
 
 from __future__ import annotations
