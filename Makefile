@@ -44,9 +44,11 @@ help:
 	@echo "exits with the orchestrator's code: 0 done, 1 failure (re-run resumes), 2 bad input, 3 refused."
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make venv: creating $(VENV) and installing the package with its lab and test extras (about a minute, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	@echo "make venv: done ($(VENV)/bin/orchestrator)"
 	touch $@
 
 venv: $(VENV)/.installed

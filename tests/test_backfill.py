@@ -245,3 +245,27 @@ def test_ddl_cancels_an_autovacuum_that_would_outlast_every_lock_timeout(dsn, pg
         execute(admin, "SELECT pg_reload_conf()")
         execute(dsn, "ALTER TABLE workflow_templates "
                      "RESET (autovacuum_vacuum_cost_delay, autovacuum_vacuum_cost_limit)")
+
+
+def test_a_batch_split_for_running_past_max_batch_ms_is_said_as_info_not_a_warning(dsn, tmp_path):
+    """A batch cancelled at max_batch_ms is split and run again by design: the log says so in those words, at
+    info, not as a `retried ... QueryCanceled` warning a newcomer reads as an error."""
+    seed(dsn, rows=2000)
+    data = simple_dict()
+    data["settings"].update(batch_size=1000, min_batch_size=10, max_batch_size=1000, max_batch_ms=200,
+                            target_batch_ms=50, app_triggers="fire")
+    path = write_playbook(data, tmp_path / "pb.yaml")
+    ready_for_backfill(dsn, make_playbook()).close()
+    # A slow app trigger (1 ms a row): a batch of 1000 rows runs past max_batch_ms, one of 100 does not.
+    execute(dsn, "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
+                 "'BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END'")
+    execute(dsn, "CREATE TRIGGER slow BEFORE UPDATE ON workflow_templates FOR EACH ROW EXECUTE FUNCTION slow_row()")
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "--json-logs", "--dsn", dsn, "--playbook", str(path),
+                        "run", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    split = [e for e in events if e["event"] == "backfill batch retried as designed"]
+    assert split and all(e["level"] == "info" for e in split), events
+    assert "ran past max_batch_ms (200 ms)" in split[0]["why"] and "half its size" in split[0]["why"]
+    assert [e for e in events if e["event"] == "retried"] == []
+    assert mismatches(dsn) == 0

@@ -92,9 +92,10 @@ def plan(ctx: typer.Context,
     _print_app_versions(orch.pb)
     for pp in orch.plan():
         p = pp.phase
-        out.print(f"[bold cyan]Phase {p.number}: {p.name}[/] - {p.title}")
+        title, expand_doc = p.described(s)
+        out.print(f"[bold cyan]Phase {p.number}: {p.name}[/] - {title}")
         out.print(f"  locks: {p.locks_doc}")
-        for action, recs, doc in (("expand", pp.expand, p.expand_doc), ("contract", pp.contract, p.contract_doc),
+        for action, recs, doc in (("expand", pp.expand, expand_doc), ("contract", pp.contract, p.contract_doc),
                                   ("rollback", pp.rollback, p.rollback_doc),
                                   ("rollback after contract", pp.uncontract, p.uncontract_doc)):
             out.print(f"  [bold]{action}[/]: {doc}")
@@ -127,8 +128,8 @@ def _print_app_versions(pb) -> None:
                   f"old values; after phase 5 one that writes the new values. Old instances must be gone before "
                   f"the swap.\n", markup=False, highlight=False, soft_wrap=True)
         return
-    out.print("app versions (from phase 2 until contract 2; after it the new version falls through to the tables):",
-              markup=False)
+    out.print("app versions (the old version's views from phase 1 until contract 2, the new version's from phase 4 "
+              "until contract 5; after that each version falls through to the tables):", markup=False)
     for v, h in hints.items():
         out.print(f"  {v}: schema {h['schema']}; connect with {h['dsn_option']} (or ALTER ROLE <app role> SET "
                   f"search_path = {h['search_path']})", markup=False, highlight=False, soft_wrap=True)
@@ -265,8 +266,8 @@ def _with_pause(st: dict, pb) -> dict:
 
 def _status_view(st: dict):
     from rich.console import Group
-    title = f"{st['playbook']}" + (" (running now)" if st["running_now"] else "") + \
-        (" (paused: orchestrator resume continues)" if st.get("paused") else "")
+    title = output.for_frontend(f"{st['playbook']}" + (" (running now)" if st["running_now"] else "") +
+                                (" (paused: orchestrator resume continues)" if st.get("paused") else ""))
     rows = []
     for p in st["phases"]:
         error = p["error"] or ""
@@ -277,9 +278,7 @@ def _status_view(st: dict):
                           rows)]
     v = st.get("app_versions")
     if v:
-        last = v["old_last_write"] or "none seen"
-        parts.append(f"app versions: old {v['old']['dsn_option']}, new {v['new']['dsn_option']}; "
-                     f"last write of the old version: {last}")
+        parts.append(_app_versions_line(v, contracted=any(p["status"] == "contracted" for p in st["phases"])))
     a = st.get("alembic") or {}
     if a.get("table") is False:
         if a.get("expected"):
@@ -299,7 +298,8 @@ def _status_view(st: dict):
             continue
         total = b["rows_estimate"] or 0
         what = "reverse backfill" if b.get("direction") == "reverse" else "backfill"
-        parts.append(f"{what} {b['table']}: {b['rows_done']:,} rows updated in {b['batches']} batches"
+        done = "copied" if b.get("method") == "copy" else "updated"
+        parts.append(f"{what} {b['table']}: {b['rows_done']:,} rows {done} in {b['batches']} batches"
                   + (f" (table ~{total:,} rows)" if total else "")
                   + f", batch size {b['batch_size']}, longest batch {b['max_batch_ms'] or 0:.0f} ms"
                   + (", finished" if b["finished_at"] else "")
@@ -307,7 +307,22 @@ def _status_view(st: dict):
                   + (f", ETA {b['eta_s']:.0f}s" if b["eta_s"] is not None else ""))
     for h in st.get("throttles") or []:
         parts.append(f"backfill {h['table']} held since {_t(h['since'])}: {h['reason']}")
-    return Group(*parts)
+    # Hints name the commands of the entry point in use (make phase-N under make).
+    return Group(*(output.for_frontend(p) if isinstance(p, str) else p for p in parts))
+
+
+def _app_versions_line(v: dict, contracted: bool) -> str:
+    """Each version's connection option while its views exist (or before they are made); once the contract
+    removed them, that version uses the tables and has nothing to set."""
+    present = {"old": v.get("old_present", True), "new": v.get("views_present", True)}
+    shown = [f"{k} {v[k]['dsn_option']}" + ("" if present[k] else " (its views are not made yet)")
+             for k in ("old", "new") if present[k] or not contracted]
+    if not shown:
+        return "app versions: the contract removed their views; every app instance uses the tables (no search_path)"
+    line = f"app versions: {', '.join(shown)}"
+    if present["old"] or not contracted:
+        line += f"; last write of the old version: {v['old_last_write'] or 'none seen'}"
+    return line
 
 
 @app.command("log", epilog=output.EXIT_CODES)
@@ -382,6 +397,8 @@ def demo(ctx: typer.Context, rows: int = typer.Option(100_000, help="sample rows
         dsn = ctx.obj.dsn_arg
         demo_mod.refuse_existing(dsn, pb)  # the demo creates its table: never on top of an existing one
     else:
+        out.print("starting the local PostgreSQL in .orchestrator/ (the first time: initdb, a few seconds)",
+                  highlight=False)
         started = server.local_server()
         server.drop_database(started.dsn, DEMO_DB)
         dsn = server.create_database(started.dsn, DEMO_DB)

@@ -61,11 +61,12 @@ ACCEPTED = {
     "ban-drop-column": ("contract only: drops the retired column after the rollback window, when nothing reads it",
                         None),
     "ban-drop-type": ("contract only: drops the enum type once no column uses it", None),
-    # app_versions: the orchestrator creates these in phase 2 and is the only one to drop them.
-    "ban-drop-view": ("drops the version schemas' views it created in phase 2 (app_versions), once the app "
-                      "versions no longer use them", None),
-    "ban-drop-schema": ("drops the version schemas it created in phase 2 (app_versions); without CASCADE, so a "
-                        "schema holding anything else is not dropped", None),
+    # app_versions: the orchestrator creates these (the old version's in phase 1, the new version's in phase 4)
+    # and is the only one to drop them.
+    "ban-drop-view": ("drops the version schemas' views it created (app_versions: the old version's in phase 1, "
+                      "the new version's in phase 4), once the app versions no longer use them", None),
+    "ban-drop-schema": ("drops the version schemas it created (app_versions: in phases 1 and 4); without CASCADE, "
+                        "so a schema holding anything else is not dropped", None),
     "ban-drop-sequence": ("drops its own note of the old version's last write", None),
     # kind change_type: the way back after the contract re-adds the column with the type it had.
     "prefer-bigint-over-int": ("the column's original type, re-added only by the way back after the contract (or "

@@ -253,7 +253,9 @@ class Backfill:
             self._log_batch(after, upto, changed, started, "ok")
             return upto, scanned, (time.monotonic() - started) * 1000
 
-        upto, scanned, ms = self.x.with_retries("backfill batch", attempt)
+        upto, scanned, ms = self.x.with_retries("backfill batch", attempt, expected={
+            "QueryCanceled": f"a batch ran past max_batch_ms ({self.s.max_batch_ms} ms) and was cancelled, then "
+                             f"run again at half its size"})
         return upto, scanned, self._next_size(sizes[0], ms)
 
     def after_batch(self, scanned: int) -> None:

@@ -112,8 +112,12 @@ class Executor:
             tally["retries"] += 1
             tally["errors"][type(exc).__name__] = tally["errors"].get(type(exc).__name__, 0) + 1
         if sys.stderr.isatty():  # on a terminal, each attempt as it happens; elsewhere one summary per step
-            log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
-                        reason=" ".join(str(exc).split())[:200])
+            why = (tally or {}).get("expected", {}).get(type(exc).__name__)
+            if why is not None:
+                log.info("retrying", attempt=state.attempt_number, why=why)
+            else:
+                log.warning("retrying", attempt=state.attempt_number, error=type(exc).__name__,
+                            reason=" ".join(str(exc).split())[:200])
         if isinstance(exc, psycopg.OperationalError) and self._conn is not None and self._conn.broken:
             self._conn = None  # reconnect on the next attempt
         elif isinstance(exc, pgerr.LockNotAvailable) and self.settings.cancel_autovacuum:
@@ -137,9 +141,11 @@ class Executor:
             log.info("cancelled autovacuum on the table so our DDL can go first", pids=cancelled)
 
     def with_retries(self, what: str, fn: Callable[[], Any], attempts: int | None = None,
-                     online: bool = False) -> Any:
+                     online: bool = False, expected: dict[str, str] | None = None) -> Any:
+        """`expected`: error class names that are part of the step's design, with what they mean (a backfill
+        batch cancelled for running past max_batch_ms is split): logged as info in those words, not as a warning."""
         self._watch = None
-        tally: dict[str, Any] = {"retries": 0, "errors": {}, "started": time.monotonic()}
+        tally: dict[str, Any] = {"retries": 0, "errors": {}, "started": time.monotonic(), "expected": expected or {}}
         try:
             for attempt in self.retrying(attempts, online, tally):
                 with attempt:
@@ -162,9 +168,14 @@ class Executor:
             raise self._online_gave_up(what, exc) from None
         finally:
             if tally["retries"]:  # off a terminal: one line per step instead of one per attempt
-                log.warning("retried", step=what, retries=tally["retries"],
-                            waited_s=round(time.monotonic() - tally["started"], 2),
-                            errors=", ".join(f"{k} x{v}" for k, v in tally["errors"].items()))
+                designed = expected and set(tally["errors"]) <= set(expected)
+                if designed and expected is not None:
+                    log.info(f"{what} retried as designed", step=what, retries=tally["retries"],
+                             why="; ".join(f"{expected[k]} (x{v})" for k, v in tally["errors"].items()))
+                else:
+                    log.warning("retried", step=what, retries=tally["retries"],
+                                waited_s=round(time.monotonic() - tally["started"], 2),
+                                errors=", ".join(f"{k} x{v}" for k, v in tally["errors"].items()))
 
     def _online_gave_up(self, what: str, exc: psycopg.Error) -> Refused:
         """An online step waited its whole online timeout once: name what it waited for, if still there."""

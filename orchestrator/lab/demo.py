@@ -68,6 +68,7 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
                     (keys,))
                 console.print(f"built-in rows in {m.table.name}: {found} of {len(keys)}")
 
+    console.print(f"seeding {rows:,} sample rows (a few seconds per 100,000)")
     with psycopg.connect(dsn) as conn:
         if chatter.is_chatter(pb):
             chatter.create_chatter_schema(conn, schema)
@@ -87,8 +88,9 @@ def run_demo(dsn: str, pb, *, rows: int, setup_only: bool = False, console=None)
     orch = Orchestrator(pb, dsn)
     try:
         for phase in orch.phases:
-            output.rule(console, f"phase {phase.number}: {phase.title}")
-            console.print(f"expand: {phase.expand_doc}\nlocks: {phase.locks_doc}")
+            title, expand_doc = phase.described(pb.settings)
+            output.rule(console, f"phase {phase.number}: {title}")
+            console.print(f"expand: {expand_doc}\nlocks: {phase.locks_doc}")
             orch.run(phase.number)
         output.rule(console, "contract")
         for phase in orch.phases:

@@ -370,10 +370,10 @@ class Orchestrator:
         hints = versions.connection_hints(self.pb)
         if hints is not None and self.pb.app_versions is not None:  # hints: only with app_versions
             seen = versions.old_last_seen(self.x.conn, self.pb)
+            present = {v: bool(db.scalar(self.x.conn, "SELECT to_regnamespace(%s) IS NOT NULL",
+                                         (hints[v]["schema"],))) for v in ("old", "new")}
             out["app_versions"] = {**hints, "old_last_write": seen.isoformat() if seen else None,
-                                   "views_present": bool(db.scalar(
-                                       self.x.conn, "SELECT to_regnamespace(%s) IS NOT NULL",
-                                       (self.pb.app_versions.new,)))}
+                                   "views_present": present["new"], "old_present": present["old"]}
         return out
 
 

@@ -74,6 +74,17 @@ class BackfillPhase(Phase):
                     "the table but the retired column's, packed again (the backfill left them half empty)")
     locks_doc = ("ROW EXCLUSIVE; row locks on one batch at a time (target_batch_ms), each waiting at most "
                  "lock_timeout; then ANALYZE of the new columns (SHARE UPDATE EXCLUSIVE, online)")
+    copy_title = "copy each table with the shadow column filled, then swap the copy in"
+    copy_doc = ("CREATE TABLE copy (the table's columns and the shadow); INSERT INTO copy SELECT ... per key range "
+                "(reads only: no row of the table is updated), the rows the app writes meanwhile noted by an AFTER "
+                "trigger in a log and copied again; the indexes built once on the copy; then one short transaction "
+                "takes the table's lock, replays the last of the log and swaps the copy in by renames (a table "
+                "without a primary key is updated in place, per range of heap blocks)")
+
+    def described(self, settings) -> tuple[str, str]:
+        if settings.backfill_method == "copy":
+            return self.copy_title, self.copy_doc
+        return self.title, self.expand_doc
 
     def before_expand_all(self, ctxs: list[Context]) -> None:
         for ctx in ctxs:  # every table checked before any is touched

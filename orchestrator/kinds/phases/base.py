@@ -23,6 +23,10 @@ class Phase:
     visible_to_app: ClassVar[bool] = False  # its rollback changes what the app sees: ask before doing it
     number: int  # its position in its kind, from 1: set on each instance by kinds.phases_for
 
+    def described(self, settings) -> tuple[str, str]:
+        """(title, expand_doc) as `plan` prints them for these settings (a phase whose method depends on them)."""
+        return self.title, self.expand_doc
+
     def expand(self, ctx: Context) -> dict | None:
         raise NotImplementedError
 
