@@ -252,8 +252,8 @@ def test_a_batch_split_for_running_past_max_batch_ms_is_said_as_info_not_a_warni
     info, not as a `retried ... QueryCanceled` warning a newcomer reads as an error."""
     seed(dsn, rows=2000)
     data = simple_dict()
-    data["settings"].update(batch_size=1000, min_batch_size=10, max_batch_size=1000, max_batch_ms=200,
-                            target_batch_ms=50, app_triggers="fire")
+    data["settings"].update(batch_size=1000, min_batch_size=1, max_batch_size=1000, max_batch_ms=400,
+                            target_batch_ms=50, app_triggers="fire", retries=60)
     path = write_playbook(data, tmp_path / "pb.yaml")
     ready_for_backfill(dsn, make_playbook()).close()
     # A slow app trigger (1 ms a row): a batch of 1000 rows runs past max_batch_ms, one of 100 does not.
@@ -266,6 +266,6 @@ def test_a_batch_split_for_running_past_max_batch_ms_is_said_as_info_not_a_warni
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     split = [e for e in events if e["event"] == "backfill batch retried as designed"]
     assert split and all(e["level"] == "info" for e in split), events
-    assert "ran past max_batch_ms (200 ms)" in split[0]["why"] and "half its size" in split[0]["why"]
+    assert "ran past max_batch_ms (400 ms)" in split[0]["why"] and "half its size" in split[0]["why"]
     assert [e for e in events if e["event"] == "retried"] == []
     assert mismatches(dsn) == 0

@@ -252,9 +252,6 @@ CASES = [
     # --- the database does not allow an online migration ---
     Case("enum-used-by-another-table", ("other_templates", "enum type"),
          setup=ddl("CREATE TABLE other_templates (id int PRIMARY KEY, kind workflowtype)")),
-    Case("table-without-primary-key", ("table.name", "nopk_templates", "primary key"),
-         set_("table.name", "nopk_templates"),
-         setup=ddl("CREATE TABLE nopk_templates (id varchar(26), workflow_type workflowtype NOT NULL)")),
     Case("shadow-column-exists", ("column.shadow", "'workflow_type_new'"),
          setup=ddl("ALTER TABLE workflow_templates ADD COLUMN workflow_type_new text")),
     Case("retired-column-exists", ("column.retired", "'workflow_type_old'"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .helpers import cli, orchestrator, real_playbook, seed_chatter
 
 MAKE = {"ORCHESTRATOR_FRONTEND": "make", "COLUMNS": "300"}
@@ -56,3 +58,25 @@ def test_the_demo_says_what_it_does_before_each_long_step(dsn):
     # the reference playbook copies: the demo's phase 3 header says so, as plan does
     assert "phase 3: copy each table with the shadow column filled, then swap the copy in" in text
     assert "expand: CREATE TABLE copy" in text
+
+
+def test_logging_configured_by_an_in_process_cli_run_outlives_its_stderr(monkeypatch, capsys):
+    """A CLI run in-process (CliRunner, an embedding tool) configures logging while sys.stderr is its own stream;
+    once that stream is closed, later log lines go to the stderr of the moment, not to the closed one."""
+    import io
+
+    import structlog
+
+    from orchestrator.console import logs
+    saved = structlog.get_config()
+    try:
+        temporary = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", temporary)
+        logs.configure(json=True)
+        structlog.get_logger().info("during")
+        temporary.close()
+        monkeypatch.undo()
+        structlog.get_logger().info("after")  # ValueError: I/O operation on closed file, before
+        assert '"event": "after"' in capsys.readouterr().err
+    finally:
+        structlog.configure(**saved)

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from orchestrator.engine.db import redact, secrets_of
+
+
+class _CurrentStderr:
+    """sys.stderr as it is when a line is written, not when logging was configured: a CLI run in-process (a test,
+    an embedding tool) would otherwise leave every later log line writing to its since-closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(*, json: bool | None = None, dsn: str | None = None, level: str = "info",
@@ -29,6 +41,6 @@ def configure(*, json: bool | None = None, dsn: str | None = None, level: str = 
         processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True), scrub, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
