@@ -108,7 +108,10 @@ def test_connection_terminated_during_index_build_backfill_verify_and_swap(dsn, 
     before = column_values(dsn)
     pb_path = playbook_file(tmp_path / "pb.yaml", **{
         "settings.batch_size": 5000, "settings.min_batch_size": 5000, "settings.max_batch_size": 5000,
-        "settings.verify_chunk_rows": 10_000, "settings.retries": 3, "settings.lock_timeout_ms": 3000})
+        "settings.verify_chunk_rows": 10_000, "settings.retries": 3, "settings.lock_timeout_ms": 3000,
+        # Connection loss is under test, not pacing: on a loaded 2-core machine a 5,000-row batch can take
+        # longer than the playbook's 150 ms, and at min_batch_size it cannot be split further.
+        "settings.max_batch_ms": 10_000})
     killed = {}
     killed["index build"] = through_lost_connection(dsn, pb_path, ("run", "1"), "CREATE INDEX CONCURRENTLY")
     assert orch_cli(dsn, pb_path, "run", "2").returncode == 0

@@ -255,7 +255,7 @@ class Backfill:
 
         upto, scanned, ms = self.x.with_retries("backfill batch", attempt, expected={
             "QueryCanceled": f"a batch ran past max_batch_ms ({self.s.max_batch_ms} ms) and was cancelled, then "
-                             f"run again at half its size"})
+                             f"run again at half its size (not below min_batch_size, {self.s.min_batch_size})"})
         return upto, scanned, self._next_size(sizes[0], ms)
 
     def after_batch(self, scanned: int) -> None:
