@@ -36,7 +36,7 @@ from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q, idents, join
-from orchestrator.kinds.phases import shadow, versions
+from orchestrator.kinds.phases import copy_bound, shadow, versions
 from orchestrator.kinds.phases.copy_swap import (
     CAPTURE,
     OLD_SNAPSHOTS,
@@ -141,8 +141,6 @@ class TableCopy:
     def unsupported(self) -> list[str]:
         """What this table has that a copy would not carry over: empty when it can be copied."""
         table = L(self.x.render(self.ctx.table))
-        ours = [versions.version_schema(self.ctx.pb, v) for v in ("old", "new")] if versions.enabled(self.ctx.pb) \
-            else []
         checks = [
             ("it is not a plain permanent table (partitioned, a partition, unlogged or typed)",
              "SELECT c.relkind <> 'r' OR c.relpersistence <> 'p' OR c.relispartition OR c.reloftype <> 0 "
@@ -156,18 +154,6 @@ class TableCopy:
             ("it has row-level security or policies",
              "SELECT c.relrowsecurity OR EXISTS (SELECT FROM pg_policy WHERE polrelid = c.oid) "
              "FROM pg_class c WHERE c.oid = to_regclass({t})"),
-            ("it is published for logical replication",
-             "SELECT EXISTS (SELECT FROM pg_publication_rel WHERE prrelid = to_regclass({t})) "
-             "OR EXISTS (SELECT FROM pg_publication WHERE puballtables)"),
-            ("it has rules or extended statistics",
-             "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = to_regclass({t})) "
-             "OR EXISTS (SELECT FROM pg_statistic_ext WHERE stxrelid = to_regclass({t}))"),
-            ("views other than the app version views, or functions, depend on it",
-             "SELECT EXISTS (SELECT FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass "
-             "AND r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace "
-             "WHERE d.refobjid = to_regclass({t}) AND v.oid <> to_regclass({t}) AND NOT n.nspname = ANY (%s)) "
-             "OR EXISTS (SELECT FROM pg_depend d JOIN pg_class c ON c.reltype = d.refobjid "
-             "WHERE c.oid = to_regclass({t}) AND d.deptype = 'n' AND d.classid <> 'pg_type'::regclass)"),
             ("it has an exclusion, deferrable or NOT VALID constraint",
              "SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({t}) "
              "AND (contype = 'x' OR (condeferrable AND contype IN ('p', 'u')) OR NOT convalidated))"),
@@ -179,7 +165,8 @@ class TableCopy:
              "OR EXISTS (SELECT FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
              "WHERE x.indrelid = to_regclass({t}) AND (i.reltablespace <> 0 OR NOT x.indisvalid))"),
         ]
-        found = [why for why, q in checks if self.x.scalar(Q(q).format(t=table), (ours,) if "%s" in q else None)]
+        found = [why for why, q in checks if self.x.scalar(Q(q).format(t=table))]
+        found += self.bound_objects()
         # The swap re-creates the table under the migrating role: it must be able to own it, create it in its
         # schema and re-add its foreign keys (REFERENCES on each table they point at).
         rights = self.x.query(Q("""
@@ -209,6 +196,28 @@ class TableCopy:
         if len(same) > 1:
             found.append("the playbook migrates more than one of its columns")
         return found
+
+    def bound_objects(self, cur: psycopg.Cursor | None = None) -> list[str]:
+        """What holds the table by its OID and would follow it when renamed away (copy_bound.py), in words; and
+        the publications that would publish the twin. Under the swap's lock with its cursor `cur`."""
+        table = self.x.render(self.ctx.table)
+        ours = [versions.version_schema(self.ctx.pb, v) for v in ("old", "new")] if versions.enabled(self.ctx.pb) \
+            else []
+        bound, published = copy_bound.bound_query(table), copy_bound.published_query(
+            table, self.x.conn.info.server_version)
+
+        def ask(q: sql.Composed, params: tuple | None = None) -> list[tuple]:
+            return cur.execute(q, params).fetchall() if cur is not None else self.x.query(q, params)
+
+        return ([copy_bound.in_words(*row) for row in ask(bound, (ours,))]
+                + [copy_bound.published_in_words(*row) for row in ask(published)])
+
+    def refuse_bound_under_lock(self, cur: psycopg.Cursor) -> None:
+        """bound_objects again under the swap's lock: one created since the check before it is refused too."""
+        if reasons := self.bound_objects(cur):
+            raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: {'; '.join(reasons)}; nothing was "
+                          f"changed (the copy is kept)", hint="undo that and re-run phase 3, or orchestrator "
+                                                              "rollback 3 and set settings.backfill_method: update")
 
     def refuse_unsupported(self) -> None:
         if self.x.dry_run or self.exchanged():
@@ -465,6 +474,7 @@ class TableCopy:
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.check_definition(plans, cur)
+                self.refuse_bound_under_lock(cur)
                 self.replay(everything=True, cur=cur)
                 held.append(time.monotonic())
                 self._exchange(cur, plans, rebuilt)
