@@ -5,15 +5,23 @@ twin too."""
 
 from __future__ import annotations
 
+import difflib
+import random
+import subprocess
+
 import psycopg
+import psycopg.conninfo
+import psycopg.sql
 import pytest
 
 from orchestrator.engine.errors import OrchestratorError
 from orchestrator.kinds.phases import copy as copy_mod
+from orchestrator.lab import server
 from orchestrator.lab.snapshot import snapshot_diff
 
 from .helpers import query, real_playbook, seed_chatter, snapshot
 from .helpers import run_steps as run
+from .test_copy_backfill import copied_up_to_the_swap
 
 COPY = {"settings.backfill_method": "copy", "settings.batch_size": 500, "settings.min_batch_size": 100,
         "settings.max_batch_size": 1000}
@@ -117,3 +125,139 @@ def test_an_object_bound_to_the_table_while_the_swap_takes_its_lock_is_refused_u
     run(pb, dsn, "rollback 3")  # the hint's way out: the in-place backfill
     run(real_playbook(**{**COPY, "settings.backfill_method": "update"}), dsn, 3)
     assert query(dsn, TWINS) == [(0,)]
+
+
+def dump(pg_server, dsn: str) -> str:
+    """pg_dump --schema-only of workflow_templates: everything of the table's a DBA would see change."""
+    out = subprocess.run([str(pg_server.bin_dir / "pg_dump"), "--schema-only", "--table=public.workflow_templates",
+                          "--dbname", dsn], capture_output=True, text=True, check=True).stdout
+    # pg_dump 17+ prints a random \restrict key per run
+    return "\n".join(line for line in out.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def changes(before: str, after: str) -> list[str]:
+    return [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+            if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+
+
+def ensure_role(c: psycopg.Connection, name: str) -> None:
+    if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
+        c.execute(psycopg.sql.SQL("CREATE ROLE {} NOLOGIN").format(psycopg.sql.Identifier(name)))
+
+
+def test_the_swap_and_its_rollback_leave_the_tables_dump_as_it_was(dsn, pg_server):
+    """Catalog details a rename keeps and a copy must carry: a column's n_distinct, CLUSTER ON, an index column's
+    statistics target, the grantor of a grant (a later REVOKE by that grantor must still reach it)."""
+    seed_chatter(dsn, 300, 50)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for role in ("copy_lead", "copy_app"):
+            ensure_role(c, role)
+        c.execute("ALTER TABLE workflow_templates ALTER COLUMN name SET (n_distinct = 100)")
+        c.execute("ALTER TABLE workflow_templates ALTER COLUMN owner_id SET (n_distinct_inherited = -0.5)")
+        c.execute("ALTER TABLE workflow_templates CLUSTER ON ix_workflow_templates_name")
+        c.execute("CREATE INDEX ix_wt_lower ON workflow_templates (lower(name), id)")
+        c.execute("ALTER INDEX ix_wt_lower ALTER COLUMN 1 SET STATISTICS 300")
+        c.execute("GRANT SELECT, UPDATE ON workflow_templates TO copy_lead WITH GRANT OPTION")
+        c.execute("SET ROLE copy_lead")
+        c.execute("GRANT SELECT ON workflow_templates TO copy_app")
+        c.execute("GRANT UPDATE (name) ON workflow_templates TO copy_app")
+        c.execute("RESET ROLE")
+    pb = real_playbook(**COPY)
+    run(pb, dsn, 1, 2)
+    before = dump(pg_server, dsn)
+    # What phase 3 must leave (a copy builds the new columns' indexes in phase 3): the in-place backfill's, on a
+    # clone.
+    name = f"copydump_{random.randrange(10**9)}"
+    with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+        c.execute(psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            psycopg.sql.Identifier(name), psycopg.sql.Identifier(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])))
+    other = server._with_dbname(pg_server.dsn, name)
+    try:
+        run(real_playbook(**{**COPY, "settings.backfill_method": "update", "settings.indexes_after_backfill": True}),
+            other, 3)
+        in_place = dump(pg_server, other)
+    finally:
+        server.drop_database(pg_server.dsn, name)
+    run(pb, dsn, 3)
+    assert query(dsn, TWINS) == [(0,)]
+    assert not (diff := changes(in_place, dump(pg_server, dsn))), "after the swap:\n" + "\n".join(diff)
+    run(pb, dsn, "rollback 3")
+    assert not (diff := changes(before, dump(pg_server, dsn))), "after its rollback:\n" + "\n".join(diff)
+    with psycopg.connect(dsn, autocommit=True) as c:  # the grantor's REVOKE reaches the grant it made
+        c.execute("SET ROLE copy_lead")
+        c.execute("REVOKE SELECT ON workflow_templates FROM copy_app")
+        c.execute("RESET ROLE")
+    assert query(dsn, "SELECT has_table_privilege('copy_app', 'workflow_templates', 'SELECT')") == [(False,)]
+
+
+def test_a_grant_by_a_role_the_migrating_role_cannot_become_is_refused_by_name(dsn, pg_server):
+    """The swap makes a grant again as its grantor: a migrating role (the table's owner, no superuser) that may not
+    SET ROLE to that grantor is refused before any change, naming it; once it may, the grant keeps its grantor."""
+    role = f"copier_{random.randrange(10**8)}"
+    seed_chatter(dsn, 300, 50)
+    ident = psycopg.sql.Identifier(role)
+    with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+        c.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        for name in ("copy_lead", "copy_app"):
+            ensure_role(c, name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for stmt in ("ALTER TABLE workflow_templates OWNER TO {}", "ALTER TABLE template_specs OWNER TO {}",
+                         "ALTER TYPE workflowtype OWNER TO {}", "GRANT CREATE ON SCHEMA public TO {}",
+                         "GRANT SELECT, REFERENCES ON users TO {}"):
+                c.execute(psycopg.sql.SQL(stmt).format(ident))
+            c.execute(psycopg.sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                psycopg.sql.Identifier(c.info.dbname), ident))
+            c.execute("GRANT SELECT ON workflow_templates TO copy_lead WITH GRANT OPTION")
+            c.execute("SET ROLE copy_lead")
+            c.execute("GRANT SELECT ON workflow_templates TO copy_app")
+            c.execute("RESET ROLE")
+        role_dsn = psycopg.conninfo.make_conninfo(dsn, user=role)
+        pb = real_playbook(**COPY)
+        run(pb, role_dsn, 1, 2)
+        before = snapshot(dsn)
+        with pytest.raises(OrchestratorError, match="grants made by copy_lead, which the swap must make again"):
+            run(pb, role_dsn, 3)
+        assert snapshot_diff(before, snapshot(dsn)) == []
+        assert query(dsn, TWINS) == [(0,)]
+        with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("GRANT copy_lead TO {}").format(ident))
+        run(pb, role_dsn, 3)
+        assert query(dsn, "SELECT pg_get_userbyid(p.grantor) FROM pg_class c, aclexplode(c.relacl) p "
+                          "WHERE c.oid = 'workflow_templates'::regclass AND p.grantee = 'copy_app'::regrole") \
+            == [("copy_lead",)]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(ident))
+            c.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(ident))
+        with psycopg.connect(pg_server.dsn, autocommit=True) as c:
+            c.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+
+def test_cluster_on_and_an_index_statistics_target_set_during_the_copy_are_carried(dsn, monkeypatch):
+    """Set on the table while it is copied: a re-run carries them (its index builds read them again); set after
+    those builds, right before the swap's lock, the swap refuses rather than lose them, and its hint's re-run
+    carries them."""
+    pb = copied_up_to_the_swap(dsn, monkeypatch)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE INDEX ix_wt_late ON workflow_templates (lower(name))")
+        c.execute("ALTER INDEX ix_wt_late ALTER COLUMN 1 SET STATISTICS 250")
+    original = copy_mod.versions.rebuilt_views  # after the index builds and the early checks, before the lock
+
+    def with_ddl(ctx):
+        if ctx.m.table.name == "workflow_templates":
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("ALTER TABLE workflow_templates CLUSTER ON ix_workflow_templates_name")
+        return original(ctx)
+
+    monkeypatch.setattr(copy_mod.versions, "rebuilt_views", with_ddl)
+    with pytest.raises(OrchestratorError, match="index 'ix_workflow_templates_name' is now .* CLUSTER") as err:
+        run(pb, dsn, 3)
+    assert "run phase 3 again" in err.value.hint
+    monkeypatch.setattr(copy_mod.versions, "rebuilt_views", original)
+    run(pb, dsn, 3)
+    assert query(dsn, TWINS) == [(0,)]
+    assert query(dsn, "SELECT indexrelid::regclass::text FROM pg_index WHERE indisclustered") \
+        == [("ix_workflow_templates_name",)]
+    assert query(dsn, "SELECT attstattarget::int FROM pg_attribute WHERE attrelid = 'ix_wt_late'::regclass") == [(250,)]
