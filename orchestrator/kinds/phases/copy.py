@@ -36,7 +36,7 @@ from orchestrator.engine.context import Context
 from orchestrator.engine.errors import Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q, idents, join
-from orchestrator.kinds.phases import shadow, versions
+from orchestrator.kinds.phases import copy_bound, shadow, versions
 from orchestrator.kinds.phases.copy_swap import (
     CAPTURE,
     OLD_SNAPSHOTS,
@@ -141,8 +141,6 @@ class TableCopy:
     def unsupported(self) -> list[str]:
         """What this table has that a copy would not carry over: empty when it can be copied."""
         table = L(self.x.render(self.ctx.table))
-        ours = [versions.version_schema(self.ctx.pb, v) for v in ("old", "new")] if versions.enabled(self.ctx.pb) \
-            else []
         checks = [
             ("it is not a plain permanent table (partitioned, a partition, unlogged or typed)",
              "SELECT c.relkind <> 'r' OR c.relpersistence <> 'p' OR c.relispartition OR c.reloftype <> 0 "
@@ -156,18 +154,6 @@ class TableCopy:
             ("it has row-level security or policies",
              "SELECT c.relrowsecurity OR EXISTS (SELECT FROM pg_policy WHERE polrelid = c.oid) "
              "FROM pg_class c WHERE c.oid = to_regclass({t})"),
-            ("it is published for logical replication",
-             "SELECT EXISTS (SELECT FROM pg_publication_rel WHERE prrelid = to_regclass({t})) "
-             "OR EXISTS (SELECT FROM pg_publication WHERE puballtables)"),
-            ("it has rules or extended statistics",
-             "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = to_regclass({t})) "
-             "OR EXISTS (SELECT FROM pg_statistic_ext WHERE stxrelid = to_regclass({t}))"),
-            ("views other than the app version views, or functions, depend on it",
-             "SELECT EXISTS (SELECT FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass "
-             "AND r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace "
-             "WHERE d.refobjid = to_regclass({t}) AND v.oid <> to_regclass({t}) AND NOT n.nspname = ANY (%s)) "
-             "OR EXISTS (SELECT FROM pg_depend d JOIN pg_class c ON c.reltype = d.refobjid "
-             "WHERE c.oid = to_regclass({t}) AND d.deptype = 'n' AND d.classid <> 'pg_type'::regclass)"),
             ("it has an exclusion, deferrable or NOT VALID constraint",
              "SELECT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass({t}) "
              "AND (contype = 'x' OR (condeferrable AND contype IN ('p', 'u')) OR NOT convalidated))"),
@@ -179,7 +165,8 @@ class TableCopy:
              "OR EXISTS (SELECT FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
              "WHERE x.indrelid = to_regclass({t}) AND (i.reltablespace <> 0 OR NOT x.indisvalid))"),
         ]
-        found = [why for why, q in checks if self.x.scalar(Q(q).format(t=table), (ours,) if "%s" in q else None)]
+        found = [why for why, q in checks if self.x.scalar(Q(q).format(t=table))]
+        found += self.bound_objects()
         # The swap re-creates the table under the migrating role: it must be able to own it, create it in its
         # schema and re-add its foreign keys (REFERENCES on each table they point at).
         rights = self.x.query(Q("""
@@ -203,12 +190,49 @@ class TableCopy:
             if no_references:
                 found.append(f"the migrating role lacks REFERENCES on {', '.join(no_references)} (the copy "
                              f"re-adds the foreign keys)")
+        found += self.grantors_out_of_reach()
         if not self.pk:
             found.append("it has no primary key")
         same = [m for m in self.ctx.pb.migrations if (m.table.schema_, m.table.name) == self.ctx.table_name]
         if len(same) > 1:
             found.append("the playbook migrates more than one of its columns")
         return found
+
+    def grantors_out_of_reach(self) -> list[str]:
+        """The swap makes each grant again as the role that made it (its REVOKE must still reach it): a grant by a
+        role other than the owner needs the migrating role to be able to SET ROLE to it."""
+        mode = "SET" if self.x.conn.info.server_version >= 160000 else "MEMBER"
+        roles = self.x.scalar(Q("""
+            SELECT string_agg(DISTINCT pg_get_userbyid(p.grantor), ', ' ORDER BY pg_get_userbyid(p.grantor))
+              FROM pg_class c, LATERAL (SELECT grantor FROM aclexplode(c.relacl) UNION ALL
+                   SELECT (aclexplode(a.attacl)).grantor FROM pg_attribute a
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) p
+             WHERE c.oid = to_regclass({}) AND p.grantor <> c.relowner AND NOT pg_has_role(p.grantor, {})""").format(
+            L(self.x.render(self.ctx.table)), L(mode)))
+        return [f"it has grants made by {roles}, which the swap must make again as them and the migrating role may "
+                f"not SET ROLE to (GRANT those roles to it, or revoke and re-grant them as the owner)"] if roles else []
+
+    def bound_objects(self, cur: psycopg.Cursor | None = None) -> list[str]:
+        """What holds the table by its OID and would follow it when renamed away (copy_bound.py), in words; and
+        the publications that would publish the twin. Under the swap's lock with its cursor `cur`."""
+        table = self.x.render(self.ctx.table)
+        ours = [versions.version_schema(self.ctx.pb, v) for v in ("old", "new")] if versions.enabled(self.ctx.pb) \
+            else []
+        bound, published = copy_bound.bound_query(table), copy_bound.published_query(
+            table, self.x.conn.info.server_version)
+
+        def ask(q: sql.Composed, params: tuple | None = None) -> list[tuple]:
+            return cur.execute(q, params).fetchall() if cur is not None else self.x.query(q, params)
+
+        return ([copy_bound.in_words(*row) for row in ask(bound, (ours,))]
+                + [copy_bound.published_in_words(*row) for row in ask(published)])
+
+    def refuse_bound_under_lock(self, cur: psycopg.Cursor) -> None:
+        """bound_objects again under the swap's lock: one created since the check before it is refused too."""
+        if reasons := self.bound_objects(cur):
+            raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: {'; '.join(reasons)}; nothing was "
+                          f"changed (the copy is kept)", hint="undo that and re-run phase 3, or orchestrator "
+                                                              "rollback 3 and set settings.backfill_method: update")
 
     def refuse_unsupported(self) -> None:
         if self.x.dry_run or self.exchanged():
@@ -276,6 +300,7 @@ class TableCopy:
                       for c, n in x.query(Q(
                           "SELECT attname, attstattarget FROM pg_attribute WHERE attrelid = to_regclass({}) "
                           "AND attnum > 0 AND NOT attisdropped AND attstattarget >= 0").format(L(x.render(ctx.table))))]
+            stmts += self.column_options()
         keys = [ix for ix in (self.indexes() if not x.dry_run else []) if ix.is_key]
         stmts += [Q("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} {}").format(I(ix.temp), self.twin, ix.tail)
                   for ix in keys]
@@ -301,6 +326,39 @@ class TableCopy:
                  what=f"note the writes to {ctx.m.label} while it is copied")
         if not x.dry_run:  # a re-run: the table may have been changed since its twin was made
             self.check_definition([], indexes=False)
+
+    def column_options(self) -> list[sql.Composed]:
+        """The table's per-column options (n_distinct, n_distinct_inherited), which LIKE does not copy."""
+        return [Q("ALTER TABLE {} ALTER COLUMN {} SET ({})").format(self.twin, I(column), join(
+                    Q("{} = {}").format(I(k), L(v)) for k, v in (o.split("=", 1) for o in options)))
+                for column, options in self.x.query(Q(
+                    "SELECT attname, attoptions FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 "
+                    "AND NOT attisdropped AND attoptions IS NOT NULL ORDER BY attnum").format(
+                    L(self.x.render(self.ctx.table))))]
+
+    def carry_index_details(self, plans: list[IndexPlan]) -> None:
+        """What pg_get_indexdef leaves out, set on the index's copy (a rename keeps it): the index the table is
+        CLUSTERed ON, an expression column's statistics target. Each statement idempotent: a re-run sets it again."""
+        temp = {ix.name: ix.temp for ix in plans}
+        stmts: list[sql.Composed] = []
+        for name, clustered, targets in self.x.query(Q("""
+                SELECT i.relname, x.indisclustered,
+                       (SELECT json_agg(json_build_array(a.attnum, a.attstattarget::int) ORDER BY a.attnum)
+                          FROM pg_attribute a WHERE a.attrelid = i.oid AND coalesce(a.attstattarget::int, -1) >= 0)
+                  FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                 WHERE x.indrelid = to_regclass({}) AND (x.indisclustered OR EXISTS (SELECT FROM pg_attribute a
+                       WHERE a.attrelid = i.oid AND coalesce(a.attstattarget::int, -1) >= 0))""").format(
+                L(self.x.render(self.ctx.table)))):
+            if name not in temp:
+                continue  # created since the indexes were read: the swap refuses it (check_definition)
+            index = I(self.ctx.m.table.schema_, temp[name])
+            if clustered:
+                stmts.append(Q("ALTER TABLE {} CLUSTER ON {}").format(self.twin, I(temp[name])))
+            stmts += [Q("ALTER INDEX {} ALTER COLUMN {} SET STATISTICS {}").format(index, L(n), L(target))
+                      for n, target in targets or []]
+        if stmts:
+            self.x.atomic(*stmts, lock="SHARE UPDATE EXCLUSIVE on the copy only",
+                          what=f"CLUSTER ON and index statistics targets of {self.ctx.m.label} on the copy")
 
     def _log_functions(self) -> list[sql.Composed]:
         """SECURITY DEFINER with a fixed search_path: the app's roles write the log without rights on our schema."""
@@ -408,6 +466,7 @@ class TableCopy:
         for unique, name, tail, shown in builds:
             self.x.online(Q("CREATE {}INDEX IF NOT EXISTS {} ON {} {}").format(unique, name, self.twin, tail),
                           lock="SHARE on the copy only (the app does not use it)", what=f"build {shown} on the copy")
+        self.carry_index_details(plans)
         self.x.online(Q("ANALYZE {}").format(self.twin), lock="SHARE UPDATE EXCLUSIVE on the copy only",
                       what=f"analyze the copy of {self.ctx.m.label}")
 
@@ -465,6 +524,7 @@ class TableCopy:
                     raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.check_definition(plans, cur)
+                self.refuse_bound_under_lock(cur)
                 self.replay(everything=True, cur=cur)
                 held.append(time.monotonic())
                 self._exchange(cur, plans, rebuilt)

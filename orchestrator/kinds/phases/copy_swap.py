@@ -41,11 +41,16 @@ CAPTURE: dict[str, tuple[str, int]] = {
                   "JOIN pg_class s ON s.oid = d.objid JOIN pg_attribute a ON a.attrelid = d.refobjid "
                   "AND a.attnum = d.refobjsubid WHERE d.refobjid = to_regclass({t}) "
                   "AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype = 'a'", 2),
-    "grants": ("SELECT NULL::name AS c0, p.privilege_type AS c1, p.grantee AS c2, p.is_grantable AS c3 "
-               "FROM pg_class c, aclexplode(c.relacl) p WHERE c.oid = to_regclass({t}) UNION ALL "
-               "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable FROM pg_attribute a, "
-               "aclexplode(a.attacl) p WHERE a.attrelid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped",
-               4),
+    # Grants by the owner first: a grant by another role needs its grant option, from the owner.
+    "grants": ("SELECT c0, c1, c2, c3, c4 FROM ("
+               "SELECT NULL::name AS c0, p.privilege_type AS c1, p.grantee AS c2, p.is_grantable AS c3, "
+               "nullif(p.grantor, c.relowner) AS c4, 0 AS n, p.ordinality AS o "
+               "FROM pg_class c, aclexplode(c.relacl) WITH ORDINALITY p WHERE c.oid = to_regclass({t}) UNION ALL "
+               "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable, nullif(p.grantor, c.relowner), "
+               "a.attnum, p.ordinality "
+               "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid, aclexplode(a.attacl) WITH ORDINALITY p "
+               "WHERE c.oid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped) g "
+               "ORDER BY c4 IS NOT NULL, n, o", 5),
     "table": ("SELECT obj_description(c.oid, 'pg_class') AS c0, c.relreplident::text AS c1, "
               "(SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid "
               "AND x.indisreplident) AS c2, c.reloptions AS c3, t.reloptions AS c4 FROM pg_class c "
@@ -69,6 +74,7 @@ SELECT 'column', a.attname, concat_ws(' ', format_type(a.atttypid, a.atttypmod),
        CASE WHEN a.attstorage <> t.typstorage THEN 'STORAGE ' || a.attstorage::text END,
        CASE WHEN a.attcompression <> '' THEN 'COMPRESSION ' || a.attcompression::text END,
        CASE WHEN coalesce(a.attstattarget::int, -1) >= 0 THEN 'STATISTICS ' || a.attstattarget::text END,
+       'OPTIONS ' || array_to_string(a.attoptions, ', '),
        'COMMENT ' || quote_literal(col_description(a.attrelid, a.attnum))), NULL, NULL, a.attnum
   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -80,7 +86,12 @@ SELECT 'check', conname, concat_ws(' ', pg_get_constraintdef(oid),
 UNION ALL
 SELECT 'index', i.relname, CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END
        || CASE WHEN starts_with(i.def, i.qualified) THEN substr(i.def, length(i.qualified) + 1)
-               WHEN starts_with(i.def, i.plain) THEN substr(i.def, length(i.plain) + 1) ELSE i.def END,
+               WHEN starts_with(i.def, i.plain) THEN substr(i.def, length(i.plain) + 1) ELSE i.def END
+       -- what pg_get_indexdef leaves out (copy.py carry_index_details)
+       || CASE WHEN x.indisclustered THEN ' CLUSTER' ELSE '' END
+       || coalesce((SELECT ' STATISTICS ' || string_agg(a.attnum || ' ' || a.attstattarget, ', ' ORDER BY a.attnum)
+                      FROM pg_attribute a WHERE a.attrelid = x.indexrelid
+                       AND coalesce(a.attstattarget::int, -1) >= 0), ''),
        con.contype::text, con.conname, 0
   FROM pg_index x
   JOIN LATERAL (SELECT ic.relname, pg_get_indexdef(x.indexrelid) AS def,
@@ -205,11 +216,7 @@ def swap_statements(ctx: Context, found: dict, plans: list[IndexPlan], views: li
             stmts.append(Q("COMMENT ON TRIGGER {} ON {} IS {}").format(I(name), t, L(note)))
     if comment:
         stmts.append(Q("COMMENT ON TABLE {} IS {}").format(t, L(comment)))
-    for column, privilege, grantee, grantable in grants:
-        who = Q("PUBLIC") if grantee == 0 else I(names[grantee])
-        what = Q(privilege) if column is None else Q("{} ({})").format(Q(privilege), I(column))
-        stmts.append(Q("GRANT {} ON TABLE {} TO {}{}").format(
-            what, t, who, Q(" WITH GRANT OPTION") if grantable else Q("")))
+    stmts += grant_statements(t, grants, names)
     mine = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in main_options or []}
     mine.update({f"toast.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in toast_options or []})
     stmts.append(Q("ALTER TABLE {} RESET (autovacuum_enabled, toast.autovacuum_enabled)").format(t))
@@ -219,4 +226,19 @@ def swap_statements(ctx: Context, found: dict, plans: list[IndexPlan], views: li
     if replident != "d":
         stmts.append(Q("ALTER TABLE {} REPLICA IDENTITY {}").format(t, Q("USING INDEX {}").format(I(replindex))
                      if replident == "i" else Q({"f": "FULL", "n": "NOTHING"}[replident])))
+    return stmts
+
+
+def grant_statements(t: sql.Composable, grants: list, names: dict) -> list[sql.SQL | sql.Composed]:
+    """The table's grants again, each by its grantor: one by a role other than the owner is made as that role
+    (SET LOCAL ROLE), so that its REVOKE still reaches it; copy.py refuses a grantor the migrating role cannot be."""
+    stmts: list[sql.SQL | sql.Composed] = []
+    for column, privilege, grantee, grantable, grantor in grants:
+        who = Q("PUBLIC") if grantee == 0 else I(names[grantee])
+        what = Q(privilege) if column is None else Q("{} ({})").format(Q(privilege), I(column))
+        grant = Q("GRANT {} ON TABLE {} TO {}{}").format(what, t, who, Q(" WITH GRANT OPTION") if grantable else Q(""))
+        if grantor is None:
+            stmts.append(grant)
+        else:
+            stmts += [Q("SET LOCAL ROLE {}").format(I(names[grantor])), grant, Q("RESET ROLE")]
     return stmts
