@@ -351,22 +351,46 @@ class TableCopy:
         types = self.key_types()
         unnest = Q("SELECT * FROM unnest({})").format(join(Q("%s::{}[]").format(t) for t in types))
         key = Q("({})").format(join(I("s", c) for c in self.pk))
-        take = Q("WITH d AS (DELETE FROM {0} WHERE _ec_seq IN (SELECT _ec_seq FROM {0} ORDER BY _ec_seq LIMIT {1}) "
-                 "RETURNING {2}) "
-                 "SELECT DISTINCT {2} FROM d").format(self.log, L(REPLAY_CHUNK), join(I(c) for c in self.pk))
+        take = Q("WITH d AS (DELETE FROM {0} WHERE _ec_seq IN (SELECT _ec_seq FROM {0} ORDER BY _ec_seq LIMIT %s) "
+                 "RETURNING {1}) "
+                 "SELECT DISTINCT {1} FROM d").format(self.log, join(I(c) for c in self.pk))
         twin_key = Q("({})").format(join(I("w", c) for c in self.pk))
-        same = Q(" AND ").join([Q("{} = {}").format(I("s", c), I("w", c)) for c in self.pk])
-        gone = Q("DELETE FROM {} AS w WHERE {} IN ({}) AND NOT EXISTS (SELECT FROM {} AS s WHERE {})").format(
-            self.twin, twin_key, unnest, self.ctx.table, same)
+        drop = Q("DELETE FROM {} AS w WHERE {} IN ({})").format(self.twin, twin_key, unnest)
+        more = Q("SELECT count(*) > %s FROM {}").format(self.log)
         total = 0
 
-        def chunk(c: psycopg.Cursor) -> int:
-            keys = c.execute(take).fetchall()
+        def apply(c: psycopg.Cursor, limit: int) -> int:
+            keys = c.execute(take, (limit,)).fetchall()
             if keys:
+                # Every logged row out of the twin, then in again as the table has it now: the rows inserted
+                # are one snapshot of the table, unique among themselves; an upsert row by row could collide
+                # with a row of the twin that the same chunk moves out of the way later (emails swapped, a row
+                # deleted and re-created with its email in one transaction).
                 arrays = [list(col) for col in zip(*keys)]
+                c.execute(drop, arrays)
                 c.execute(self.insert(Q("{} IN ({})").format(key, unnest), refresh=True), arrays)
-                c.execute(gone, arrays)
             return len(keys)
+
+        def chunk(c: psycopg.Cursor) -> int:
+            """One chunk of the log in a savepoint. A unique violation means a row of the twin not yet copied again
+            holds the value: its key is later in the log, so the chunk is taken again with more of the log,
+            up to all of it. Still violated then, the rest is in transactions not yet committed: outside the
+            swap's lock the keys stay in the log for the next replay (0: this one stops); under it (the app
+            held off, the whole log visible) the twin would break a unique index the table keeps: raised."""
+            limit = REPLAY_CHUNK
+            while True:
+                try:
+                    with c.connection.transaction():
+                        return apply(c, limit)
+                except pgerr.UniqueViolation:
+                    if c.execute(more, (limit,)).fetchone() == (True,):
+                        limit *= 4
+                    elif cur is not None:
+                        raise
+                    else:
+                        log.info("replay left for later: a unique value is held by a row written in a "
+                                 "transaction not committed yet", table=self.ctx.m.label)
+                        return 0
 
         while True:
             if cur is not None:
