@@ -542,3 +542,49 @@ def test_indexes_created_or_dropped_before_a_rerun_are_carried(dsn, monkeypatch)
                       "AND contype = 'p'") == [("wt_key",)]
     assert query(dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_ec\\_%'") == [(0,)]
     shadow_agrees(dsn)
+
+
+UNIQUE_PB = {"name": "acct_n_to_bigint", "kind": "change_type",
+             "columns": [{"table": "acct", "column": "n", "type": "bigint", "up": "n::bigint", "down": "n::integer"}],
+             "settings": {"backfill_method": "copy", "old_version_quiet_s": 0, "retries": 2, "batch_size": 20,
+                          "min_batch_size": 20, "max_batch_size": 20}}
+# Writes that move a UNIQUE value from one row to another, each one transaction: the log names both rows, in
+# an order in which copying them again one by one (or a chunk at a time) passes through a duplicate.
+MOVES = {
+    "re-created": ["DELETE FROM acct WHERE id = 1", "INSERT INTO acct (id, email, n) VALUES (1001, 'e1', 5)"],
+    "swapped": ["UPDATE acct SET email = 'tmp' WHERE id = 2", "UPDATE acct SET email = 'e2' WHERE id = 3",
+                "UPDATE acct SET email = 'e3' WHERE id = 2"],
+    "moved on": ["UPDATE acct SET email = 'x4' WHERE id = 4", "UPDATE acct SET email = 'e4' WHERE id = 5"],
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 10_000], ids=lambda n: f"chunk{n}")
+def test_replaying_writes_that_move_a_unique_value_between_rows_never_breaks_the_twins_index(dsn, monkeypatch,
+                                                                                              chunk):
+    """A UNIQUE email deleted and re-created under another id, swapped between two rows, moved on, while the copy
+    waits for its swap: the replay (outside the swap's lock and under it, by chunks of every size) brings the
+    twin to the table's rows without a unique violation, and the swap goes in."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, email text NOT NULL UNIQUE, n int NOT NULL)")
+        conn.execute("INSERT INTO acct SELECT i, 'e' || i, i FROM generate_series(1, 100) i")
+    pb = playbook.parse(UNIQUE_PB)
+    run(pb, dsn, 1, 2)
+
+    def stopped(self):
+        raise RuntimeError("stopped before the swap")
+
+    with monkeypatch.context() as m:
+        m.setattr(copy_mod.TableCopy, "exchange", stopped)
+        with pytest.raises(OrchestratorError, match="stopped before the swap"):
+            run(pb, dsn, 3)
+    with psycopg.connect(dsn) as conn:
+        for statements in MOVES.values():
+            with conn.transaction():
+                for s in statements:
+                    conn.execute(s)
+    monkeypatch.setattr(copy_mod, "REPLAY_CHUNK", chunk)
+    expected = query(dsn, "SELECT id, email, n FROM acct ORDER BY id")
+    run(pb, dsn, 3)
+    assert query(dsn, "SELECT id, email, n FROM acct ORDER BY id") == expected
+    assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'acct'::regclass "
+                      "AND attname = 'n_new'") == [("bigint",)]

@@ -40,8 +40,9 @@ class Pgbench:
     """pgbench -M prepared in back-to-back runs of a few seconds each, until stopped: every run's summary
     (transactions, failed transactions) is kept, and a run that aborts counts as failed."""
 
-    def __init__(self, dsn: str, clients: int = 2, search_path: str | None = None):
+    def __init__(self, dsn: str, clients: int = 2, search_path: str | None = None, script: str | None = None):
         self.dsn, self.clients, self.binary = dsn, clients, pgbench_binary()
+        self.script = ["-f", script] if script else []  # a custom transaction instead of pgbench's own
         # an app version: its connections' search_path puts its version views first
         self.env = {**os.environ, "PGOPTIONS": f"-c search_path={search_path}"} if search_path else None
         self.transactions = self.failed = 0
@@ -56,7 +57,7 @@ class Pgbench:
     def _loop(self) -> None:
         while not self._stop.is_set():
             r = subprocess.run([self.binary, "-n", "-M", "prepared", "-c", str(self.clients), "-T", "2",
-                                self.dsn], capture_output=True, text=True, env=self.env)
+                                *self.script, self.dsn], capture_output=True, text=True, env=self.env)
             done = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
             failed = re.search(r"number of failed transactions: (\d+)", r.stdout)
             self.transactions += int(done.group(1)) if done else 0
@@ -229,6 +230,50 @@ def test_a_column_pgbench_reads_back_widens_through_the_version_views(dsn):
         orch.close()
     assert (old.failed, old.outputs[:2]) == (0, []) and new is not None and (new.failed, new.outputs[:2]) == (0, [])
     assert old.transactions > 0 and new.transactions > 0
+    a, t, b, delta = balances(dsn)
+    assert a == t == b == delta
+    assert column_type(dsn, "pgbench_accounts", "abalance") == "bigint"
+
+
+# pgbench's own transaction writes pgbench_accounts, then pgbench_branches; this one the other way round.
+PARENT_FIRST = """\\set aid random(1, 100000)
+\\set bid random(1, 1)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = 1;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+"""
+
+
+@pytest.mark.parametrize("order", ["table-then-parent", "parent-then-table"])
+def test_the_copy_swaps_under_four_clients_whatever_order_they_lock_the_parent_in(dsn, tmp_path, order):
+    """pgbench -c 4 writes pgbench_accounts and pgbench_branches (the table its foreign key points at) in one
+    transaction: the copy's swap, which locks both, gets them within a few attempts in either order, and so does
+    the column swap of phase 5; pgbench sees no failure."""
+    init_pgbench(dsn)
+    data = yaml.safe_load(PLAYBOOK.read_text())
+    data["name"] = "pgbench_abalance_to_bigint"
+    data["columns"] = [{"table": "pgbench_accounts", "column": "abalance", "type": "bigint",
+                        "up": "abalance::bigint", "down": "abalance::integer"}]
+    data["settings"].update(backfill_method="copy", lock_timeout_ms=50, retries=6)
+    script = None
+    if order == "parent-then-table":
+        script = str(tmp_path / "parent_first.sql")
+        (tmp_path / "parent_first.sql").write_text(PARENT_FIRST)
+    orch = Orchestrator(playbook.parse(data), dsn)
+    app = Pgbench(dsn, clients=4, script=script)
+    try:
+        assert [orch.run(n) for n in (1, 2)] == ["applied"] * 2
+        app.start()
+        assert [orch.run(n) for n in (3, 4, 5)] == ["applied"] * 3
+    finally:
+        app.stop()
+        orch.close()
+    assert (app.failed, app.outputs[:2]) == (0, [])
+    assert app.transactions > 0
     a, t, b, delta = balances(dsn)
     assert a == t == b == delta
     assert column_type(dsn, "pgbench_accounts", "abalance") == "bigint"
