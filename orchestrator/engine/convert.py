@@ -167,6 +167,10 @@ class Conversion:
     def refusal_hint(self) -> str:
         raise NotImplementedError
 
+    def round_trip(self, expr: sql.Composable) -> sql.Composed:
+        """down(up(x)), inlined (change_type only)."""
+        raise NotImplementedError
+
 
 class LabelMap(Conversion):
     """kind enum_to_varchar: the playbook's mapping, compared as the enum (cheaper than via text)."""
@@ -204,3 +208,6 @@ class Expressions(Conversion):
 
     def refusal_hint(self) -> str:
         return "change or delete those rows (they hold values only the new type can), then re-run"
+
+    def round_trip(self, expr: sql.Composable) -> sql.Composed:
+        return Q("{}({}({}))").format(down(self.m), up(self.m), expr)
