@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+import yaml
 
 from orchestrator.engine import playbook
 from orchestrator.engine.errors import Refused
+from orchestrator.lab import shop
+from orchestrator.lab.snapshot import schema_snapshot, snapshot_diff
 from orchestrator.run.runner import Orchestrator
 
-from .helpers import query
+from .helpers import ROOT, query
 
 PHASES = 5
 GAP = "2024-03-10 02:30:00"  # no such wall-clock time in New York: up/down give 03:30 back
@@ -28,6 +31,17 @@ def seed(dsn, rows=300) -> None:
         conn.execute("CREATE TABLE ev (id int PRIMARY KEY, at timestamp, pad text)")
         conn.execute("INSERT INTO ev SELECT g, timestamp '2024-01-01' + g * interval '7 hours', 'p' "
                      "FROM generate_series(1, %s) g", (rows,))
+
+
+def timed() -> dict:
+    d = yaml.safe_load(TIMES.read_text())
+    d["settings"]["old_version_quiet_s"] = 0
+    return d
+
+
+def snap(dsn) -> dict:
+    with psycopg.connect(dsn) as conn:
+        return schema_snapshot(conn)
 
 
 def execute(dsn, stmt, params=None) -> None:
@@ -117,5 +131,63 @@ def test_a_value_down_fails_on_is_refused_naming_it(dsn):
         with pytest.raises(Refused, match=r"rows of n\.v hold a value that down\(up\(x\)\) does not give back "
                                           r"\(id=500: 2000000 gives NULL \(down fails\)\)"):
             orch.run(4)
+    finally:
+        orch.close()
+
+
+TIMES = ROOT / "playbooks" / "placed_at_to_timestamptz.yaml"
+ZONES = ["America/New_York", "Asia/Kolkata", "UTC"]
+
+
+def insert_order(dsn, zone: str, search_path: str = "public") -> tuple:
+    """An order placed from a session in `zone`, relying on the default: (seconds between the instant stored and
+    now, the stored value as the old version's column would hold it)."""
+    with psycopg.connect(dsn, autocommit=True, options=f"-c TimeZone={zone} -c search_path={search_path}") as conn:
+        return conn.execute("INSERT INTO orders (account_id) VALUES ((SELECT min(id) FROM accounts)) RETURNING "
+                            "abs(extract(epoch FROM placed_at::timestamptz - now()))").fetchone()
+
+
+def test_the_moved_default_stores_the_instant_it_did_and_comes_back_as_it_was(dsn):
+    """timestamp DEFAULT (now() AT TIME ZONE 'UTC') becomes timestamptz: an insert relying on the default stores
+    now, from a session in any TimeZone, before and after the swap and after the contract; rolled back from the
+    swap the catalog is as it was (the old default's text too)."""
+    with psycopg.connect(dsn) as conn:
+        shop.create_shop(conn, accounts=50)
+        before = schema_snapshot(conn)
+    orch = Orchestrator(playbook.parse(timed()), dsn)
+    try:
+        for n in range(1, PHASES + 1):
+            assert orch.run(n) == "applied"
+        for zone in ZONES:
+            (off,) = insert_order(dsn, zone)
+            assert off < 60, f"after the swap, an order placed from {zone} is {off:.0f} s off now"
+        for n in range(PHASES, 0, -1):
+            assert orch.rollback(n) == "rolled back"
+        assert snapshot_diff(before, snap(dsn)) == []
+        for n in range(1, PHASES + 1):
+            assert orch.run(n) == "applied"
+        assert orch.contract(old_version_gone=True) == ["contracted"] * PHASES
+        for zone in ZONES:
+            (off,) = insert_order(dsn, zone)
+            assert off < 60, f"after the contract, an order placed from {zone} is {off:.0f} s off now"
+    finally:
+        orch.close()
+
+
+def test_a_default_up_would_compute_twice_is_refused_before_the_swap(dsn):
+    """up naming the column twice would call a volatile default (nextval) twice per row: the swap refuses."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE n (id int PRIMARY KEY, v int DEFAULT (random() * 100)::int)")
+        conn.execute("INSERT INTO n SELECT g, g FROM generate_series(1, 50) g")
+    orch = Orchestrator(playbook.parse({"name": "twice", "kind": "change_type", "columns": [
+        {"table": "n", "column": "v", "type": "bigint", "up": "CASE WHEN v < 0 THEN 0 ELSE v END::bigint",
+         "down": "v::int"}]}), dsn)
+    try:
+        for n in range(1, PHASES):
+            assert orch.run(n) == "applied"
+        with pytest.raises(Refused, match=r"cannot swap n\.v: its default .* up names 'v' more than once"):
+            orch.run(PHASES)
+        assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'n'::regclass "
+                          "AND attname = 'v'") == [("integer",)]
     finally:
         orch.close()

@@ -109,6 +109,7 @@ class SwapColumns(Phase):
         refuse_later_triggers(ctx)
         shape.refuse_new_indexes(ctx)
         old_type.current_default(ctx)
+        old_type.check_moved_default(ctx)
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         x = ctxs[0].x
