@@ -226,5 +226,6 @@ def test_the_contract_refuses_an_enum_copy_that_drifted_after_the_swap(dsn, orch
     with pytest.raises(Refused, match=f"cannot contract: 1 rows of workflow_templates.workflow_type.*{rid}"):
         orch.contract(old_version_gone=True)
     assert query(dsn, "SELECT count(*) FROM _orchestrator.phases WHERE status = 'contracted'") == [(0,)]
-    execute(dsn, f"UPDATE workflow_templates SET workflow_type = workflow_type WHERE id = '{rid}'")  # the hint
+    # The hint: the right value into the wrong copy (a no-op SET x = x no longer recomputes the other one).
+    execute(dsn, f"UPDATE workflow_templates SET workflow_type = 'rag_chat' WHERE id = '{rid}'")
     assert orch.contract(old_version_gone=True) == ["contracted"] * 6

@@ -87,6 +87,23 @@ class Context:
         """What the old values are, in messages: the enum type, or the column's old type."""
         return self.conversion.old_name
 
+    # Words for messages, by kind
+    @property
+    def old_copy(self) -> str:
+        """The old column, once the new one is the app's: 'the enum column', or 'the old copy (timestamp)'."""
+        return f"the old copy ({self.old_name})" if self.changes_type else "the enum column"
+
+    @property
+    def old_value_word(self) -> str:
+        """What a new value must have to go back: 'an enum label', or 'a value down gives back'."""
+        return f"a value of {self.old_name} down() gives" if self.changes_type else "an enum label"
+
+    def conversion_of(self, column: str) -> str:
+        return f"up({column})" if self.changes_type else f"the mapping of {column}"
+
+    def conversion_back(self, column: str) -> str:
+        return f"down({column})" if self.changes_type else f"the reverse mapping of {column}"
+
     def _fact(self, value: str | None) -> str:
         if value is None:
             raise RuntimeError(f"{self.m.label}: the stored facts lack the column's types")

@@ -14,6 +14,8 @@ BadInput naming the column (and the row).
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 from psycopg import sql
 
@@ -139,6 +141,69 @@ def _name_failing_row(conn: psycopg.Connection, m: ColumnMigration, table: sql.I
     raise BadInput(f"{m.where}up: fails on a value of {m.label}: {_first_line(err)}") from None
 
 
+_IDENT = re.compile(r"[A-Za-z_\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*")
+
+
+def references(expr: str, column: str) -> list[tuple[int, int]]:
+    """Where `expr` names `column` (start, end): an unquoted identifier equal to it as PostgreSQL folds case, or
+    a quoted one spelled exactly; not inside string literals, dollar quotes or comments, not a function name
+    (followed by "("), a qualified name's later part (after ".") or a type (after "::")."""
+    found, i, n = [], 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c == "'":  # a literal; E'..' also escapes with a backslash
+            escapes = i > 0 and expr[i - 1] in "eE" and (i < 2 or not (expr[i - 2].isalnum() or expr[i - 2] == "_"))
+            i += 1
+            while i < n and not (expr[i] == "'" and expr[i + 1:i + 2] != "'"):
+                i += 2 if (expr[i] == "'" or (escapes and expr[i] == "\\")) else 1
+            i += 1
+        elif expr.startswith("--", i):
+            i = expr.find("\n", i) % (n + 1) if "\n" in expr[i:] else n
+        elif expr.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                depth += 1 if expr.startswith("/*", i) else -1 if expr.startswith("*/", i) else 0
+                i += 2 if expr.startswith(("/*", "*/"), i) else 1
+        elif c == "$" and (tag := re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", expr[i:])):
+            end = expr.find(tag.group(0), i + len(tag.group(0)))
+            i = n if end < 0 else end + len(tag.group(0))
+        elif c == '"' or _IDENT.match(c):
+            start = i
+            if c == '"':
+                i += 1
+                while i < n and not (expr[i] == '"' and expr[i + 1:i + 2] != '"'):
+                    i += 2 if expr[i] == '"' else 1
+                i += 1
+                name = expr[start + 1:i - 1].replace('""', '"')
+            else:
+                i = _IDENT.match(expr, start).end()  # type: ignore[union-attr]
+                name = expr[start:i].lower()
+            before, after = expr[:start].rstrip(), expr[i:].lstrip()
+            if name == column and not before.endswith((".", "::")) and not after.startswith("("):
+                found.append((start, i))
+        elif c.isdigit():  # a number, whose digits and exponent are no identifier
+            i = re.compile(r"[0-9.]+(?:[eE][+-]?[0-9]+)?").match(expr, i).end()  # type: ignore[union-attr]
+        else:
+            i += 1
+    return found
+
+
+def up_of_default(m: ColumnMigration, default: str) -> str | None:
+    """The new column's default: up() applied to the old default's expression, the function inlined (a default
+    calling our function would outlive it): the playbook's `up` with the column's one reference replaced by the
+    old default in parentheses. None when up names the column more than once (a volatile default such as
+    nextval() would be computed once per reference)."""
+    if m.change is None:
+        raise RuntimeError(f"{m.label} is not a change_type column")
+    up_text, refs = m.change.up, references(m.change.up, m.column.name)
+    if len(refs) > 1:
+        return None
+    if not refs:
+        return up_text
+    (start, end), = refs
+    return f"{up_text[:start]}({default}){up_text[end:]}"
+
+
 def _pk(pk: list[str], key) -> str:
     values = key if isinstance(key, tuple) else (key,)
     return ", ".join(f"{c}={v!r}" for c, v in zip(pk, values))
@@ -165,6 +230,10 @@ class Conversion:
         raise NotImplementedError
 
     def refusal_hint(self) -> str:
+        raise NotImplementedError
+
+    def round_trip(self, expr: sql.Composable) -> sql.Composed:
+        """down(up(x)), inlined (change_type only)."""
         raise NotImplementedError
 
 
@@ -204,3 +273,6 @@ class Expressions(Conversion):
 
     def refusal_hint(self) -> str:
         return "change or delete those rows (they hold values only the new type can), then re-run"
+
+    def round_trip(self, expr: sql.Composable) -> sql.Composed:
+        return Q("{}({}({}))").format(down(self.m), up(self.m), expr)

@@ -32,10 +32,13 @@ class ParityResult:
     mismatches: int = 0
     sample: list = field(default_factory=list)
     unmapped: int = 0  # after the swap: values with no enum label (a rollback must refuse or fall back)
+    # change_type before the swap: old values down(up(x)) does not give back (the rollback would change them)
+    lossy: int = 0
+    lossy_sample: list = field(default_factory=list)  # (key, value, down(up(value))) as text
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "mismatches": self.mismatches, "sample": [str(s) for s in self.sample],
-                "unmapped": self.unmapped}
+                "unmapped": self.unmapped, "lossy": self.lossy}
 
 
 def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composed, Stmt]:
@@ -45,7 +48,30 @@ def conditions(ctx: Context, swapped: bool) -> tuple[sql.Composed, Stmt]:
     back = ctx.backward(ctx.col)
     unmapped = Q("({} IS NULL)").format(back) if ctx.facts.not_null else \
         Q("({} IS NULL AND {} IS NOT NULL)").format(back, ctx.col)  # NULL was a legal old value
-    return Q("({} IS NOT NULL AND {} IS DISTINCT FROM {})").format(back, ctx.retired, back), unmapped
+    # A row whose new value is up(old copy) agrees too: the old version wrote a value down(up(x)) does not give
+    # back (a DST-gap time), which the sync keeps as written for the rollback.
+    return Q("({0} IS NOT NULL AND {1} IS DISTINCT FROM {0} AND {2} IS DISTINCT FROM {3})").format(
+        back, ctx.retired, ctx.col, ctx.forward(ctx.retired)), unmapped
+
+
+def lossy_condition(ctx: Context, swapped: bool) -> Stmt:
+    """change_type, before the swap: the old value does not come back through down(up(x)), so the rollback
+    window cannot give it back. down is inlined here (a plain expression, no call per row); where down fails on
+    up(x) the statement fails, and lossy_rows() names the rows another way."""
+    if swapped or not ctx.changes_type:
+        return Q("false")
+    return Q("({0} IS NOT NULL AND {1} IS DISTINCT FROM {0})").format(ctx.col, ctx.conversion.round_trip(ctx.col))
+
+
+def lossy_rows(ctx: Context, limit: int = 5) -> list[tuple]:
+    """(key, value, what comes back) of the first rows down(up(x)) does not give back, through `back` (NULL where
+    down fails): slower, for the refusal after a scan that failed on such a value."""
+    back = ctx.backward(ctx.forward(ctx.col))
+    rows = ctx.x.query(Q("SELECT {}, {}::text, {}::text FROM {} WHERE {} IS NOT NULL AND {} IS DISTINCT FROM {} "
+                         "ORDER BY {} LIMIT {}").format(ctx.pk_cols, ctx.col, back, ctx.table, ctx.col, back, ctx.col,
+                                                        ctx.pk_cols, sql.Literal(limit)))
+    n = len(ctx.row_key)
+    return [(r[0] if n == 1 else tuple(r[:n]), r[n], r[n + 1]) for r in rows]
 
 
 def check(ctx: Context, swapped: bool, sample_size: int = 5) -> ParityResult:
@@ -54,33 +80,44 @@ def check(ctx: Context, swapped: bool, sample_size: int = 5) -> ParityResult:
     return _by_keys(ctx, swapped, sample_size)
 
 
+LOSSY_SAMPLE = 5  # rows named in a refusal of values down(up(x)) does not give back
 BLOCK_RANGE = Q("ctid >= %s::tid AND ctid < %s::tid")
 
 
 def count_statement(ctx: Context, bad: sql.Composable, unmapped: sql.Composable,
-                    in_range: sql.Composable) -> sql.Composed:
-    return Q("SELECT count(*), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
-        bad, unmapped, ctx.table, in_range)
+                    in_range: sql.Composable, lossy: sql.Composable = Q("false")) -> sql.Composed:
+    return Q("SELECT count(*), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}) "
+             "FROM {} WHERE {}").format(bad, unmapped, lossy, ctx.table, in_range)
 
 
 def plan_note(ctx: Context, swapped: bool) -> str:
     """The scan as `run` executes it, for `plan`: per heap-block range on PostgreSQL 14+, else per key range."""
     bad, unmapped = conditions(ctx, swapped)
+    lossy = lossy_condition(ctx, swapped)
     if ctx.x.conn.info.server_version >= 140000:
-        return (ctx.x.render(count_statement(ctx, bad, unmapped, BLOCK_RANGE))
+        return (ctx.x.render(count_statement(ctx, bad, unmapped, BLOCK_RANGE, lossy))
                 + "  -- per range of heap blocks (verify_chunk_rows rows), each its own statement, on up to "
                   "verify_parallelism connections at once (the side ones read-only)")
     cond, _ = Keyset(ctx.table, ctx.row_key).range_condition(["<after>"], ["<upto>"])
-    return (ctx.x.render(count_statement(ctx, bad, unmapped, cond))
+    return (ctx.x.render(count_statement(ctx, bad, unmapped, cond, lossy))
             + "  -- per key range (verify_chunk_rows rows), each its own statement")
 
 
 def _tally(ctx: Context, result: ParityResult, in_range: sql.Composable, params: list, bad: sql.Composable,
-           unmapped: sql.Composable, keys: Keyset, sample_size: int) -> int:
-    n, nbad, nun = ctx.x.logged_query(count_statement(ctx, bad, unmapped, in_range), params)[0]
+           unmapped: sql.Composable, keys: Keyset, sample_size: int, lossy: sql.Composable = Q("false")) -> int:
+    n, nbad, nun, nlossy = ctx.x.logged_query(count_statement(ctx, bad, unmapped, in_range, lossy), params)[0]
     result.rows += n
     result.mismatches += nbad
     result.unmapped += nun
+    result.lossy += nlossy
+    if nlossy and len(result.lossy_sample) < LOSSY_SAMPLE:
+        named = Q("SELECT {}, {}::text, {}::text FROM {} WHERE {} AND {} ORDER BY {} LIMIT {}")
+        rows = ctx.x.logged_query(named.format(
+            keys.cols, ctx.col, ctx.conversion.round_trip(ctx.col), ctx.table, in_range, lossy, keys.cols,
+            sql.Literal(LOSSY_SAMPLE)), params)
+        k = len(ctx.row_key)
+        result.lossy_sample += [(r[0] if k == 1 else tuple(r[:k]), r[k], r[k + 1])
+                                for r in rows][: LOSSY_SAMPLE - len(result.lossy_sample)]
     if nbad and len(result.sample) < sample_size:
         ids = ctx.x.logged_query(Q("SELECT {} FROM {} WHERE {} AND {} ORDER BY {} LIMIT {}").format(
             keys.cols, ctx.table, in_range, bad, keys.cols, sql.Literal(sample_size)), params)
@@ -104,6 +141,7 @@ def _by_blocks(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
     """
     keys = Keyset(ctx.table, ctx.row_key)
     bad, unmapped = conditions(ctx, swapped)
+    lossy = lossy_condition(ctx, swapped)
     rel = sql.Literal(ctx.x.render(ctx.table))
     size = Q("SELECT pg_relation_size({0}::regclass) / current_setting('block_size')::int").format(rel)
     per_block = ctx.x.query(Q("SELECT greatest(reltuples / greatest(relpages, 1), 1)::float8 FROM pg_class "
@@ -115,14 +153,15 @@ def _by_blocks(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
         # No more connections than chunks: a table of one chunk is read on the work connection alone.
         parallel = min(ctx.pb.settings.verify_parallelism, -(-blocks // step))
         if parallel > 1:
-            return _by_blocks_parallel(ctx, parallel, size, step, blocks, bad, unmapped, keys, sample_size, progress)
+            return _by_blocks_parallel(ctx, parallel, size, step, blocks, bad, unmapped, keys, sample_size, progress,
+                                       lossy)
         result = ParityResult()
         lo = 0
         # The table's size is read again before each chunk: a row moved past the end by an update, or added,
         # while the scan runs is still checked. The scan ends at the end of the table as it is then.
         while lo < (blocks if lo == 0 else ctx.x.scalar(size)):
             progress.advance(_tally(ctx, result, in_range, [f"({lo},0)", f"({lo + step},0)"], bad, unmapped,
-                                    keys, sample_size))
+                                    keys, sample_size, lossy=lossy))
             lo += step
     return result
 
@@ -168,7 +207,7 @@ class _Ranges:
 
 def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composed, step: int, blocks: int,
                         bad: sql.Composable, unmapped: sql.Composable, keys: Keyset, sample_size: int,
-                        progress: Progress) -> ParityResult:
+                        progress: Progress, lossy: sql.Composable = Q("false")) -> ParityResult:
     chunks: dict[int, ParityResult] = {}  # by first block: merged in block order, so the sample is the serial one
     ranges = _Ranges(step, blocks)
     hook_lock = threading.Lock()
@@ -197,8 +236,10 @@ def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composed, step: i
                 with ranges.lock:  # mismatches already counted in earlier blocks: fetch ids only if still needed
                     earlier = sum(r.mismatches for k, r in chunks.items() if k < lo)
                 chunk = ParityResult()
+                # Lossy rows are sampled in each chunk holding some (a refusal follows), merged in block order.
                 n = _tally(wctx, chunk, BLOCK_RANGE, [f"({lo},0)", f"({lo + step},0)"], bad, unmapped, keys,
-                           sample_size if earlier < sample_size else 0)
+                           sample_size if earlier < sample_size else 0,
+                           lossy=lossy)
                 with ranges.lock:
                     chunks[lo] = chunk
                     progress.advance(n)
@@ -229,6 +270,8 @@ def _by_blocks_parallel(ctx: Context, parallel: int, size: sql.Composed, step: i
         result.mismatches += r.mismatches
         result.unmapped += r.unmapped
         result.sample += r.sample[: sample_size - len(result.sample)]
+        result.lossy += r.lossy
+        result.lossy_sample += r.lossy_sample[: LOSSY_SAMPLE - len(result.lossy_sample)]
     return result
 
 
@@ -236,6 +279,7 @@ def _by_keys(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
     """Primary-key ranges, for servers without TID range scans."""
     keys = Keyset(ctx.table, ctx.row_key)
     bad, unmapped = conditions(ctx, swapped)
+    lossy = lossy_condition(ctx, swapped)
     end = ctx.x.query(keys.last_key_query())
     result = ParityResult()
     if not end:
@@ -248,6 +292,6 @@ def _by_keys(ctx: Context, swapped: bool, sample_size: int) -> ParityResult:
             row = ctx.x.query(q, params)
             upto = list(row[0]) if row else end
             cond, params = keys.range_condition(after, upto)
-            progress.advance(_tally(ctx, result, cond, params, bad, unmapped, keys, sample_size))
+            progress.advance(_tally(ctx, result, cond, params, bad, unmapped, keys, sample_size, lossy=lossy))
             after = upto
     return result

@@ -33,8 +33,9 @@ def forward_function(ctx: Context) -> sql.Composed:
     disagree = Q("NOT {}").format(ctx.copies_agree(new, shadow))
     wrote_new = _wrote(ctx.shadow, disagree)
     # Conditions in parentheses: PL/pgSQL would take a CASE's THEN for the IF's.
+    wrote_old = Q("{} AND {}").format(_changed(ctx.col), disagree)
     body = Q("IF ({}) THEN NEW.{} := {}; ELSIF ({}) THEN NEW.{} := {};{} END IF;").format(
-        wrote_new, ctx.col, to_old, disagree, ctx.shadow, ctx.forward(new), _seen_old(ctx, ctx.col))
+        wrote_new, ctx.col, to_old, wrote_old, ctx.shadow, ctx.forward(new), _seen_old(ctx, ctx.col))
     return _function(ctx, ctx.fn("_fwd"), [body])
 
 
@@ -52,9 +53,11 @@ def reverse_function(ctx: Context, closing: bool = False) -> sql.Composed:
             new, Q(", ").join(L(k) for k, _ in translate), ctx.col,
             case_map(new, translate, otherwise=new), _seen_old(ctx)))
     keep_in_sync.append(Q("NEW.{} := {};").format(ctx.retired, ctx.old_value(new)))
-    body = [Q("IF ({}) THEN NEW.{} := {};{} ELSE {} END IF;").format(
+    # ELSIF, not ELSE: an UPDATE leaving the column as it was leaves the old copy too (a value down(up(x)) does
+    # not give back stays as the old version wrote it, for the rollback).
+    body = [Q("IF ({}) THEN NEW.{} := {};{} ELSIF ({}) THEN {} END IF;").format(
         _wrote(ctx.retired, Q("{} IS DISTINCT FROM {}").format(retired, ctx.old_value(new))), ctx.col,
-        ctx.forward(retired), _seen_old(ctx),
+        ctx.forward(retired), _seen_old(ctx), _changed(ctx.col),
         Q(" ").join(keep_in_sync))]
     if closing:
         body.append(Q("IF ({0} IS NOT NULL AND {1} IS NULL AND (TG_OP = 'INSERT' OR {0} IS DISTINCT FROM OLD.{2})) "
@@ -70,6 +73,13 @@ def _wrote(column: sql.Identifier, disagree: sql.Composable) -> sql.Composed:
     that version's write wins."""
     return Q("(CASE WHEN TG_OP = 'INSERT' THEN NEW.{0} IS NOT NULL ELSE NEW.{0} IS DISTINCT FROM OLD.{0} END) "
              "AND {1}").format(column, disagree)
+
+
+def _changed(column: sql.Identifier) -> sql.Composed:
+    """An INSERT, or an UPDATE that changed `column`: only then is the other copy computed from it. An UPDATE of
+    other columns leaves both copies as they are, whatever they hold (recomputing would overwrite a value the
+    conversion does not give back, e.g. a DST-gap time, with its converted neighbour)."""
+    return Q("(TG_OP = 'INSERT' OR NEW.{0} IS DISTINCT FROM OLD.{0})").format(column)
 
 
 def _seen_old(ctx: Context, column: sql.Identifier | None = None) -> Stmt:
@@ -99,6 +109,13 @@ def out_of_sync(ctx: Context, swapped: bool) -> sql.Composed:
     return cond
 
 
+def _update_when(ctx: Context, swapped: bool) -> sql.Composed:
+    """The update trigger's WHEN: one of the two copies changed, and they disagree (see _changed)."""
+    other = ctx.retired if swapped else ctx.shadow
+    return Q("(NEW.{0} IS DISTINCT FROM OLD.{0} OR NEW.{1} IS DISTINCT FROM OLD.{1}) AND ({2})").format(
+        ctx.col, other, out_of_sync(ctx, swapped))
+
+
 def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composed]:
     function = ctx.fn("_rev" if swapped else "_fwd")
     return [
@@ -107,7 +124,7 @@ def create_triggers(ctx: Context, swapped: bool) -> list[sql.Composed]:
         Q("CREATE TRIGGER {} BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
             ctx.trigger(INSERT), ctx.table, function),
         Q("CREATE TRIGGER {} BEFORE UPDATE ON {} FOR EACH ROW WHEN ({}) EXECUTE FUNCTION {}()").format(
-            ctx.trigger(UPDATE), ctx.table, out_of_sync(ctx, swapped), function),
+            ctx.trigger(UPDATE), ctx.table, _update_when(ctx, swapped), function),
     ]
 
 

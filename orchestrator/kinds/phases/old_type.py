@@ -4,6 +4,7 @@ phases ask this module and the column's conversion (Context.conversion), never t
 
 from __future__ import annotations
 
+import psycopg
 from psycopg import sql
 
 from orchestrator.engine import catalog, convert
@@ -92,7 +93,7 @@ def current_default(ctx: Context) -> str | None:
 
 def new_default(ctx: Context, label: str | None) -> str | None:
     if ctx.changes_type:
-        return label
+        return None if label is None else moved_default(ctx, label)
     if ctx.m.target.default is not None:
         return ctx.m.target.default
     return ctx.m.mapping[label] if label is not None else None
@@ -103,3 +104,32 @@ def old_default_sql(ctx: Context, default: str) -> sql.Composable:
     return Q(default) if ctx.changes_type else typed_literal(default, ctx.enum_type)
 
 
+
+
+def moved_default(ctx: Context, default: str) -> str:
+    """change_type: the new column's default, up(old default) with up inlined, as the new type. The old text as
+    it is would change meaning: `now() AT TIME ZONE 'UTC'` read as a timestamptz is taken in the session's
+    TimeZone, an instant hours off."""
+    expr = convert.up_of_default(ctx.m, default)
+    if expr is None:
+        raise Refused(f"cannot swap {ctx.m.label}: its default {default} cannot move to the new column as up(default): "
+                      f"up names {ctx.m.column.name!r} more than once, so the default would be computed more than "
+                      f"once per row; nothing was changed",
+                      hint="drop the column's default before the swap and set it on the new column after it, or "
+                           "write up naming the column once")
+    return ctx.x.render(Q("CAST(({}) AS {})").format(Q(expr), ctx.target_type))
+
+
+def check_moved_default(ctx: Context) -> None:
+    """Before the swap: the moved default parses as the new type (EXPLAIN: nothing runs, no nextval)."""
+    default = current_default(ctx) if ctx.changes_type else None
+    if default is None:
+        return
+    expr = moved_default(ctx, default)
+    try:
+        with ctx.x.conn.transaction(force_rollback=True):
+            ctx.x.conn.execute(Q("EXPLAIN (COSTS OFF) SELECT {}").format(Q(expr)))
+    except psycopg.Error as err:
+        raise Refused(f"cannot swap {ctx.m.label}: its default {default} does not go through up: {expr} fails: "
+                      f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}; nothing was changed",
+                      hint="drop the column's default before the swap and set it on the new column after it") from None

@@ -57,7 +57,7 @@ def refuse_new_dependents(ctxs: list[Context]) -> None:
     if found:
         raise Refused(f"the way back cannot carry objects created on the column since the contract: "
                       f"{'; '.join(found)}; nothing was changed",
-                      hint="drop them (re-create them once the enum column is back), then re-run the rollback")
+                      hint=f"drop them (re-create them once {ctxs[0].old_copy} is back), then re-run the rollback")
 
 
 def before(ctxs: list[Context]) -> None:
@@ -83,7 +83,7 @@ def add_enum_column(ctx: Context) -> None:
     ctx.x.atomic(Q("ALTER TABLE {} ADD COLUMN {} {}").format(ctx.table, ctx.retired, ctx.old_type),
                  *shape.carry_statements(ctx, ctx.m.column.name, ctx.m.retired),
                  skip_if=ctx.exists_query("column", ctx.m.retired),
-                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"add the enum column to {ctx.m.label}")
+                 lock="ACCESS EXCLUSIVE (catalog only, milliseconds)", what=f"add {ctx.old_copy} to {ctx.m.label}")
 
 
 def build_retired_indexes(ctx: Context) -> None:

@@ -65,7 +65,7 @@ def carry_statements(ctx: Context, source: str, target: str, *, comment: bool = 
 def set_default(ctx: Context, value: str | None) -> list[sql.Composed]:
     if value is None:
         return []
-    # change_type: the old column's default expression (pg_get_expr text, e.g. nextval(...) or now()) as it is:
-    # PostgreSQL converts its result to the new type on each insert, as it did to the old one.
+    # change_type: up(old default), as old_type.moved_default wrote it (never the old text as it is, which the
+    # new type may read otherwise).
     expr = Q(value) if ctx.changes_type else typed_literal(value, ctx.target_type)
     return [Q("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(ctx.table, ctx.col, expr)]

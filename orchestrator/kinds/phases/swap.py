@@ -17,7 +17,7 @@ from orchestrator.engine.context import Context, unlabeled_refusal, unlabeled_ro
 from orchestrator.engine.errors import OrchestratorError, Refused
 from orchestrator.engine.playbook import _suffixed
 from orchestrator.engine.sqlkit import I, L, Q
-from orchestrator.kinds.phases import keys, old_type, restore, shape, target_check, versions
+from orchestrator.kinds.phases import keys, old_type, restore, shape, target_check, verify, versions
 from orchestrator.kinds.phases.base import Phase
 from orchestrator.kinds.phases.dual_write import (
     create_triggers,
@@ -50,12 +50,13 @@ def any_of(queries) -> sql.Composed:
 
 def recheck_parity(ctx: Context) -> None:
     """Phase 4's verdict may be stale (writes that bypassed the triggers since): scan again before the swap."""
-    result = parity.check(ctx, swapped=False)
+    result = verify.scan_before_swap(ctx)
     if result.mismatches:
         raise Refused(f"cannot swap {ctx.m.label}: {result.mismatches} of {result.rows} rows changed since phase 4 "
                       f"without the sync (e.g. ids {result.sample}); nothing was changed",
                       hint="find what writes bypassing the triggers (session_replication_role = replica, disabled "
                            "triggers), then orchestrator rollback 4; rollback 3; run 3; run 4")
+    verify.refuse_lossy(ctx, result, "nothing was changed")
 
 
 class SwapColumns(Phase):
@@ -108,6 +109,7 @@ class SwapColumns(Phase):
         refuse_later_triggers(ctx)
         shape.refuse_new_indexes(ctx)
         old_type.current_default(ctx)
+        old_type.check_moved_default(ctx)
 
     def expand_all(self, ctxs: list[Context]) -> dict:
         x = ctxs[0].x
@@ -201,7 +203,7 @@ class SwapColumns(Phase):
         # none slipped in before: the check for such values below cannot miss one written meanwhile.
         for ctx in ctxs:
             x.atomic(reverse_function(ctx, closing=True), skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                     lock="none (function only)", what="refuse new values without an enum label")
+                     lock="none (function only)", what=f"refuse new values without {ctx.old_value_word}")
         try:
             self._close_and_unswap(ctxs)
         except BaseException:  # refused, out of lock budget, a lost connection, Ctrl-C: the sync as it was
@@ -226,10 +228,11 @@ class SwapColumns(Phase):
                     ctx.table, I(self.old_check(ctx)), ctx.retired),
                     skip_if=Q("SELECT ({}) OR NOT ({})").format(
                         ctx.exists_query("constraint", self.old_check(ctx)), self.swapped(ctx)),
-                    lock="ACCESS EXCLUSIVE (catalog only)", what="add NOT NULL check on the enum column")
+                    lock="ACCESS EXCLUSIVE (catalog only)", what=f"add NOT NULL check on {ctx.old_copy}")
                 x.atomic(Q("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ctx.table, I(self.old_check(ctx))),
                          skip_if=Q("SELECT NOT ({})").format(self.swapped(ctx)),
-                         lock="SHARE UPDATE EXCLUSIVE", what="validate NOT NULL check on the enum column", online=True)
+                         lock="SHARE UPDATE EXCLUSIVE", what=f"validate NOT NULL check on {ctx.old_copy}",
+                         online=True)
         x.atomic(lock_tables(ctxs), *keys.drop_foreign_keys(ctxs),
                  *(st for ctx in ctxs for st in self._unswap_statements(ctx)),
                  *keys.add_foreign_keys(ctxs),
