@@ -102,7 +102,7 @@ def plan(ctx: typer.Context,
             for r in recs:
                 tx = f" [tx {r.transaction}]" if r.transaction else ""
                 lock = f"   -- lock: {r.lock}{tx}" if r.lock else ""
-                out.print(f"    {r.sql};{lock}", markup=False, highlight=False, soft_wrap=True)
+                out.print(f"    {output.readable_sql(r.sql)};{lock}", markup=False, highlight=False, soft_wrap=True)
             if lint_sql and lint.available():
                 for f in lint.lint(p.number, action, recs, s):
                     unsafe = f.unsafe
@@ -271,8 +271,11 @@ def _status_view(st: dict):
     rows = []
     for p in st["phases"]:
         error = p["error"] or ""
-        rows.append([str(p["phase"]), p["name"], p["status"], p["step"] or "", _t(p["started_at"]),
-                     _t(p["finished_at"]), f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
+        # A phase rolled back is pending again: the step and times of the run it undid no longer describe it.
+        done = p["status"] != "pending"
+        rows.append([str(p["phase"]), p["name"], p["status"], (p["step"] or "") if done else "",
+                     _t(p["started_at"]) if done else "", _t(p["finished_at"]) if done else "",
+                     f"{p['run_by'] or ''}@{p['host'] or ''}" if p["run_by"] else "",
                      p.get("env") or "", error[:80] + "..." if output.is_terminal() and len(error) > 80 else error])
     parts = [output.table(title, ["phase", "name", "status", "step", "started", "finished", "by", "env", "error"],
                           rows)]

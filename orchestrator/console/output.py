@@ -135,3 +135,49 @@ def for_frontend(text: str) -> str:
     if prog != "orchestrator":
         text = re.sub(r"(?<![\w./-])orchestrator (?=[a-z])", prog + " ", text)
     return text
+
+
+# -- a PL/pgSQL body over several lines, for people (plan) --------------------------------------------------------
+
+_BODY = re.compile(r"^(CREATE (?:OR REPLACE )?FUNCTION [^']*? LANGUAGE plpgsql [^']*?AS ')(.*)(')$", re.S)
+_ATOM = re.compile(r"''(?:''''|[^'])*''|\"(?:\"\"|[^\"])*\"|\w+|\s+|.", re.S)
+_OPENS = {"BEGIN", "THEN", "ELSE", "LOOP", "DECLARE"}  # a block's body begins after these
+_CLOSES = {"ELSIF", "ELSE", "END", "EXCEPTION"}  # and ends before these
+
+
+def readable_sql(text: str) -> str:
+    """A CREATE FUNCTION ... LANGUAGE plpgsql AS '<body>' statement with its body one PL/pgSQL statement a line,
+    indented by block. Breaks go only where the body has white space outside its string literals, quoted names,
+    parentheses and CASE expressions, so the function is the same one (PL/pgSQL reads any white space alike);
+    anything else is returned as it is."""
+    m = _BODY.match(text)
+    if m is None:
+        return text
+    atoms = _ATOM.findall(m.group(2))
+    out: list[str] = []
+    parens = cases = level = 0
+    prev = ""  # the last word or sign before this atom
+    for i, a in enumerate(atoms):
+        if a.isspace() and parens == 0 and cases == 0:
+            nxt = next((b.upper() for b in atoms[i + 1:] if not b.isspace()), "")
+            if (prev in _OPENS or prev == ";" or nxt in _CLOSES) and not (prev == "END" and nxt in ("IF", "LOOP")):
+                if nxt in _CLOSES:
+                    level = max(level - 1, 0)
+                out.append("\n" + "    " * (level + 1))
+                continue
+        out.append(a)
+        word = a.upper()
+        if a == "(":
+            parens += 1
+        elif a == ")":
+            parens = max(parens - 1, 0)
+        elif word == "CASE" and parens == 0:
+            cases += 1
+        elif word == "END" and cases and parens == 0:
+            cases -= 1
+            word = "END CASE"
+        elif word in _OPENS and parens == 0 and cases == 0:
+            level += 1
+        if not a.isspace():
+            prev = word
+    return m.group(1) + "".join(out) + m.group(3)
