@@ -162,6 +162,8 @@ def test_the_swap_and_its_rollback_leave_the_tables_dump_as_it_was(dsn, pg_serve
         c.execute("GRANT SELECT ON workflow_templates TO copy_app")
         c.execute("GRANT UPDATE (name) ON workflow_templates TO copy_app")
         c.execute("RESET ROLE")
+        c.execute("GRANT TRIGGER ON workflow_templates TO PUBLIC")  # grantee 0 in the ACL
+        c.execute("GRANT REFERENCES (description) ON workflow_templates TO PUBLIC")
     pb = real_playbook(**COPY)
     run(pb, dsn, 1, 2)
     before = dump(pg_server, dsn)

@@ -41,21 +41,23 @@ CAPTURE: dict[str, tuple[str, int]] = {
                   "JOIN pg_class s ON s.oid = d.objid JOIN pg_attribute a ON a.attrelid = d.refobjid "
                   "AND a.attnum = d.refobjsubid WHERE d.refobjid = to_regclass({t}) "
                   "AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype = 'a'", 2),
-    # Grants by the owner first: a grant by another role needs its grant option, from the owner.
+    # Grants in the ACL's order, which pg_dump prints: a role's entry comes before any grant it made (it had to
+    # hold the grant option first, and revoking that removes the grants made with it).
     "grants": ("SELECT c0, c1, c2, c3, c4 FROM ("
-               "SELECT NULL::name AS c0, p.privilege_type AS c1, p.grantee AS c2, p.is_grantable AS c3, "
-               "nullif(p.grantor, c.relowner) AS c4, 0 AS n, p.ordinality AS o "
+               "SELECT NULL::name AS c0, p.privilege_type AS c1, p.grantee::int8 AS c2, p.is_grantable AS c3, "
+               "nullif(p.grantor, c.relowner)::int8 AS c4, 0 AS n, p.ordinality AS o "
                "FROM pg_class c, aclexplode(c.relacl) WITH ORDINALITY p WHERE c.oid = to_regclass({t}) UNION ALL "
-               "SELECT a.attname, p.privilege_type, p.grantee, p.is_grantable, nullif(p.grantor, c.relowner), "
-               "a.attnum, p.ordinality "
+               "SELECT a.attname, p.privilege_type, p.grantee::int8, p.is_grantable, "
+               "nullif(p.grantor, c.relowner)::int8, a.attnum, p.ordinality "
                "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid, aclexplode(a.attacl) WITH ORDINALITY p "
                "WHERE c.oid = to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped) g "
-               "ORDER BY c4 IS NOT NULL, n, o", 5),
+               "ORDER BY n, o", 5),
     "table": ("SELECT obj_description(c.oid, 'pg_class') AS c0, c.relreplident::text AS c1, "
               "(SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid "
               "AND x.indisreplident) AS c2, c.reloptions AS c3, t.reloptions AS c4 FROM pg_class c "
               "LEFT JOIN pg_class t ON t.oid = c.reltoastrelid WHERE c.oid = to_regclass({t})", 5),
-    "roles": ("SELECT oid AS c0, rolname AS c1 FROM pg_roles", 2),
+    # oids as int8: JSON writes an oid as a string, and PUBLIC is grantee 0 (no role has that oid).
+    "roles": ("SELECT oid::int8 AS c0, rolname AS c1 FROM pg_roles", 2),
 }
 
 # What the twin copied from the table when it was made (its columns with their types, defaults, NOT NULL,
