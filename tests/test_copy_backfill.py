@@ -588,3 +588,35 @@ def test_replaying_writes_that_move_a_unique_value_between_rows_never_breaks_the
     assert query(dsn, "SELECT id, email, n FROM acct ORDER BY id") == expected
     assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'acct'::regclass "
                       "AND attname = 'n_new'") == [("bigint",)]
+
+
+def test_the_swap_waits_for_a_repeatable_read_transaction_running_a_long_statement(dsn, monkeypatch):
+    """A REPEATABLE READ transaction whose snapshot came after a row was written, still unreplayed, and that runs
+    a long statement (not idle) while the swap goes: it must not read the twin as of that snapshot (the row as it
+    was before). The swap waits for its transaction to end, as CREATE INDEX CONCURRENTLY does."""
+    pb = copied_up_to_the_swap(dsn, monkeypatch)
+    key = query(dsn, "SELECT min(id) FROM workflow_templates")[0][0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE workflow_templates SET name = 'fresh' WHERE id = %s", (key,))
+    reader = psycopg.connect(dsn)
+    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.execute("SELECT count(*) FROM users").fetchone()  # its snapshot, after the update
+    seen: list = []
+
+    def read() -> None:
+        # one query string: the session stays active from the sleep to the read
+        cur = reader.execute(f"SELECT pg_sleep(6); SELECT name FROM workflow_templates WHERE id = {int(key)}")
+        cur.nextset()
+        seen.append(cur.fetchone())
+        reader.commit()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        run(pb, dsn, 3)
+    finally:
+        thread.join(timeout=60)
+        reader.close()
+    assert seen == [("fresh",)]
+    assert query(dsn, "SELECT name FROM workflow_templates WHERE id = %s", (key,)) == [("fresh",)]

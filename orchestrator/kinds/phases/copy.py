@@ -40,6 +40,7 @@ from orchestrator.kinds.phases import copy_bound, shadow, versions
 from orchestrator.kinds.phases.copy_swap import (
     CAPTURE,
     OLD_SNAPSHOTS,
+    STILL_RUNNING,
     IndexPlan,
     capture_query,
     definition_changes,
@@ -543,8 +544,7 @@ class TableCopy:
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
                 self.lock_for_swap(cur, [*views, ctx.table, self.twin, *(Q(c) for c in children)],
                                    [Q(p) for p in parents], parents_first=tries[0] % 2 == 0)
-                if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
-                    raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
+                self.wait_for_old_snapshots(cur)  # one that came since the wait: briefly, else retried
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.check_definition(plans, cur)
                 self.refuse_bound_under_lock(cur)
@@ -606,22 +606,36 @@ class TableCopy:
                       lock="ACCESS EXCLUSIVE on the replaced table only (nothing uses it)",
                       what=f"drop the table the copy of {self.ctx.m.label} replaced")
 
-    def wait_for_old_snapshots(self) -> None:
-        """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE; seen as idle in transaction with
-        a backend_xmin) and reads the table after the swap would see the twin as of that snapshot: without the
-        rows copied since. The blocking rewrite has the same flaw (its table looks empty to them); here the swap
-        waits for them to end, up to settings.throttle_max_wait_s, then refuses, naming them."""
-        waited, limit = 0.0, self.ctx.pb.settings.throttle_max_wait_s
-        while old := self.x.query(OLD_SNAPSHOTS):
-            if waited >= limit:
-                shown = "; ".join(f"pid {pid} ({age})" for pid, age in old)
+    def wait_for_old_snapshots(self, cur: psycopg.Cursor | None = None) -> None:
+        """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE) and reads the table after the swap
+        would see the twin as of that snapshot: without the rows copied since. As CREATE INDEX CONCURRENTLY does,
+        the swap waits for every transaction holding a snapshot now, idle or running (a long statement too), to
+        end: new ones are not waited for. Before the lock, up to settings.throttle_max_wait_s, then refused,
+        naming them; under it (`cur`: one came since), up to lock_timeout, then the attempt is retried."""
+        c = cur if cur is not None else self.x.conn.cursor()
+        old = c.execute(OLD_SNAPSHOTS).fetchall()
+        limit = self.ctx.pb.settings.lock_timeout_ms / 1000 if cur is not None \
+            else self.ctx.pb.settings.throttle_max_wait_s
+        started = time.monotonic()
+        while old:
+            running = {v for (v,) in c.execute(STILL_RUNNING, ([v for _, v, *_ in old],)).fetchall()}
+            old = [o for o in old if o[1] in running]
+            if not old:
+                return
+            if time.monotonic() - started >= limit:
+                if cur is not None:
+                    raise pgerr.LockNotAvailable(f"sessions {[o[0] for o in old]} hold a snapshot older than the swap")
+                shown = "; ".join(f"pid {pid} ({state}, transaction open {age}: {query!r})"
+                                  for pid, _, state, age, query in old)
                 raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: transactions holding a snapshot older "
-                              f"than the swap would read it without its last rows: {shown}; nothing was changed "
-                              f"(the copy is kept)", hint="end those transactions, then re-run phase 3")
-            if waited == 0:
-                log.info("the copy's swap waits for transactions holding old snapshots", pids=[p for p, _ in old])
-            time.sleep(0.2)
-            waited += 0.2
+                              f"than the swap would read it without its last rows; waited "
+                              f"{time.monotonic() - started:.0f}s (settings.throttle_max_wait_s) for: {shown}; nothing "
+                              f"was changed (the copy is kept)",
+                              hint="let those transactions end (or end them: SELECT pg_terminate_backend(pid)), or "
+                                   "raise settings.throttle_max_wait_s, then re-run phase 3")
+            if cur is None and time.monotonic() - started < 0.05:
+                log.info("the copy's swap waits for transactions holding old snapshots", pids=[o[0] for o in old])
+            time.sleep(0.02 if cur is not None else 0.2)
 
     def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan], views: list[sql.Composed]) -> None:
         """The statements of the swap, read from the catalog under its lock in one query and sent in one round
