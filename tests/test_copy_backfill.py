@@ -599,16 +599,18 @@ def test_the_swap_waits_for_a_repeatable_read_transaction_running_a_long_stateme
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE workflow_templates SET name = 'fresh' WHERE id = %s", (key,))
     reader = psycopg.connect(dsn)
-    reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     reader.execute("SELECT count(*) FROM users").fetchone()  # its snapshot, after the update
     seen: list = []
+    errors: list = []
 
     def read() -> None:
-        # one query string: the session stays active from the sleep to the read
-        cur = reader.execute(f"SELECT pg_sleep(6); SELECT name FROM workflow_templates WHERE id = {int(key)}")
-        cur.nextset()
-        seen.append(cur.fetchone())
-        reader.commit()
+        try:
+            reader.execute("SELECT pg_sleep(6)")  # running, not idle, while the swap goes
+            seen.append(reader.execute("SELECT name FROM workflow_templates WHERE id = %s", (key,)).fetchone())
+            reader.commit()
+        except Exception as err:  # seen by the test, not lost in the thread
+            errors.append(err)
 
     thread = threading.Thread(target=read)
     thread.start()
@@ -618,5 +620,5 @@ def test_the_swap_waits_for_a_repeatable_read_transaction_running_a_long_stateme
     finally:
         thread.join(timeout=60)
         reader.close()
-    assert seen == [("fresh",)]
+    assert not errors and seen == [("fresh",)], errors
     assert query(dsn, "SELECT name FROM workflow_templates WHERE id = %s", (key,)) == [("fresh",)]

@@ -22,6 +22,7 @@ swap's catalog reads and statements are in copy_swap.py.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import time
 from functools import partial
@@ -536,7 +537,7 @@ class TableCopy:
             tries[0] += 1
             # Right before the lock, down to a few keys: the lock's own replay copies what came since, and it
             # holds the app meanwhile (measured: 7.4 s at 10M rows when it was left up to a chunk of 10,000).
-            self.wait_for_old_snapshots()
+            since = self.wait_for_old_snapshots()
             self.replay(down_to=LOCKED_REPLAY_KEYS, rounds=100)
             held[:] = [time.monotonic()]
             with x.conn.transaction():
@@ -544,7 +545,7 @@ class TableCopy:
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
                 self.lock_for_swap(cur, [*views, ctx.table, self.twin, *(Q(c) for c in children)],
                                    [Q(p) for p in parents], parents_first=tries[0] % 2 == 0)
-                self.wait_for_old_snapshots(cur)  # one that came since the wait: briefly, else retried
+                self.refuse_old_snapshots_under_lock(cur, since)
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.check_definition(plans, cur)
                 self.refuse_bound_under_lock(cur)
@@ -606,36 +607,42 @@ class TableCopy:
                       lock="ACCESS EXCLUSIVE on the replaced table only (nothing uses it)",
                       what=f"drop the table the copy of {self.ctx.m.label} replaced")
 
-    def wait_for_old_snapshots(self, cur: psycopg.Cursor | None = None) -> None:
+    def wait_for_old_snapshots(self) -> datetime.datetime:
         """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE) and reads the table after the swap
         would see the twin as of that snapshot: without the rows copied since. As CREATE INDEX CONCURRENTLY does,
-        the swap waits for every transaction holding a snapshot now, idle or running (a long statement too), to
-        end: new ones are not waited for. Before the lock, up to settings.throttle_max_wait_s, then refused,
-        naming them; under it (`cur`: one came since), up to lock_timeout, then the attempt is retried."""
-        c = cur if cur is not None else self.x.conn.cursor()
-        old = c.execute(OLD_SNAPSHOTS).fetchall()
-        limit = self.ctx.pb.settings.lock_timeout_ms / 1000 if cur is not None \
-            else self.ctx.pb.settings.throttle_max_wait_s
-        started = time.monotonic()
+        the swap first waits for every transaction holding a snapshot now, idle or running (a long statement too),
+        to end; ones that begin meanwhile are not waited for. Up to settings.throttle_max_wait_s, then refused,
+        naming them. Returns the server's time when the wait began."""
+        since, = self.x.query(Q("SELECT clock_timestamp()"))[0]
+        old = self.x.query(OLD_SNAPSHOTS)
+        limit, started = self.ctx.pb.settings.throttle_max_wait_s, time.monotonic()
         while old:
-            running = {v for (v,) in c.execute(STILL_RUNNING, ([v for _, v, *_ in old],)).fetchall()}
-            old = [o for o in old if o[1] in running]
-            if not old:
-                return
+            running = {v for (v,) in self.x.query(STILL_RUNNING, ([o[1] for o in old],))}
+            if not (old := [o for o in old if o[1] in running]):
+                break
             if time.monotonic() - started >= limit:
-                if cur is not None:
-                    raise pgerr.LockNotAvailable(f"sessions {[o[0] for o in old]} hold a snapshot older than the swap")
                 shown = "; ".join(f"pid {pid} ({state}, transaction open {age}: {query!r})"
-                                  for pid, _, state, age, query in old)
+                                  for pid, _, state, _, age, query in old)
                 raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: transactions holding a snapshot older "
                               f"than the swap would read it without its last rows; waited "
                               f"{time.monotonic() - started:.0f}s (settings.throttle_max_wait_s) for: {shown}; nothing "
                               f"was changed (the copy is kept)",
                               hint="let those transactions end (or end them: SELECT pg_terminate_backend(pid)), or "
                                    "raise settings.throttle_max_wait_s, then re-run phase 3")
-            if cur is None and time.monotonic() - started < 0.05:
+            if time.monotonic() - started < 0.1:
                 log.info("the copy's swap waits for transactions holding old snapshots", pids=[o[0] for o in old])
-            time.sleep(0.02 if cur is not None else 0.2)
+            time.sleep(0.2)
+        return since
+
+    @staticmethod
+    def refuse_old_snapshots_under_lock(cur: psycopg.Cursor, since: datetime.datetime) -> None:
+        """Under the swap's lock, without waiting (the app queues behind it): a transaction older than the wait
+        (one the wait could not see yet) or idle with its snapshot (REPEATABLE READ, begun since) would read the
+        twin without its last rows: the attempt is given up and retried, after a new wait."""
+        old = [o for o in cur.execute(OLD_SNAPSHOTS).fetchall()
+               if o[3] < since or o[2] in ("idle in transaction", "idle in transaction (aborted)")]
+        if old:
+            raise pgerr.LockNotAvailable(f"sessions {[o[0] for o in old]} hold a snapshot older than the swap")
 
     def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan], views: list[sql.Composed]) -> None:
         """The statements of the swap, read from the catalog under its lock in one query and sent in one round
