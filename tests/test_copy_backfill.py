@@ -588,3 +588,37 @@ def test_replaying_writes_that_move_a_unique_value_between_rows_never_breaks_the
     assert query(dsn, "SELECT id, email, n FROM acct ORDER BY id") == expected
     assert query(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'acct'::regclass "
                       "AND attname = 'n_new'") == [("bigint",)]
+
+
+def test_the_swap_waits_for_a_repeatable_read_transaction_running_a_long_statement(dsn, monkeypatch):
+    """A REPEATABLE READ transaction whose snapshot came after a row was written, still unreplayed, and that runs
+    a long statement (not idle) while the swap goes: it must not read the twin as of that snapshot (the row as it
+    was before). The swap waits for its transaction to end, as CREATE INDEX CONCURRENTLY does."""
+    pb = copied_up_to_the_swap(dsn, monkeypatch)
+    key = query(dsn, "SELECT min(id) FROM workflow_templates")[0][0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE workflow_templates SET name = 'fresh' WHERE id = %s", (key,))
+    reader = psycopg.connect(dsn)
+    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    reader.execute("SELECT count(*) FROM users").fetchone()  # its snapshot, after the update
+    seen: list = []
+    errors: list = []
+
+    def read() -> None:
+        try:
+            reader.execute("SELECT pg_sleep(6)")  # running, not idle, while the swap goes
+            seen.append(reader.execute("SELECT name FROM workflow_templates WHERE id = %s", (key,)).fetchone())
+            reader.commit()
+        except Exception as err:  # seen by the test, not lost in the thread
+            errors.append(err)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        run(pb, dsn, 3)
+    finally:
+        thread.join(timeout=60)
+        reader.close()
+    assert not errors and seen == [("fresh",)], errors
+    assert query(dsn, "SELECT name FROM workflow_templates WHERE id = %s", (key,)) == [("fresh",)]

@@ -22,6 +22,7 @@ swap's catalog reads and statements are in copy_swap.py.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import time
 from functools import partial
@@ -40,6 +41,7 @@ from orchestrator.kinds.phases import copy_bound, shadow, versions
 from orchestrator.kinds.phases.copy_swap import (
     CAPTURE,
     OLD_SNAPSHOTS,
+    STILL_RUNNING,
     IndexPlan,
     capture_query,
     definition_changes,
@@ -535,7 +537,7 @@ class TableCopy:
             tries[0] += 1
             # Right before the lock, down to a few keys: the lock's own replay copies what came since, and it
             # holds the app meanwhile (measured: 7.4 s at 10M rows when it was left up to a chunk of 10,000).
-            self.wait_for_old_snapshots()
+            since = self.wait_for_old_snapshots()
             self.replay(down_to=LOCKED_REPLAY_KEYS, rounds=100)
             held[:] = [time.monotonic()]
             with x.conn.transaction():
@@ -543,8 +545,7 @@ class TableCopy:
                 cur.execute(Q("SET LOCAL lock_timeout = {}").format(L(f"{ctx.pb.settings.lock_timeout_ms}ms")))
                 self.lock_for_swap(cur, [*views, ctx.table, self.twin, *(Q(c) for c in children)],
                                    [Q(p) for p in parents], parents_first=tries[0] % 2 == 0)
-                if old := cur.execute(OLD_SNAPSHOTS).fetchall():  # one came since the wait: let it end, retry
-                    raise pgerr.LockNotAvailable(f"sessions {[p for p, _ in old]} hold a snapshot older than the swap")
+                self.refuse_old_snapshots_under_lock(cur, since)
                 held.append(time.monotonic())  # the locks are ours from here to the commit
                 self.check_definition(plans, cur)
                 self.refuse_bound_under_lock(cur)
@@ -606,22 +607,42 @@ class TableCopy:
                       lock="ACCESS EXCLUSIVE on the replaced table only (nothing uses it)",
                       what=f"drop the table the copy of {self.ctx.m.label} replaced")
 
-    def wait_for_old_snapshots(self) -> None:
-        """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE; seen as idle in transaction with
-        a backend_xmin) and reads the table after the swap would see the twin as of that snapshot: without the
-        rows copied since. The blocking rewrite has the same flaw (its table looks empty to them); here the swap
-        waits for them to end, up to settings.throttle_max_wait_s, then refuses, naming them."""
-        waited, limit = 0.0, self.ctx.pb.settings.throttle_max_wait_s
-        while old := self.x.query(OLD_SNAPSHOTS):
-            if waited >= limit:
-                shown = "; ".join(f"pid {pid} ({age})" for pid, age in old)
+    def wait_for_old_snapshots(self) -> datetime.datetime:
+        """A transaction that keeps its snapshot (REPEATABLE READ, SERIALIZABLE) and reads the table after the swap
+        would see the twin as of that snapshot: without the rows copied since. As CREATE INDEX CONCURRENTLY does,
+        the swap first waits for every transaction holding a snapshot now, idle or running (a long statement too),
+        to end; ones that begin meanwhile are not waited for. Up to settings.throttle_max_wait_s, then refused,
+        naming them. Returns the server's time when the wait began."""
+        since, = self.x.query(Q("SELECT clock_timestamp()"))[0]
+        old = self.x.query(OLD_SNAPSHOTS)
+        limit, started = self.ctx.pb.settings.throttle_max_wait_s, time.monotonic()
+        while old:
+            running = {v for (v,) in self.x.query(STILL_RUNNING, ([o[1] for o in old],))}
+            if not (old := [o for o in old if o[1] in running]):
+                break
+            if time.monotonic() - started >= limit:
+                shown = "; ".join(f"pid {pid} ({state}, transaction open {age}: {query!r})"
+                                  for pid, _, state, _, age, query in old)
                 raise Refused(f"cannot swap the copy of {self.ctx.m.label} in: transactions holding a snapshot older "
-                              f"than the swap would read it without its last rows: {shown}; nothing was changed "
-                              f"(the copy is kept)", hint="end those transactions, then re-run phase 3")
-            if waited == 0:
-                log.info("the copy's swap waits for transactions holding old snapshots", pids=[p for p, _ in old])
+                              f"than the swap would read it without its last rows; waited "
+                              f"{time.monotonic() - started:.0f}s (settings.throttle_max_wait_s) for: {shown}; nothing "
+                              f"was changed (the copy is kept)",
+                              hint="let those transactions end (or end them: SELECT pg_terminate_backend(pid)), or "
+                                   "raise settings.throttle_max_wait_s, then re-run phase 3")
+            if time.monotonic() - started < 0.1:
+                log.info("the copy's swap waits for transactions holding old snapshots", pids=[o[0] for o in old])
             time.sleep(0.2)
-            waited += 0.2
+        return since
+
+    @staticmethod
+    def refuse_old_snapshots_under_lock(cur: psycopg.Cursor, since: datetime.datetime) -> None:
+        """Under the swap's lock, without waiting (the app queues behind it): a transaction older than the wait
+        (one the wait could not see yet) or idle with its snapshot (REPEATABLE READ, begun since) would read the
+        twin without its last rows: the attempt is given up and retried, after a new wait."""
+        old = [o for o in cur.execute(OLD_SNAPSHOTS).fetchall()
+               if o[3] < since or o[2] in ("idle in transaction", "idle in transaction (aborted)")]
+        if old:
+            raise pgerr.LockNotAvailable(f"sessions {[o[0] for o in old]} hold a snapshot older than the swap")
 
     def _exchange(self, cur: psycopg.Cursor, plans: list[IndexPlan], views: list[sql.Composed]) -> None:
         """The statements of the swap, read from the catalog under its lock in one query and sent in one round

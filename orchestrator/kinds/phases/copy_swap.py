@@ -16,11 +16,21 @@ from psycopg import sql
 from orchestrator.engine.context import Context
 from orchestrator.engine.sqlkit import I, L, Q, join
 
-# Other sessions idle in a transaction that holds its snapshot (REPEATABLE READ or SERIALIZABLE).
-OLD_SNAPSHOTS = Q("""SELECT pid, (now() - xact_start)::text FROM pg_stat_activity
-                     WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
-                       AND datname = current_database() AND backend_xmin IS NOT NULL
-                       AND state IN ('idle in transaction', 'idle in transaction (aborted)') ORDER BY pid""")
+# Other sessions holding a snapshot (backend_xmin), idle or running, as CREATE INDEX CONCURRENTLY waits for them:
+# a REPEATABLE READ or SERIALIZABLE transaction keeps its own to its end, also through a long statement. Not the
+# orchestrator's own sessions, nor those waiting for the caller's locks (a READ COMMITTED statement takes its
+# snapshot again once it has its locks). Rows: pid, virtual transaction, state, transaction start, its age, query.
+OLD_SNAPSHOTS = Q("""SELECT a.pid, l.virtualtransaction, a.state, a.xact_start, (now() - a.xact_start)::text,
+                            left(a.query, 120)
+                     FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'virtualxid'
+                      AND l.mode = 'ExclusiveLock' AND l.granted
+                     WHERE a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+                       AND a.datname = current_database() AND a.backend_xmin IS NOT NULL
+                       AND coalesce(a.application_name, '') NOT LIKE 'orchestrator:%%'
+                       AND NOT pg_backend_pid() = ANY (pg_blocking_pids(a.pid)) ORDER BY a.pid""")
+# Which of those virtual transactions are still running.
+STILL_RUNNING = Q("""SELECT virtualtransaction FROM pg_locks WHERE locktype = 'virtualxid' AND granted
+                     AND virtualtransaction = ANY (%s)""")
 
 
 # What the swap reads under its lock, each (query over the table {t}, its number of columns); one round trip.
